@@ -1,0 +1,32 @@
+# Each target bootstraps .venv from the project's own files first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+## make demo: start the daemon on the bundled spool/, train the example job, show where things are
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+## make test: the default suite (all that runs on a CPU), in minutes
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+## make test-slow: the long trials too
+test-slow: $(STAMP)
+	$(PY) -m pytest -q
+
+## make bench: samples/second of epochd's epochs against a hand-written PyTorch loop, one run
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

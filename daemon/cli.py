@@ -1,0 +1,403 @@
+"""The `epochd` command line.
+
+The CLI never talks to the daemon over a socket: it reads event logs and writes files into the
+spool, so every command but `serve` works while the daemon is down. Library errors become
+`ClickException`s here, at the edge, with the exit codes below.
+"""
+import itertools
+import logging
+import os
+import sys
+import time
+from enum import IntEnum
+from pathlib import Path
+
+import click
+import orjson
+
+from . import __version__, control, display
+from .errors import BadJobFile, EpochdError, JobNotFound, LogCorrupt, SpoolLocked
+from .eventlog import LogFollower
+from .replay import TERMINAL, JobState, Status
+from .spool import VALID_ID, Settings, Spool, sanitise
+
+BUNDLED_SPOOL = Path(__file__).resolve().parent.parent / "spool"
+POLL_SECONDS = 0.2
+
+
+class Exit(IntEnum):
+    OK = 0
+    ERROR = 1          # anything unexpected
+    USAGE = 2          # bad arguments or a bad job file (click uses 2 for usage errors too)
+    NOT_FOUND = 3      # no such job
+    JOB_FAILED = 4     # `tail -f` / `submit --follow`: the job ended failed or cancelled
+    REFUSED = 5        # the request makes no sense in the job's state
+    LOCKED = 75        # another daemon serves the spool
+
+
+class CliError(click.ClickException):
+    def __init__(self, message: str, code: Exit = Exit.ERROR):
+        super().__init__(message)
+        self.exit_code = int(code)
+
+
+def spool_option(f):
+    return click.option(
+        "--spool", type=click.Path(file_okay=False, path_type=Path), envvar="EPOCHD_SPOOL",
+        default=BUNDLED_SPOOL, show_default="$EPOCHD_SPOOL, else the bundled spool/",
+        help="The spool folder.")(f)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+
+
+def load_state(spool: Spool, job_id: str) -> JobState:
+    if not VALID_ID.match(job_id) or not spool.events_path(job_id).exists():
+        raise CliError(str(JobNotFound(job_id, spool.root)), Exit.NOT_FOUND)
+    try:
+        return spool.state(job_id)
+    except LogCorrupt as e:
+        raise CliError(str(e)) from None
+
+
+def echo_json(value) -> None:
+    click.echo(orjson.dumps(value, option=orjson.OPT_INDENT_2, default=str).decode())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="epochd")
+def cli():
+    """epochd trains PyTorch models epoch by epoch from job files dropped into a spool.
+
+    Every fact about a job is appended to jobs/<id>/events.jsonl; pause, resume and cancel are
+    files dropped into control/. Run `epochd serve` (systemd does), then `epochd submit`.
+    """
+
+
+# ------------------------------------------------------------------ serve
+
+@cli.command()
+@spool_option
+@click.option("--max-jobs", type=click.IntRange(1, 1024), default=None,
+              help="Jobs trained at once. Default: one per GPU, or 1 without GPUs.")
+@click.option("--allow-root", "allow_roots", multiple=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="A folder job files may read data from and write outputs to (repeatable). "
+                   "Without any, jobs may use any path this user can.")
+@click.option("--base-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where relative paths in job files start. Default: the spool's parent folder.")
+@click.option("--max-retries", type=click.IntRange(0, 100), default=3, show_default=True,
+              help="Worker crashes in a row before a job is failed.")
+@click.option("--stop-timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+              help="Seconds workers get to checkpoint on shutdown before they are killed.")
+@click.option("--rescan-seconds", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
+              help="Full rescan of incoming/ and control/ besides inotify.")
+def serve(spool, max_jobs, allow_roots, base_dir, max_retries, stop_timeout, rescan_seconds):
+    """Run the daemon in the foreground (systemd runs exactly this).
+
+    Example: epochd serve --spool /var/lib/epochd/spool --allow-root /srv/data --max-jobs 2
+    """
+    from .supervisor import Daemon, Options
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = Spool(spool)
+    settings = Settings(base_dir=Path(os.path.abspath(base_dir or root.root.parent)),
+                        allow_roots=tuple(Path(os.path.abspath(r)) for r in allow_roots))
+    options = Options(max_jobs=max_jobs, max_retries=max_retries, stop_timeout=stop_timeout,
+                      rescan_seconds=rescan_seconds, settings=settings)
+    try:
+        sys.exit(Daemon(root, options).serve())
+    except SpoolLocked as e:
+        raise CliError(str(e), Exit.LOCKED) from None
+
+
+# ------------------------------------------------------------------ submit
+
+@cli.command()
+@spool_option
+@click.argument("job_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", help="Job id to ask for. Default: the file's name without .json.")
+@click.option("--follow", "-f", is_flag=True, help="Then follow the job, as `epochd tail -f`.")
+def submit(spool, job_file, name, follow):
+    """Check a job file and drop it into incoming/ the safe way (write, then rename).
+
+    Relative paths in the file are resolved by the daemon against its base folder (the spool's
+    parent by default), not against your current folder.
+
+    Example: epochd submit examples/wine.json --follow
+    """
+    data = job_file.read_bytes()
+    from . import spec
+    try:
+        spec.validate(spec.parse_job_bytes(data))
+    except BadJobFile as e:
+        raise CliError(f"{job_file} is not a valid job file; nothing was submitted:\n  - "
+                       + "\n  - ".join(e.errors), Exit.USAGE) from None
+    root = Spool(spool)
+    if not root.incoming.is_dir():
+        raise CliError(f"{root.incoming} does not exist. Expected: a spool folder; start the daemon "
+                       f'once with "epochd serve --spool {root.root}" to create it.', Exit.USAGE)
+    job_id = drop_job(root, data, name or job_file.stem)
+    click.echo(f"submitted {job_file} as incoming/{job_id}.json; job id {job_id} (once accepted)")
+    if follow:
+        sys.exit(follow_job(root, job_id, wait_for_accept=True))
+
+
+def drop_job(spool: Spool, data: bytes, stem: str) -> str:
+    """Write to a dot-file, then link it in under a name no job and no other drop uses, so the
+    daemon's job id is the name we print."""
+    base = stem if VALID_ID.match(stem) else sanitise(stem)
+    tmp = spool.incoming / f".{base}.{os.getpid()}.tmp"
+    tmp.write_bytes(data)
+    try:
+        for n in itertools.count(1):
+            job_id = base if n == 1 else f"{base[:60]}-{n}"
+            if (spool.jobs / job_id).exists():
+                continue
+            try:
+                os.link(tmp, spool.incoming / f"{job_id}.json")  # fails rather than overwrite
+                return job_id
+            except FileExistsError:
+                continue
+    finally:
+        tmp.unlink(missing_ok=True)
+    raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------ status, history, tail
+
+@cli.command()
+@spool_option
+@click.argument("job_id", required=False)
+@json_option
+def status(spool, job_id, as_json):
+    """Show every job, or one job in detail.
+
+    Example: epochd status            (all jobs)
+    Example: epochd status wine --json
+    """
+    root = Spool(spool)
+    if job_id:
+        state = load_state(root, job_id)
+        return echo_json(display.summary(state)) if as_json else print_one(state)
+    states = []
+    for jid in root.job_ids():
+        try:
+            states.append(root.state(jid))
+        except LogCorrupt as e:
+            states.append(JobState(job_id=jid, last_error={"error": "LogCorrupt", "message": str(e)}))
+    if as_json:
+        return echo_json([display.summary(s) for s in states])
+    if not states:
+        return click.echo(f"no jobs in {root.root}")
+    click.echo(f"{'JOB':<24} {'STATUS':<12} {'EPOCH':>9} {'LAST LOSS':>10} {'BEST':>18}  UPDATED")
+    for s in states:
+        click.echo(status_row(s))
+
+
+def status_row(s: JobState) -> str:
+    epochs = (s.spec or {}).get("epochs", "?")
+    last = s.history[-1] if s.history else {}
+    loss = last.get("val_loss", last.get("train_loss"))
+    best = (f"{s.best_saved['value']:.4f} (e{s.best_saved['epoch']})" if s.best_saved else "-")
+    shown = s.status or "corrupt"
+    return (f"{(s.job_id or '?'):<24} {shown:<12} {s.epochs_done:>4}/{epochs:<4} "
+            f"{display.number(loss):>10} {best:>18}  {s.updated_at or '-'}")
+
+
+def print_one(s: JobState) -> None:
+    spec = s.spec or {}
+    click.echo(f"job {s.job_id}: {s.status}  ({spec.get('name')})")
+    click.echo(f"  epochs: {s.epochs_done}/{spec.get('epochs')}  position: epoch {s.position[0]} "
+               f"step {s.position[1]}/{s.steps_per_epoch or '?'}  attempts: {s.attempts}")
+    if s.history:
+        click.echo(f"  last: {display.metrics(s.history[-1])}")
+    if s.best_saved:
+        b = s.best_saved
+        click.echo(f"  best: {b['monitor']} {b['value']:.4f} at epoch {b['epoch']} ({b['path']})")
+    if s.last_checkpoint:
+        click.echo(f"  checkpoint: {s.last_checkpoint['path']}")
+    if s.last_error:
+        click.echo(f"  error: {s.last_error['error']}: {s.last_error['message']}")
+    if s.outputs:
+        click.echo(f"  outputs: {', '.join(f'{k}={v}' for k, v in s.outputs.items())}")
+    hint = {Status.PAUSED: f'resume it with "epochd resume {s.job_id}"',
+            Status.RUNNING: f'follow it with "epochd tail -f {s.job_id}"'}.get(s.status)
+    if hint:
+        click.echo(f"  {hint}")
+
+
+@cli.command()
+@spool_option
+@click.argument("job_id")
+@json_option
+def history(spool, job_id, as_json):
+    """Per-epoch metrics of a job (the seed's training_history shape with --json).
+
+    Example: epochd history wine --json > history.json
+    """
+    state = load_state(Spool(spool), job_id)
+    if as_json:
+        return echo_json(state.training_history())
+    click.echo(f"{'EPOCH':>5} {'TRAIN_LOSS':>10} {'TRAIN_ACC':>9} {'VAL_LOSS':>9} {'VAL_ACC':>8} "
+               f"{'LR':>9} {'SECONDS':>8}")
+    for h in state.history:
+        acc, vacc = h.get("train_accuracy", h.get("train_mae")), h.get("val_accuracy", h.get("val_mae"))
+        click.echo(f"{h['epoch']:>5} {display.number(h['train_loss']):>10} {display.number(acc):>9} "
+                   f"{display.number(h.get('val_loss')):>9} {display.number(vacc):>8} "
+                   f"{h['learning_rate']:>9.3g} {h['time_per_epoch']:>8.2f}")
+
+
+@cli.command()
+@spool_option
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep following until the job ends.")
+@click.option("--raw", is_flag=True, help="Print the event lines as JSON.")
+@click.option("--verbose", "-v", is_flag=True, help="Show checkpoint events too.")
+def tail(spool, job_id, follow, raw, verbose):
+    """Print a job's events; with -f, follow them with a live progress line.
+
+    With --follow it exits 0 when the job completes, 4 when it fails or is cancelled.
+
+    Example: epochd tail -f wine
+    """
+    root = Spool(spool)
+    load_state(root, job_id)
+    sys.exit(follow_job(root, job_id, follow=follow, raw=raw, verbose=verbose))
+
+
+QUIET_TYPES = ("checkpoint_saved", "checkpoint_removed")
+
+
+def follow_job(spool: Spool, job_id: str, follow: bool = True, raw: bool = False,
+               wait_for_accept: bool = False, verbose: bool = False) -> int:
+    path = spool.events_path(job_id)
+    if wait_for_accept and not wait_accepted(spool, job_id):
+        return Exit.USAGE
+    follower, epochs, live = LogFollower(path), None, sys.stdout.isatty() and not raw
+    while True:
+        for r in follower.poll():
+            epochs = r["spec"]["epochs"] if r["type"] == "job_accepted" else epochs
+            if raw:
+                click.echo(orjson.dumps(r).decode())
+            elif r["type"] == "progress":
+                if live:
+                    click.echo("\r" + display.progress_line(r, epochs) + "\033[K", nl=False)
+            elif verbose or r["type"] not in QUIET_TYPES:
+                line = display.event_line(r, epochs)
+                if line:
+                    click.echo(("\r\033[K" if live else "") + f"{r['ts'][11:19]} {line}")
+            if r["type"] in TERMINAL:
+                return Exit.OK if r["type"] == "completed" else Exit.JOB_FAILED
+        if not follow:
+            return Exit.OK
+        time.sleep(POLL_SECONDS)  # polling a file: the CLI has no socket to the daemon
+
+
+def wait_accepted(spool: Spool, job_id: str) -> bool:
+    """After a submit: until the daemon accepts the file or rejects it (then show why)."""
+    error_file = spool.rejected / f"{job_id}.error.json"
+    click.echo("waiting for the daemon to pick it up (is `epochd serve` running?)")
+    while not spool.events_path(job_id).exists():
+        if error_file.exists():
+            report = orjson.loads(error_file.read_bytes())
+            click.echo(f"rejected: {'; '.join(report['errors'])}", err=True)
+            return False
+        time.sleep(POLL_SECONDS)
+    return True
+
+
+# ------------------------------------------------------------------ control
+
+def request(spool: Path, job_id: str, action: str, reason: str | None) -> None:
+    root = Spool(spool)
+    state = load_state(root, job_id)
+    decision = control.decide(state.status, action)
+    if decision.kind == "reject":
+        raise CliError(f"job {job_id} is {state.status}; nothing to {action}.", Exit.REFUSED)
+    control.drop(root, job_id, action, reason)
+    note = f" ({decision.why})" if decision.kind == "repeat" else ""
+    click.echo(f"{action} requested for {job_id}{note}; follow with \"epochd tail -f {job_id}\"")
+
+
+def control_command(action: str, doc: str):
+    @cli.command(name=action, help=doc)
+    @spool_option
+    @click.argument("job_id")
+    @click.option("--reason", help="Words kept in the job's log with the request.")
+    def command(spool, job_id, reason):
+        request(spool, job_id, action, reason)
+    return command
+
+
+control_command("pause", "Pause a job: it checkpoints within about a second and frees its "
+                         "device.\n\nExample: epochd pause wine --reason 'need the GPU'")
+control_command("resume", "Queue a paused job again; it continues from the exact step it "
+                          "stopped at.\n\nExample: epochd resume wine")
+control_command("cancel", "Cancel a running, queued or paused job.\n\nExample: epochd cancel wine")
+
+
+# ------------------------------------------------------------------ plot, predict
+
+@cli.command()
+@spool_option
+@click.argument("job_id")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG to write. Default: ./<job-id>-learning-curves.png")
+def plot(spool, job_id, output):
+    """Draw a job's learning curves (loss, accuracy or mae, learning rate) to a PNG.
+
+    Example: epochd plot wine -o wine.png
+    """
+    from .plot import plot_history
+    state = load_state(Spool(spool), job_id)
+    if not state.history:
+        raise CliError(f"job {job_id} has no finished epoch yet; nothing to plot.", Exit.REFUSED)
+    output = output or Path(f"{job_id}-learning-curves.png")
+    plot_history(state.training_history(), output, (state.spec or {}).get("name", job_id))
+    click.echo(f"wrote {output}")
+
+
+@cli.command()
+@spool_option
+@click.argument("model")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="CSV or Parquet file with the feature columns.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="CSV to write. Default: standard output.")
+@click.option("--best", is_flag=True, help="Use the best weights instead of the final ones.")
+def predict(spool, model, data_path, output, best):
+    """Apply a trained model to a table. MODEL is a job id or a folder with model.json.
+
+    The model is rebuilt from model.json, preprocess.json and the weights file alone.
+
+    Example: epochd predict wine --data examples/data/wine.csv -o predictions.csv
+    """
+    from .predict import predict_table
+    folder = Path(model) if Path(model).is_dir() else model_folder(Spool(spool), model)
+    try:
+        table = predict_table(folder, data_path, best=best)
+    except EpochdError as e:
+        raise CliError(str(e)) from None
+    if output is None:
+        click.echo(table.to_csv(index=False), nl=False)
+    else:
+        table.to_csv(output, index=False)
+        click.echo(f"wrote {len(table)} predictions to {output}")
+
+
+def model_folder(spool: Spool, job_id: str) -> Path:
+    state = load_state(spool, job_id)
+    if state.status != Status.COMPLETED:
+        raise CliError(f"job {job_id} is {state.status}; it has no final model yet. Wait for it "
+                       f'to complete ("epochd tail -f {job_id}").', Exit.REFUSED)
+    return (spool.job_dir(job_id) / state.outputs["model_json"]).parent
+
+
+def main() -> None:
+    cli(prog_name="epochd")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The few named exceptions of epochd. Each message says what was received, what was expected
+and what to do next; the CLI turns them into `ClickException`s at its edge."""
+
+
+class EpochdError(Exception):
+    """Base class: anything epochd raises on purpose."""
+
+
+class BadJobFile(EpochdError):
+    """A job file that cannot be accepted. `errors` lists every problem found, one per line."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("; ".join(self.errors))
+
+
+class LogCorrupt(EpochdError):
+    """A damaged line in the middle of an event log: never guessed, never repaired silently."""
+
+    def __init__(self, path, line_no: int, reason: str):
+        self.path, self.line_no, self.reason = path, line_no, reason
+        super().__init__(
+            f"event log {path} is corrupt at line {line_no}: {reason}. "
+            "Valid lines follow it, so this is damage rather than a torn last write; "
+            "the job is quarantined. Inspect the file, restore it from a backup, or cancel the job.")
+
+
+class JobNotFound(EpochdError):
+    def __init__(self, job_id: str, spool):
+        super().__init__(f'no job "{job_id}" in spool {spool}. Run "epochd status" to list jobs.')
+
+
+class SpoolLocked(EpochdError):
+    """A second daemon on the same spool."""
+
+
+class DataError(EpochdError):
+    """A problem that can only be seen when the data is read. Retrying cannot fix it."""
+
+
+class PathNotAllowed(EpochdError):
+    """A job file names a path outside the roots the daemon may read or write."""
+
+
+class CheckpointInvalid(EpochdError):
+    """A checkpoint whose bytes do not match the sha256 its event recorded, or that cannot load."""
+
+
+class DeviceUnavailable(EpochdError):
+    """The job asks for a device this machine does not have."""
+
+
+class Diverged(EpochdError):
+    """Training produced a non-finite loss: more epochs cannot fix it."""

@@ -1,0 +1,173 @@
+"""The append-only JSONL event log of one job: the truth from which its state is folded.
+
+Line format: the event's JSON object whose last key is `crc`, the CRC-32 (8 hex digits) of the
+line's own bytes with the `crc` member removed, so a damaged line is detected rather than
+guessed. Reading stops before a torn tail (a crash mid-append: a last stretch that lacks its
+newline or does not check out, with no valid line after it); the next writer truncates it away
+and records that it did (`log_repaired`). A bad line followed by valid ones is corruption:
+`LogCorrupt`, never repaired silently.
+
+One writer at a time: callers hold the job's lock (see `spool.JobLock`) while an `EventLog` is
+open for appending.
+"""
+import os
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from collections.abc import Callable
+
+import orjson
+
+from .errors import LogCorrupt
+from .events import Event, LogRepaired, upcast
+
+CRC_PREFIX = b',"crc":"'
+CRC_SUFFIX_LEN = len(CRC_PREFIX) + 8 + 2  # ,"crc":"xxxxxxxx"}
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def encode(seq: int, ts: str, event: Event) -> bytes:
+    body = orjson.dumps({"seq": seq, "ts": ts, "type": event.type, "v": event.v,
+                         **event.payload()})
+    crc = zlib.crc32(body)
+    return b"%s%s%08x\"}\n" % (body[:-1], CRC_PREFIX, crc)
+
+
+def decode(line: bytes) -> dict | None:
+    """The record a line holds, or None when its checksum or JSON does not check out."""
+    if len(line) < CRC_SUFFIX_LEN or line[-CRC_SUFFIX_LEN:-10] != CRC_PREFIX:
+        return None
+    body = line[:-CRC_SUFFIX_LEN] + b"}"
+    try:
+        if int(line[-10:-2], 16) != zlib.crc32(body):
+            return None
+        record = orjson.loads(body)
+    except ValueError:  # orjson.JSONDecodeError is a ValueError, as is a bad hex digit
+        return None
+    return record if isinstance(record, dict) else None
+
+
+@dataclass
+class LogContents:
+    records: list[dict]
+    good_bytes: int       # length of the valid prefix
+    torn_bytes: int       # bytes after it: a torn tail, cut by the next writer
+    torn_preview: bytes
+
+
+def read_log(path: Path) -> LogContents:
+    """All valid records of a log, upcast to current versions. Raises LogCorrupt."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return LogContents([], 0, 0, b"")
+    return parse_log(data, path)
+
+
+def parse_log(data: bytes, path="<log>") -> LogContents:
+    records: list[dict] = []
+    good_end = offset = 0
+    first_bad: tuple[int, str] | None = None
+    lines = data.split(b"\n")
+    # the piece after the last newline is unterminated: at best a torn append
+    for line_no, line in enumerate(lines[:-1], start=1):
+        record = decode(line)
+        offset += len(line) + 1
+        if record is None:
+            first_bad = first_bad or (line_no, "checksum or JSON does not check out")
+            continue
+        if first_bad is not None:
+            raise LogCorrupt(path, first_bad[0], first_bad[1])
+        if record.get("seq") != len(records) + 1:
+            raise LogCorrupt(path, line_no, f"seq {record.get('seq')!r} where "
+                                            f"{len(records) + 1} was due (lost or repeated events)")
+        records.append(upcast(record))
+        good_end = offset
+    return LogContents(records, good_end, len(data) - good_end, data[good_end:good_end + 64])
+
+
+def read_records(path: Path) -> list[dict]:
+    return read_log(path).records
+
+
+class EventLog:
+    """Appends events to one job's log; each append is one write plus fsync.
+
+    fsync every event: an epoch is minutes of work, and ~0.25 ms per event is nothing beside it.
+    """
+
+    def __init__(self, path: Path, clock: Callable[[], str] = utc_now):
+        self.path = Path(path)
+        self.clock = clock
+        contents = read_log(self.path)
+        self.records = contents.records
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        if contents.torn_bytes:
+            self._cut_torn_tail(contents)
+
+    def _cut_torn_tail(self, contents: LogContents) -> None:
+        os.ftruncate(self.fd, contents.good_bytes)
+        os.fsync(self.fd)
+        self.append(LogRepaired(
+            truncated_bytes=contents.torn_bytes,
+            reason="torn last write (a crash mid-append) cut away before appending",
+            tail_preview=repr(contents.torn_preview)))
+
+    @property
+    def next_seq(self) -> int:
+        return len(self.records) + 1
+
+    def append(self, event: Event) -> dict:
+        line = encode(self.next_seq, self.clock(), event)
+        written = os.write(self.fd, line)
+        if written != len(line):
+            # a short write leaves a torn tail: the next writer cuts it; this one stops here
+            raise OSError(f"short write to {self.path}: {written} of {len(line)} bytes")
+        os.fsync(self.fd)
+        record = decode(line[:-1])
+        self.records.append(record)
+        return record
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LogFollower:
+    """Reads records appended since the last call (`epochd tail -f`): keeps its byte offset and
+    any unterminated last line, so each poll reads only what is new. If a writer cut a torn
+    tail we had already read past, it rereads from the start and skips what it has seen."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.partial, self.last_seq = Path(path), 0, b"", 0
+
+    def poll(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < self.offset:
+                    self.offset, self.partial = 0, b""
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        records = []
+        for line in lines:
+            record = decode(line)
+            if record is not None and record["seq"] > self.last_seq:
+                self.last_seq = record["seq"]
+                records.append(upcast(record))
+        return records

@@ -1,0 +1,61 @@
+"""Durable file writes: a file is complete on disk before any event names it.
+
+The recipe is the classic one: write a temp file in the target folder, fsync it, rename it over
+the target (atomic on one filesystem), then fsync the folder so the rename itself survives a
+power cut.
+"""
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_path_for(path: Path) -> Path:
+    # dot-prefixed and .tmp-suffixed: the spool scanner ignores both
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
+    """Let `write` fill a temp path, then make it durable and move it to `path`."""
+    path = Path(path)
+    tmp = temp_path_for(path)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write_with(path, lambda tmp: tmp.write_bytes(data))
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def relative_to_or_absolute(path: Path, base: Path) -> str:
+    """Paths stored in events are relative to the job folder when they live inside it."""
+    try:
+        return str(Path(path).relative_to(base))
+    except ValueError:
+        return str(path)

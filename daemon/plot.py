@@ -1,0 +1,32 @@
+"""The learning-curve picture: loss, accuracy (or mae) and learning rate per epoch."""
+from pathlib import Path
+
+
+def plot_history(history: dict[str, list], path: Path, title: str) -> Path:
+    """Write a PNG of a `training_history` dict. matplotlib is imported here only, and drawn
+    with the Agg backend: a service has no screen."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = history.get("epoch", [])
+    quality = "accuracy" if any(v is not None for v in history.get("train_accuracy", [])) else "mae"
+    panels = [("loss", ["train_loss", "val_loss"]), (quality, [f"train_{quality}", f"val_{quality}"]),
+              ("learning rate", ["learning_rate"])]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (label, keys) in zip(axes, panels):
+        for key in keys:
+            values = history.get(key) or []
+            points = [(e, v) for e, v in zip(epochs, values) if v is not None]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 40 else None, label=key)
+        ax.set_xlabel("epoch")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        if ax.lines and label != "learning rate":
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")  # the temp name has no .png
+    plt.close(fig)
+    return path

@@ -1,0 +1,541 @@
+"""The job file: its schema, its strict and friendly validation, and its normalised form.
+
+The seed's request body is a valid job file verbatim; every other key is optional with the
+default written beside it (`Field` descriptions double as the "Expected:" half of error
+messages). Validation is strict: numbers are not parsed from strings, an unknown key is an error
+that suggests the closest valid one, and every problem in a file is reported at once.
+
+A validated `JobSpec` is then normalised (`normalise`): defaults filled, the seed's
+`algorithm_params.early_stopping_patience` / `learning_rate_scheduler` moved to their full
+forms, paths resolved against the daemon's base folder and checked against its allowed roots.
+The normalised dict is what `job_accepted` records and what the worker trains from.
+"""
+import difflib
+import hashlib
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import BadJobFile
+
+MAX_JOB_FILE_BYTES = 1 << 20  # a job file is a few hundred bytes; 1 MiB is plenty
+MAX_NESTING = 32
+
+FRAMEWORK_ALIASES = {"torch": "pytorch", "pytorch": "pytorch", "tf": "tensorflow",
+                     "tensorflow": "tensorflow", "keras": "tensorflow"}
+SCHEDULE_ALIASES = {"constant": "none", "steplr": "step", "multisteplr": "multistep",
+                    "exponentiallr": "exponential", "cosineannealinglr": "cosine",
+                    "cosine_annealing": "cosine", "reducelronplateau": "plateau",
+                    "reduce_on_plateau": "plateau", "one_cycle": "onecycle",
+                    "onecyclelr": "onecycle"}
+METRIC_ALIASES = {"loss": "train_loss", "accuracy": "train_accuracy", "acc": "train_accuracy",
+                  "mae": "train_mae", "rmse": "train_rmse", "val_acc": "val_accuracy"}
+MONITORS = ("val_loss", "train_loss", "val_accuracy", "train_accuracy", "val_mae", "val_rmse",
+            "val_r2", "train_mae", "train_rmse")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _monitor(value: Any) -> Any:
+    if isinstance(value, str):
+        value = METRIC_ALIASES.get(value, value)
+        if value not in MONITORS:
+            raise ValueError(f"unknown metric {value!r}; one of {', '.join(MONITORS)}")
+    return value
+
+
+# ------------------------------------------------------------------ learning-rate schedules
+
+class NoSchedule(Strict):
+    name: Literal["none"]
+
+
+class StepSchedule(Strict):
+    name: Literal["step"]
+    step_size: int = Field(30, ge=1, description="a whole number of epochs >= 1, e.g. 30")
+    gamma: float = Field(0.1, gt=0, le=1, allow_inf_nan=False, description="a factor in (0, 1], e.g. 0.1")
+
+
+class MultiStepSchedule(Strict):
+    name: Literal["multistep"]
+    milestones: list[Annotated[int, Field(ge=1)]] = Field(
+        [30, 60, 90], min_length=1, description="increasing 0-based epochs, e.g. [30, 60, 90]")
+    gamma: float = Field(0.1, gt=0, le=1, allow_inf_nan=False, description="a factor in (0, 1], e.g. 0.1")
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("milestones must be strictly increasing")
+        return v
+
+
+class ExponentialSchedule(Strict):
+    name: Literal["exponential"]
+    gamma: float = Field(0.95, gt=0, le=1, allow_inf_nan=False, description="a factor in (0, 1], e.g. 0.95")
+
+
+class CosineSchedule(Strict):
+    name: Literal["cosine"]
+    warmup_epochs: int = Field(0, ge=0, description="a whole number of epochs >= 0")
+    warmup_start_factor: float = Field(0.1, gt=0, le=1, allow_inf_nan=False,
+                                       description="a factor in (0, 1], e.g. 0.1")
+    t_max: int | None = Field(None, ge=1, description="epochs of the cosine after warmup; "
+                                                      "default: epochs - warmup_epochs")
+    eta_min: float = Field(0.0, ge=0, allow_inf_nan=False, description="the final rate, >= 0")
+
+
+class PlateauSchedule(Strict):
+    name: Literal["plateau"]
+    monitor: str = Field("val_loss", description=f"one of {', '.join(MONITORS)}")
+    mode: Literal["auto", "min", "max"] = Field("auto", description='"auto", "min" or "max"')
+    factor: float = Field(0.1, gt=0, lt=1, allow_inf_nan=False, description="a factor in (0, 1), e.g. 0.1")
+    patience: int = Field(10, ge=0, description="a whole number of epochs >= 0")
+    threshold: float = Field(1e-4, ge=0, allow_inf_nan=False, description="a number >= 0, e.g. 0.0001")
+    threshold_mode: Literal["rel", "abs"] = Field("rel", description='"rel" or "abs"')
+    cooldown: int = Field(0, ge=0, description="a whole number of epochs >= 0")
+    min_lr: float = Field(0.0, ge=0, allow_inf_nan=False, description="a rate >= 0")
+
+    _check_monitor = field_validator("monitor", mode="before")(_monitor)
+
+
+class OneCycleSchedule(Strict):
+    name: Literal["onecycle"]
+    max_lr: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                 description="the peak rate; default: learning_rate")
+    pct_start: float = Field(0.3, gt=0, lt=1, allow_inf_nan=False, description="a fraction in (0, 1)")
+    div_factor: float = Field(25.0, gt=0, allow_inf_nan=False, description="a number > 0, e.g. 25")
+    final_div_factor: float = Field(1e4, gt=0, allow_inf_nan=False, description="a number > 0, e.g. 10000")
+    anneal_strategy: Literal["cos", "linear"] = Field("cos", description='"cos" or "linear"')
+    three_phase: bool = Field(False, description="true or false")
+
+
+SCHEDULES = {m.model_fields["name"].annotation.__args__[0]: m for m in (
+    NoSchedule, StepSchedule, MultiStepSchedule, ExponentialSchedule, CosineSchedule,
+    PlateauSchedule, OneCycleSchedule)}
+
+Schedule = Annotated[Union[tuple(SCHEDULES.values())], Field(discriminator="name")]
+SCHEDULE_HELP = ('a name ("' + '", "'.join(SCHEDULES) + '") or an object {"name": ..., params}')
+
+
+def _schedule(value: Any) -> Any:
+    """Accept "step" for {"name": "step"}; names are case-insensitive, torch's class names too."""
+    if isinstance(value, str):
+        value = {"name": value}
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        name = value["name"].strip().lower()
+        value = {**value, "name": SCHEDULE_ALIASES.get(name, name)}
+    return value
+
+
+# ------------------------------------------------------------------ the other sections
+
+class AlgorithmParams(Strict):
+    model_type: Literal["mlp", "linear", "resnet"] = Field(
+        "mlp", description='"mlp", "linear" (no hidden layers) or "resnet" (mlp with skips)')
+    hidden_units: list[Annotated[int, Field(ge=1, le=1 << 16)]] = Field(
+        [128, 64, 32], max_length=64, description="a list of layer widths, e.g. [128, 64, 32]")
+    dropout_rate: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False,
+                                description="a fraction in [0, 1), e.g. 0.2")
+    activation: Literal["relu", "gelu", "tanh", "sigmoid", "leaky_relu", "elu", "silu", "selu"] = Field(
+        "relu", description='"relu", "gelu", "tanh", "sigmoid", "leaky_relu", "elu", "silu" or "selu"')
+    batch_norm: bool = Field(False, description="true or false")
+    early_stopping_patience: int | None = Field(
+        None, ge=0, description="a whole number of epochs >= 0 (the seed's short form)")
+    learning_rate_scheduler: Schedule | None = Field(None, description=SCHEDULE_HELP)
+
+    _check_schedule = field_validator("learning_rate_scheduler", mode="before")(_schedule)
+
+
+class Optimizer(Strict):
+    name: Literal["adam", "adamw", "sgd", "rmsprop"] = Field(
+        "adam", description='"adam", "adamw", "sgd" or "rmsprop"')
+    weight_decay: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                       description="a number >= 0; default 0 (0.01 for adamw)")
+    momentum: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False, description="a number in [0, 1)")
+    nesterov: bool = Field(False, description="true or false")
+    betas: list[Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]] = Field(
+        [0.9, 0.999], min_length=2, max_length=2, description="two numbers in [0, 1), e.g. [0.9, 0.999]")
+    eps: float = Field(1e-8, gt=0, allow_inf_nan=False, description="a small number > 0, e.g. 1e-8")
+
+
+class EarlyStopping(Strict):
+    monitor: str = Field("val_loss", description=f"one of {', '.join(MONITORS)}")
+    mode: Literal["auto", "min", "max"] = Field("auto", description='"auto", "min" or "max"')
+    patience: int = Field(10, ge=0, description="a whole number of epochs >= 0, e.g. 10")
+    min_delta: float = Field(0.0, ge=0, allow_inf_nan=False, description="a number >= 0")
+    baseline: float | None = Field(None, allow_inf_nan=False, description="a number, or null")
+    start_from_epoch: int = Field(0, ge=0, description="a whole number of epochs >= 0")
+    restore_best_weights: bool = Field(False, description="true or false")
+
+    _check_monitor = field_validator("monitor", mode="before")(_monitor)
+
+
+class CheckpointPolicy(Strict):
+    every_epochs: int = Field(1, ge=0, description="a whole number >= 0 (0: only on pause and shutdown)")
+    every_seconds: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                        description="seconds > 0, or null")
+    keep_last: int = Field(3, ge=1, le=10_000, description="a whole number >= 1")
+    keep_best: bool = Field(True, description="true or false")
+
+
+class DataOptions(Strict):
+    format: Literal["auto", "csv", "parquet"] = Field("auto", description='"auto", "csv" or "parquet"')
+    delimiter: str = Field(",", min_length=1, max_length=1, description='one character, e.g. ","')
+    streaming: bool = Field(False, description="false (streaming is not available yet)")
+    max_categories: int = Field(50, ge=2, le=10_000,
+                                description="a whole number >= 2: distinct values a text column may have")
+
+
+class JobSpec(Strict):
+    name: str | None = Field(None, min_length=1, max_length=200, description="a short text")
+    algorithm_type: Literal["deep_learning"] = Field("deep_learning", description='"deep_learning"')
+    framework: Literal["pytorch", "tensorflow"] = Field(
+        "pytorch", description='"pytorch" (alias "torch") or "tensorflow" (alias "tf")')
+    task: Literal["auto", "classification", "regression"] = Field(
+        "auto", description='"auto", "classification" or "regression"')
+    epochs: int = Field(10, ge=1, le=1_000_000, description="a whole number >= 1, e.g. 10")
+    batch_size: int = Field(32, ge=1, le=1 << 24, description="a whole number >= 1, e.g. 32")
+    learning_rate: float = Field(1e-3, gt=0, le=10, allow_inf_nan=False,
+                                 description="a number in (0, 10], e.g. 0.001")
+    train_data_path: str = Field(min_length=1, max_length=4096,
+                                 description='path to a CSV or Parquet file, e.g. "data/train.csv"')
+    val_data_path: str | None = Field(None, min_length=1, max_length=4096,
+                                      description="path to a CSV or Parquet file, or null")
+    validation_split: float = Field(0.2, ge=0, le=0.9, allow_inf_nan=False,
+                                    description="a fraction in [0, 0.9], e.g. 0.2")
+    feature_columns: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1, description='a list of column names, e.g. ["age", "income"]; '
+                                        "default: every column but the target")
+    target_column: str = Field(min_length=1, description='a column name, e.g. "target"')
+    categorical_columns: list[str] | Literal["auto"] = Field(
+        "auto", description='"auto" (text columns) or a list of feature column names')
+    algorithm_params: AlgorithmParams = Field(AlgorithmParams(), description="an object")
+    output_path: str | None = Field(None, min_length=1, max_length=4096,
+                                    description="a folder path, or null for jobs/<id>/model")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="a whole number in [0, 2**32)")
+    shuffle: bool = Field(True, description="true or false")
+    optimizer: Optimizer = Field(Optimizer(), description='"adam", "adamw", "sgd", "rmsprop" or an object')
+    early_stopping: EarlyStopping | None = Field(None, description="an object, or null")
+    learning_rate_scheduler: Schedule | None = Field(None, description=SCHEDULE_HELP)
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description='"no" or "bf16" (fp16 is not available yet)')
+    gradient_accumulation_steps: Literal[1] = Field(
+        1, description="1 (accumulation is not available yet)")
+    checkpoint: CheckpointPolicy = Field(CheckpointPolicy(), description="an object")
+    devices: Literal["auto", "cpu", "cuda"] | Annotated[int, Field(ge=0, le=1)] | list[
+        Annotated[int, Field(ge=0)]] = Field(
+        "auto", description='"auto", "cpu", "cuda", 1, or a list of one GPU index '
+                            "(several GPUs are not available yet)")
+    distributed: None = Field(None, description="null (distributed training is not available yet)")
+    data: DataOptions = Field(DataOptions(), description="an object")
+    priority: int = Field(0, ge=-1000, le=1000, description="a whole number in [-1000, 1000]; higher runs first")
+    threads: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = Field(
+        "auto", description='"auto" or a whole number >= 1 of CPU threads')
+
+    _check_schedule = field_validator("learning_rate_scheduler", mode="before")(_schedule)
+
+    @field_validator("framework", mode="before")
+    @classmethod
+    def _framework_alias(cls, v: Any) -> Any:
+        return FRAMEWORK_ALIASES.get(v.lower(), v) if isinstance(v, str) else v
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_name(cls, v: Any) -> Any:
+        return {"name": v.lower()} if isinstance(v, str) else v
+
+    @field_validator("framework")
+    @classmethod
+    def _engine_available(cls, v: str) -> str:
+        if v == "tensorflow":
+            raise ValueError("the TensorFlow engine is not available in this epochd version yet")
+        return v
+
+    @field_validator("devices")
+    @classmethod
+    def _one_device(cls, v: Any) -> Any:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("a list of exactly one GPU index (several GPUs are not available yet)")
+        return v
+
+    @field_validator("data")
+    @classmethod
+    def _no_streaming(cls, v: DataOptions) -> DataOptions:
+        if v.streaming:
+            raise ValueError("streaming data is not available in this epochd version yet")
+        return v
+
+
+
+def _conflicts(s: JobSpec):
+    ap = s.algorithm_params
+    if ap.early_stopping_patience is not None and s.early_stopping is not None:
+        yield ('early stopping is given twice (algorithm_params.early_stopping_patience and '
+               'early_stopping); keep one')
+    if ap.learning_rate_scheduler is not None and s.learning_rate_scheduler is not None:
+        yield ('the learning-rate schedule is given twice (algorithm_params.learning_rate_scheduler '
+               'and learning_rate_scheduler); keep one')
+    if s.val_data_path is not None and "validation_split" in s.model_fields_set:
+        yield "give val_data_path or validation_split, not both"
+    features = s.feature_columns or []
+    if len(set(features)) != len(features):
+        dupes = sorted({c for c in features if features.count(c) > 1})
+        yield f"feature_columns lists {dupes} more than once"
+    if s.target_column in features:
+        yield f'the target column "{s.target_column}" is also in feature_columns; remove it there'
+    if isinstance(s.categorical_columns, list) and s.feature_columns is not None:
+        unknown = [c for c in s.categorical_columns if c not in features]
+        if unknown:
+            yield f"categorical_columns {unknown} are not in feature_columns"
+
+
+# ------------------------------------------------------------------ parsing and error messages
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _depth(value: Any, depth: int = 0) -> int:
+    if depth > MAX_NESTING:
+        return depth
+    if isinstance(value, dict):
+        return max([_depth(v, depth + 1) for v in value.values()], default=depth + 1)
+    if isinstance(value, list):
+        return max([_depth(v, depth + 1) for v in value], default=depth + 1)
+    return depth
+
+
+def parse_job_bytes(data: bytes) -> dict:
+    """The JSON object a job file holds. Raises BadJobFile saying what is wrong with the bytes."""
+    if len(data) > MAX_JOB_FILE_BYTES:
+        raise BadJobFile([f"the file is {len(data):,} bytes. Expected: a job file under "
+                          f"{MAX_JOB_FILE_BYTES:,} bytes (job files hold settings, not data)."])
+    if not data.strip():
+        raise BadJobFile(["the file is empty. Expected: a JSON object such as "
+                          '{"train_data_path": "data/train.csv", "target_column": "target"}.'])
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise BadJobFile(["the file starts with a UTF-8 byte-order mark. Expected: plain UTF-8 "
+                          "JSON; save it again without the BOM."])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadJobFile([f"the file is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}). "
+                          "Expected: a UTF-8 JSON file."]) from None
+    try:
+        raw = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except _DuplicateKey as e:
+        raise BadJobFile([f'the key "{e}" appears twice in one object. Expected: each key once; '
+                          "remove one of them."]) from None
+    except RecursionError:
+        raise BadJobFile(["the JSON is nested too deeply. Expected: a flat job object."]) from None
+    except ValueError as e:  # JSONDecodeError, NaN/Infinity, integers past Python's digit limit
+        raise BadJobFile([f"the file is not valid JSON: {e}. Expected: one JSON object; check "
+                          "for a missing comma, quote or brace, or a NaN/Infinity value."]) from None
+    if not isinstance(raw, dict):
+        raise BadJobFile([f"the file holds a JSON {type(raw).__name__}. Expected: a JSON object "
+                          "{...} with the job's settings."])
+    if _depth(raw) > MAX_NESTING:
+        raise BadJobFile([f"the JSON is nested more than {MAX_NESTING} levels deep. "
+                          "Expected: a flat job object."])
+    return raw
+
+
+def validate(raw: dict) -> JobSpec:
+    """A JobSpec, or BadJobFile listing every problem (field errors first, then conflicts)."""
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise BadJobFile(explain(e.errors(include_url=False))) from None
+    problems = list(_conflicts(spec))
+    if problems:
+        raise BadJobFile(problems)
+    return spec
+
+
+def explain(errors: list[dict]) -> list[str]:
+    """One message per field: what was received, what was expected, and a suggestion."""
+    messages, seen = [], set()
+    for err in errors:
+        path, container, info = _locate(err["loc"])
+        if (path, err["type"] == "extra_forbidden") in seen:
+            continue
+        seen.add((path, err["type"] == "extra_forbidden"))
+        messages.append(_message(err, path, container, info))
+    return messages
+
+
+def _message(err: dict, path: str, container: type | None, info) -> str:
+    received = _show(err.get("input"))
+    expected = info.description if info is not None and info.description else None
+    if err["type"] == "extra_forbidden":
+        key = path.rsplit(".", 1)[-1]
+        valid = list(container.model_fields) if container else []
+        near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        hint = f' Did you mean "{near[0]}"?' if near else ""
+        return f'unknown key "{path}".{hint} Valid keys here: {", ".join(valid)}.'
+    if err["type"] == "missing":
+        return f'"{path}" is required but missing. Expected: {expected or "a value"}.'
+    if err["type"] == "union_tag_invalid":
+        tag = err.get("ctx", {}).get("tag")
+        near = difflib.get_close_matches(str(tag), list(SCHEDULES), n=1, cutoff=0.5)
+        hint = f' Did you mean "{near[0]}"?' if near else ""
+        return (f'"{path}" names an unknown schedule. Received: {_show(tag)}. '
+                f'Expected: one of "{", ".join(SCHEDULES)}".{hint}')
+    problem = err["msg"].removeprefix("Value error, ")
+    where = f'"{path}"' if path else "the job"
+    tail = f" Expected: {expected}." if expected else ""
+    return f"{where}: {problem}. Received: {received}.{tail}"
+
+
+def _show(value: Any) -> str:
+    text = orjson.dumps(value, default=str).decode() if value is not None else "null"
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _locate(loc: tuple) -> tuple[str, type | None, Any]:
+    """Walk an error location through the models: (dotted path, model holding it, FieldInfo)."""
+    model: Any = JobSpec
+    parts: list[str] = []
+    info = None
+    for part in loc:
+        if isinstance(part, int):
+            parts[-1:] = [f"{parts[-1]}[{part}]"] if parts else [f"[{part}]"]
+            continue
+        if isinstance(model, dict) and part in model:          # a discriminated union's tag
+            model = model[part]
+            continue
+        if not (isinstance(model, type) and part in model.model_fields):
+            if isinstance(model, type) and not parts_is_union_label(part):
+                parts.append(part)                             # an unknown key: model holds it
+            return ".".join(parts), model if isinstance(model, type) else None, info
+        parts.append(part)
+        info = model.model_fields[part]
+        model = _nested(info.annotation)
+    return ".".join(parts), model if isinstance(model, type) else None, info
+
+
+def parts_is_union_label(part: str) -> bool:
+    """pydantic labels union branches like "int" or "literal['auto']" in error locations."""
+    return part in {"int", "str", "float", "bool", "list[int]", "list[str]", "none"} or \
+        part.startswith(("literal[", "list[", "function-"))
+
+
+def _nested(annotation: Any) -> Any:
+    """The model (or {tag: model} for a discriminated union) an annotation leads to."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    models = [a for a in _flatten(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    if len(models) == 1:
+        return models[0]
+    if models:
+        return {m.model_fields["name"].annotation.__args__[0]: m for m in models}
+    return None
+
+
+def _flatten(annotation: Any) -> list:
+    out = []
+    for arg in typing.get_args(annotation) or [annotation]:
+        out.extend(_flatten(arg) if typing.get_args(arg) else [arg])
+    return out
+
+
+# ------------------------------------------------------------------ normalisation
+
+def normalise(spec: JobSpec, *, job_id: str, base_dir: Path, spool_root: Path,
+              allow_roots: list[Path]) -> dict:
+    """The canonical spec recorded in `job_accepted`: defaults filled, paths absolute and allowed."""
+    out = spec.model_dump(mode="json")
+    ap = out["algorithm_params"]
+    out["name"] = out["name"] or job_id
+    if out["early_stopping"] is None and ap["early_stopping_patience"] is not None:
+        out["early_stopping"] = {**EarlyStopping().model_dump(), "patience": ap["early_stopping_patience"]}
+    out["learning_rate_scheduler"] = (out["learning_rate_scheduler"] or ap["learning_rate_scheduler"]
+                                      or NoSchedule(name="none").model_dump())
+    ap["early_stopping_patience"] = ap["learning_rate_scheduler"] = None
+    opt = out["optimizer"]
+    if opt["weight_decay"] is None:
+        opt["weight_decay"] = 0.01 if opt["name"] == "adamw" else 0.0
+    if out["val_data_path"] is not None:
+        out["validation_split"] = 0.0
+    errors = []
+    for key, writes in (("train_data_path", False), ("val_data_path", False), ("output_path", True)):
+        if out[key] is not None:
+            out[key], problem = _resolve(key, out[key], base_dir, spool_root, allow_roots, writes)
+            errors += [problem] if problem else []
+    if errors:
+        raise BadJobFile(errors)
+    return out
+
+
+def _resolve(key: str, value: str, base_dir: Path, spool_root: Path, roots: list[Path],
+             writes: bool) -> tuple[str, str | None]:
+    if "\x00" in value:
+        return value, f'"{key}" contains a NUL byte. Received: {_show(value)}. Expected: a path.'
+    path = Path(os.path.abspath(Path(base_dir) / Path(value).expanduser()))
+    real = Path(os.path.realpath(path))  # follows symlinks: where the bytes really are
+    if writes and _inside(real, Path(os.path.realpath(spool_root))):
+        return str(path), (f'"{key}" points inside the spool. Received: {_show(value)}. '
+                           "Expected: a folder outside it, or null for the job's own model folder.")
+    if roots and not path_allowed(path, roots):
+        shown = ", ".join(str(r) for r in roots)
+        return str(path), (f'"{key}" is outside the folders this daemon may use. Received: '
+                           f"{_show(value)} (resolves to {real}). Expected: a path under {shown}; "
+                           "move the file there or ask the admin to add an --allow-root.")
+    return str(path), None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def path_allowed(path: Path, roots: list[Path]) -> bool:
+    """Whether `path`, with every symlink followed, lies under one of `roots`."""
+    real = Path(os.path.realpath(path))
+    return any(_inside(real, Path(os.path.realpath(r))) for r in roots)
+
+
+def spec_sha256(normalised: dict) -> str:
+    return hashlib.sha256(orjson.dumps(normalised, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def example_job() -> dict:
+    """The seed's request body, verbatim: a valid job file."""
+    return {
+        "name": "deep learning model training",
+        "algorithm_type": "deep_learning",
+        "epochs": 100,
+        "batch_size": 32,
+        "learning_rate": 0.001,
+        "train_data_path": "/data/train.csv",
+        "feature_columns": ["feature1", "feature2", "feature3"],
+        "target_column": "target",
+        "algorithm_params": {
+            "model_type": "mlp",
+            "hidden_units": [128, 64, 32],
+            "dropout_rate": 0.2,
+            "early_stopping_patience": 10,
+            "learning_rate_scheduler": "step",
+        },
+        "output_path": "/models/deep_learning_model",
+    }

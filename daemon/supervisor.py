@@ -1,0 +1,469 @@
+"""The daemon: watch the spool, accept and reject, schedule, supervise workers.
+
+`Daemon.serve()` is the `work()` loop: install handlers, recover, then `while` over a short
+list of named steps (`tick`), teardown in `finally`. Signal handlers only count signals; the
+loop acts on them. Each job runs in a fresh worker process (spawned with exec, not forked:
+CUDA does not survive fork); a worker that dies without a final event gets `interrupted` on
+its behalf and is retried with back-off up to `max_retries`, then `failed`.
+
+The daemon writes a job's log only while it holds the job's lock, i.e. while no worker runs it.
+It never imports torch or tensorflow.
+"""
+import logging
+import os
+import select
+import signal
+import stat
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
+
+from . import __version__, control, scheduler
+from .errors import BadJobFile, LogCorrupt
+from .eventlog import EventLog, read_records
+from .events import Failed, Interrupted
+from .notify import Notifier
+from .replay import RUNNABLE, TERMINAL, Status, fold
+from .spool import (QUIET_SECONDS, Settings, Spool, accept, daemon_log, is_candidate, job_lock,
+                    lock_spool, recover_acceptances, reject)
+from .sysinfo import gpu_count
+
+log = logging.getLogger("epochd.daemon")
+
+EXIT_LOCKED = 75
+
+
+@dataclass
+class Child:
+    popen: subprocess.Popen
+    log_file: IO
+    gpu: int | None
+    term_sent: bool = False
+
+
+@dataclass
+class Options:
+    max_jobs: int | None = None       # None: one per GPU, or 1 without GPUs
+    max_retries: int = 3              # worker crashes in a row before the job is failed
+    stop_timeout: float = 60.0        # seconds to let workers checkpoint on shutdown
+    rescan_seconds: float = 2.0       # full rescan even when inotify says nothing
+    settings: Settings = field(default_factory=lambda: Settings(Path.cwd()))
+
+
+class Waker:
+    """A self-pipe: signals (via set_wakeup_fd), watchdog's thread and SIGCHLD wake the loop."""
+
+    def __init__(self):
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def wake(self) -> None:
+        try:
+            os.write(self.w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is awake anyway
+
+    def wait(self, timeout: float) -> None:
+        ready, _, _ = select.select([self.r], [], [], max(0.0, timeout))
+        if ready:
+            try:
+                while os.read(self.r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+
+class SpoolEvents(FileSystemEventHandler):
+    """inotify, through watchdog: names that arrived complete, and a nudge to the loop."""
+
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+
+    def on_any_event(self, event) -> None:
+        if event.event_type == "moved":
+            self.daemon.arrived.add(os.path.basename(event.dest_path))
+        elif event.event_type == "closed":
+            self.daemon.arrived.add(os.path.basename(event.src_path))
+        if event.event_type != "closed_no_write":  # our own reads are not news
+            self.daemon.nudged = True
+            self.daemon.waker.wake()
+
+
+class Daemon:
+    def __init__(self, spool: Spool, options: Options, notifier: Notifier | None = None):
+        self.spool, self.options = spool, options
+        self.notifier = notifier or Notifier()
+        self.gpus = gpu_count()
+        self.max_jobs = options.max_jobs or max(1, self.gpus)
+        self.children: dict[str, Child] = {}
+        self.orphans: dict[str, int | None] = {}    # job -> pid of a worker we did not start
+        self.entries: dict[str, scheduler.Entry] = {}
+        self.quarantined: dict[str, str] = {}
+        self.arrived: set[str] = set()              # names inotify saw renamed in or closed
+        self.nudged = False                         # inotify saw something: scan now
+        self.signals = 0
+        self.waker = Waker()
+        self.stopping_since: float | None = None
+        self.last_scan = 0.0
+        self.last_watchdog = 0.0
+
+    # ---------------------------------------------------------------- the loop
+
+    def serve(self) -> int:
+        self.spool.ensure()
+        lock = lock_spool(self.spool)
+        observer = None
+        try:
+            self.install_signal_handlers()
+            observer = self.watch()
+            self.startup()
+            self.tick(time.time())
+            self.notifier.ready(self.status_line())
+            while not self.finished():
+                self.waker.wait(self.wait_seconds(time.time()))
+                self.tick(time.time())
+        finally:
+            if observer is not None:
+                observer.stop()
+            self.teardown()
+            lock.release()
+        return 0
+
+    def tick(self, now: float) -> None:
+        """One step of the loop; tests may call it directly with their own `now`."""
+        self.reap()
+        if self.signals:
+            self.stop_workers(now)
+        else:
+            if self.nudged or now - self.last_scan >= self.options.rescan_seconds:
+                self.nudged = False
+                self.accept_incoming(now)
+                self.handle_requests(now)
+                self.last_scan = now
+            self.start_jobs(now)
+        self.ping_watchdog(now)
+
+    def finished(self) -> bool:
+        return bool(self.signals) and not self.children
+
+    def wait_seconds(self, now: float) -> float:
+        timeout = min(1.0, self.options.rescan_seconds)
+        backoff = scheduler.next_wakeup(list(self.entries.values()), now)
+        return min(timeout, backoff) if backoff is not None else timeout
+
+    # ---------------------------------------------------------------- start and stop
+
+    def install_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(self.waker.w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.on_stop_signal)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # only to wake the loop
+
+    def on_stop_signal(self, signum, frame) -> None:
+        self.signals += 1
+
+    def watch(self) -> Observer:
+        observer = Observer()
+        handler = SpoolEvents(self)
+        observer.schedule(handler, str(self.spool.incoming), recursive=False)
+        observer.schedule(handler, str(self.spool.control), recursive=False)
+        observer.daemon = True
+        observer.start()
+        return observer
+
+    def startup(self) -> None:
+        settings = self.options.settings
+        daemon_log(self.spool, "started", pid=os.getpid(), version=__version__,
+                   max_jobs=self.max_jobs, gpus=self.gpus, base_dir=str(settings.base_dir),
+                   allow_roots=[str(r) for r in settings.allow_roots])
+        if not settings.allow_roots:
+            log.warning("no --allow-root given: job files may read and write anywhere this user can")
+        for job_id in recover_acceptances(self.spool, settings):
+            log.info("job %s: acceptance finished after a crash", job_id)
+        for job_id in self.spool.job_ids():
+            self.recover_job(job_id)
+        log.info("serving %s: %d jobs known, %d runnable, max %d at once", self.spool.root,
+                 len(self.entries), len(self.runnable()), self.max_jobs)
+
+    def recover_job(self, job_id: str) -> None:
+        """A job left running with no live worker was interrupted by our crash; one whose lock
+        is held still has its worker (it outlived us) and must not be started twice."""
+        lock = job_lock(self.spool, job_id)
+        if not self.spool.events_path(job_id).exists():
+            return
+        if not lock.acquire():
+            state = self.fold_or_quarantine(job_id)
+            running = state is not None and state.status == Status.RUNNING and state.run
+            self.orphans[job_id] = state.run["pid"] if running else None
+            self.refresh(job_id)
+            log.info("job %s: its worker outlived the last daemon; watching it", job_id)
+            return
+        with lock:
+            state = self.fold_or_quarantine(job_id)
+            if state is not None and state.status == Status.RUNNING:
+                with EventLog(self.spool.events_path(job_id)) as events:
+                    events.append(Interrupted(reason="crash detected at startup",
+                                              epoch=state.position[0], step=state.position[1]))
+        self.refresh(job_id)
+
+    def stop_workers(self, now: float) -> None:
+        """First signal: ask every worker to checkpoint and stop. Past the timeout, or on a second
+        signal, kill them: their jobs resume from the last checkpoint on the next start."""
+        if self.stopping_since is None:
+            self.stopping_since = now
+            self.notifier.stopping(f"stopping: checkpointing {len(self.children)} jobs")
+            daemon_log(self.spool, "stopping", running=sorted(self.children))
+        for child in self.children.values():
+            if not child.term_sent:
+                child.popen.send_signal(signal.SIGTERM)
+                child.term_sent = True
+        for job_id, pid in self.orphans.items():
+            if pid:
+                _signal_pid(pid, signal.SIGTERM)
+        if self.signals > 1 or now - self.stopping_since > self.options.stop_timeout:
+            for child in self.children.values():
+                child.popen.kill()
+            for child in self.children.values():
+                child.popen.wait()
+            self.reap()
+
+    def teardown(self) -> None:
+        for child in self.children.values():  # only left after an exception in the loop
+            child.popen.kill()
+            child.popen.wait()
+        self.reap()
+        daemon_log(self.spool, "stopped", pid=os.getpid())
+        signal.set_wakeup_fd(-1)
+
+    # ---------------------------------------------------------------- incoming job files
+
+    def accept_incoming(self, now: float) -> None:
+        try:
+            names = sorted(os.listdir(self.spool.incoming))
+        except FileNotFoundError:
+            return
+        arrived, self.arrived = self.arrived, set()
+        for name in names:
+            if not is_candidate(name):
+                continue
+            path = self.spool.incoming / name
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            complete = name in arrived or now - st.st_mtime >= QUIET_SECONDS
+            if complete or not stat.S_ISREG(st.st_mode):  # a link, FIFO... is rejected at once
+                self.accept_one(name)
+
+    def accept_one(self, name: str) -> None:
+        try:
+            job_id = accept(self.spool, name, self.options.settings)
+        except BadJobFile as e:
+            reject(self.spool, self.spool.incoming, name, e.errors)
+            log.info("rejected %s: %s", name, "; ".join(e.errors))
+            return
+        except FileNotFoundError:
+            return  # taken away again before we got to it
+        except Exception as e:  # the tick boundary: an internal error must not eat the file
+            daemon_log(self.spool, "error", file=name, error=repr(e), traceback=traceback.format_exc())
+            reject(self.spool, self.spool.incoming, name,
+                   [f"epochd could not process this file: {type(e).__name__}: {e}"],
+                   what_next="this is an epochd bug; report it with daemon.jsonl, then drop the file again")
+            return
+        log.info("accepted %s as job %s", name, job_id)
+        self.refresh(job_id)
+
+    # ---------------------------------------------------------------- control requests
+
+    def handle_requests(self, now: float) -> None:
+        requests, strays = control.scan(self.spool)
+        for name in strays:
+            self.reject_stray(name, now)
+        for request in requests:
+            if request.job_id in self.children or request.job_id in self.orphans:
+                continue  # its worker consumes it between steps
+            try:
+                self.apply_request(request)
+            except FileNotFoundError:
+                continue
+            except Exception as e:  # the tick boundary: record it, keep serving
+                daemon_log(self.spool, "error", file=request.source, error=repr(e),
+                           traceback=traceback.format_exc())
+
+    def reject_stray(self, name: str, now: float) -> None:
+        path = self.spool.control / name
+        try:
+            if now - path.lstat().st_mtime < QUIET_SECONDS:
+                return
+        except FileNotFoundError:
+            return
+        reject(self.spool, self.spool.control, name,
+               [f'"{name}" is not a control request. Expected: <job-id>.pause, <job-id>.resume '
+                "or <job-id>.cancel."], kind="control file",
+               what_next='use "epochd pause|resume|cancel JOB", which names the file right')
+
+    def apply_request(self, request: control.Request) -> None:
+        job_id = request.job_id
+        if job_id not in self.entries:
+            why = (f"job {job_id} is quarantined: {self.quarantined[job_id]}" if job_id in self.quarantined
+                   else f'there is no job "{job_id}" in this spool')
+            reject(self.spool, self.spool.control, request.path.name, [why], kind="control file",
+                   what_next='run "epochd status" to list the jobs')
+            return
+        lock = job_lock(self.spool, job_id)
+        if not lock.acquire():
+            return  # a worker we do not know yet holds it; it will consume the request
+        with lock, EventLog(self.spool.events_path(job_id)) as events:
+            state = fold(events.records)
+            try:
+                reason = control.read_reason(request)
+            except BadJobFile as e:
+                reject(self.spool, self.spool.control, request.path.name, e.errors, kind="control file")
+                return
+            decision = control.decide(state.status, request.action)
+            if decision.kind == "reject":
+                reject(self.spool, self.spool.control, request.path.name, [decision.why],
+                       kind="control file", what_next=f'check "epochd status {job_id}"')
+                return
+            events.append(control.received(request, reason, decision))
+            request.path.unlink(missing_ok=True)
+            if decision.kind == "act":
+                events.append(control.idle_outcome(state, request.action, reason))
+        log.info("job %s: %s request %s", job_id, request.action, decision.kind)
+        self.refresh(job_id)
+
+    # ---------------------------------------------------------------- workers
+
+    def runnable(self) -> list[scheduler.Entry]:
+        busy = self.children.keys() | self.orphans.keys()
+        return [e for e in self.entries.values() if e.job_id not in busy]
+
+    def start_jobs(self, now: float) -> None:
+        free = self.max_jobs - len(self.children) - len(self.orphans)
+        for job_id in scheduler.pick(self.runnable(), free, now):
+            gpu = self.free_gpu() if self.entries[job_id].wants_gpu and self.gpus else None
+            if self.entries[job_id].wants_gpu and self.gpus and gpu is None:
+                continue  # every GPU is busy: wait for one
+            self.spawn(job_id, gpu)
+
+    def free_gpu(self) -> int | None:
+        used = {c.gpu for c in self.children.values()}
+        return next((i for i in range(self.gpus) if i not in used), None)
+
+    def spawn(self, job_id: str, gpu: int | None) -> None:
+        state = self.fold_or_quarantine(job_id)
+        if state is None:
+            return
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   EPOCHD_CPU_SHARE=str(max(1, (os.cpu_count() or 1) // self.max_jobs)),
+                   EPOCHD_ALLOW_ROOTS=os.pathsep.join(map(str, self.options.settings.allow_roots)))
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        log_file = open(self.spool.job_dir(job_id) / "worker.log", "ab")
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "daemon.worker", "--spool", str(self.spool.root), "--job", job_id],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True)  # a terminal's Ctrl-C reaches the daemon, which asks workers
+        self.children[job_id] = Child(popen, log_file, gpu)
+        self.entries[job_id] = scheduler.entry(state)
+        daemon_log(self.spool, "worker_started", job_id=job_id, pid=popen.pid, gpu=gpu)
+
+    def reap(self) -> None:
+        for job_id, child in list(self.children.items()):
+            code = child.popen.poll()
+            if code is None:
+                continue
+            del self.children[job_id]
+            child.log_file.close()
+            self.settle(job_id, code)
+        for job_id in list(self.orphans):
+            lock = job_lock(self.spool, job_id)
+            if lock.acquire():
+                lock.release()
+                del self.orphans[job_id]
+                self.settle(job_id, None)
+
+    def settle(self, job_id: str, code: int | None) -> None:
+        """A worker is gone. If it left no final word, say on its behalf what happened."""
+        daemon_log(self.spool, "worker_exited", job_id=job_id, code=code)
+        if code == EXIT_LOCKED:  # another worker holds the job: watch that one instead
+            self.orphans[job_id] = None
+            return
+        lock = job_lock(self.spool, job_id)
+        if not lock.acquire():
+            self.orphans[job_id] = None
+            return
+        with lock:
+            state = self.fold_or_quarantine(job_id)
+            if state is None:
+                return
+            # running: it died mid-run; runnable with an error code: it died before run_started
+            if state.status == Status.RUNNING or (state.status in RUNNABLE and code not in (0, None)):
+                self.record_crash(job_id, state, code)
+        self.refresh(job_id)
+
+    def record_crash(self, job_id: str, state, code: int | None) -> None:
+        if code is None:
+            reason, crash = "its worker ended while the daemon was away, without a final event", False
+        elif self.stopping_since is not None:
+            reason, crash = "worker stopped at shutdown before it could checkpoint", False
+        elif code < 0:
+            reason, crash = f"worker killed by signal {signal.Signals(-code).name}", True
+        else:
+            reason, crash = f"worker exited with code {code} without a final event", True
+        with EventLog(self.spool.events_path(job_id)) as events:
+            events.append(Interrupted(reason=reason, crash=crash, epoch=state.position[0],
+                                      step=state.position[1]))
+            crashes = state.crashes + (1 if crash else 0)
+            if crash and crashes > self.options.max_retries:
+                events.append(Failed(
+                    error="WorkerCrashed", retryable=False, traceback=None,
+                    message=f"the worker died {crashes} times in a row without finishing an epoch "
+                            f"(last: {reason}). See jobs/{job_id}/worker.log; fix the cause, then "
+                            "submit the job again."))
+        log.warning("job %s: %s", job_id, reason)
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def fold_or_quarantine(self, job_id: str):
+        try:
+            return fold(read_records(self.spool.events_path(job_id)))
+        except LogCorrupt as e:
+            if job_id not in self.quarantined:
+                self.quarantined[job_id] = str(e)
+                daemon_log(self.spool, "quarantined", job_id=job_id, error=str(e))
+                log.error("job %s quarantined: %s", job_id, e)
+            self.entries.pop(job_id, None)
+            return None
+
+    def refresh(self, job_id: str) -> None:
+        state = self.fold_or_quarantine(job_id)
+        if state is not None and state.status is not None:
+            self.entries[job_id] = scheduler.entry(state)
+
+    def ping_watchdog(self, now: float) -> None:
+        interval = self.notifier.watchdog_seconds
+        if interval and now - self.last_watchdog >= interval:
+            self.notifier.watchdog()
+            self.notifier.status(self.status_line())
+            self.last_watchdog = now
+
+    def status_line(self) -> str:
+        counts: dict[str, int] = {}
+        for e in self.entries.values():
+            counts[e.status] = counts.get(e.status, 0) + 1
+        parts = [f"{n} {s}" for s, n in sorted(counts.items()) if s not in TERMINAL]
+        return f"{len(self.children) + len(self.orphans)} running; " + (", ".join(parts) or "idle")
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

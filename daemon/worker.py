@@ -1,0 +1,504 @@
+"""A worker runs one job in a fresh process: `python -m daemon.worker --spool DIR --job ID`.
+
+It takes the job's lock (so it is the log's only writer), folds the log, restores the last good
+checkpoint, and runs the epoch loop through an engine. Between calls into the engine (each
+call a few steps, sized to last about CHUNK_SECONDS) it looks for a shutdown signal and control
+requests, saves timed checkpoints and publishes progress: a pause lands within about a second
+even in the middle of a long epoch.
+
+Each epoch, in order: determine the learning rate, run the steps, evaluate, record
+`epoch_completed`, checkpoint, record a new best, decide early stopping. Every decision is a
+pure function of the log (see `policies`), so a resumed job decides exactly as it would have.
+"""
+import argparse
+import errno
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from . import control, policies
+from .errors import (BadJobFile, CheckpointInvalid, DataError, DeviceUnavailable, Diverged,
+                     PathNotAllowed)
+from .eventlog import EventLog
+from .events import (BestModelSaved, Cancelled, CheckpointRejected, CheckpointRemoved,
+                     CheckpointSaved, Completed, EarlyStopped, EpochCompleted, Event, Failed,
+                     Interrupted, LrChanged, Paused, Progress, RunStarted)
+from .fsutil import atomic_write_bytes, atomic_write_with, relative_to_or_absolute, sha256_file
+from .replay import RUNNABLE, Status, apply, fold, resume_point
+from .spec import path_allowed
+from .spool import Spool, job_lock, reject
+from .sysinfo import GpuMonitor, rss_mb
+
+log = logging.getLogger("epochd.worker")
+
+EXIT_LOCKED = 75           # another live worker holds the job (EX_TEMPFAIL)
+CHUNK_SECONDS = 0.2        # engine call length: bounds pause latency and progress granularity
+PROGRESS_SECONDS = 1.0     # at most one progress event a second
+EXPECTED_ERRORS = (DataError, PathNotAllowed, DeviceUnavailable, Diverged)
+
+
+class StopRun(Exception):
+    """The run ended on purpose (pause, cancel, shutdown) and its event is on record."""
+
+
+class Flags:
+    """Signal handlers only set flags; the loop acts on them between engine calls."""
+
+    def __init__(self):
+        self.shutdown = False
+
+    def handle(self, signum, frame):
+        self.shutdown = True
+
+
+@dataclass
+class Timers:
+    """Seconds spent in the epoch in progress, carried across a mid-epoch checkpoint."""
+    elapsed: float = 0.0
+    compute: float = 0.0
+    data: float = 0.0
+
+
+class Worker:
+    def __init__(self, spool: Spool, job_id: str, events: EventLog, flags: Flags, cpu_share: int):
+        self.spool, self.job_id, self.events, self.flags = spool, job_id, events, flags
+        self.cpu_share = cpu_share
+        self.job_dir = spool.job_dir(job_id)
+        self.state = fold(events.records)
+        self.spec = self.state.spec
+        self.engine = None
+        self.epoch, self.step = self.state.position
+        self.timers = Timers()
+        self.last_checkpoint_at = self.last_progress_at = time.monotonic()
+
+    def record(self, event: Event) -> dict:
+        record = self.events.append(event)
+        apply(self.state, record)
+        return record
+
+    # ---------------------------------------------------------------- the run
+
+    def run(self) -> None:
+        if self.state.status not in RUNNABLE:
+            log.warning("job %s is %s, not runnable; nothing to do", self.job_id, self.state.status)
+            return
+        try:
+            self.check_requests()      # a pause or cancel that came while the job was queued
+            self.setup()
+            self.check_stop()
+            self.train()
+            self.finish()
+        except StopRun:
+            pass
+        except Exception as e:  # the job boundary: every failure ends on record
+            self.fail(e)
+
+    def setup(self) -> None:
+        from engines import load_engine
+        from engines.data import prepare
+        spec = self.spec
+        self.check_paths()
+        self.data = prepare(spec)
+        self.monitor, self.mode = self.choose_monitor()
+        self.out_dir = self.output_dir()
+        self.engine_cls = load_engine(spec["framework"])
+        self.engine = self.engine_cls(spec, self.data, self.cpu_share)
+        self.gpu = GpuMonitor(self.engine.gpu_index)
+        checkpoint = self.restore()
+        self.epoch, self.step = resume_point(checkpoint, self.engine.steps_per_epoch)
+        self.record(RunStarted(
+            attempt=self.state.attempts + 1, pid=os.getpid(), host=socket.gethostname(),
+            devices=self.engine.devices, framework=spec["framework"],
+            versions={"python": sys.version.split()[0], **self.engine.versions()},
+            resumed_from=None if checkpoint is None else {
+                "epoch": checkpoint["epoch"], "step": checkpoint["step"],
+                "checkpoint": checkpoint["path"], "epochs_done": self.epoch - 1},
+            steps_per_epoch=self.engine.steps_per_epoch, task=self.data.task,
+            train_samples=len(self.data.x_train),
+            val_samples=0 if self.data.x_val is None else len(self.data.x_val)))
+        log.info("job %s: %s run %d on %s from epoch %d step %d (%d threads)", self.job_id,
+                 spec["framework"], self.state.attempts, self.engine.devices, self.epoch,
+                 self.step, self.engine.threads)
+
+    def train(self) -> None:
+        epochs = self.spec["epochs"]
+        while self.epoch <= epochs and not self.should_stop_early():
+            self.run_epoch()
+            self.end_epoch()
+            self.epoch, self.step = self.epoch + 1, 0
+            self.check_stop()
+
+    def run_epoch(self) -> None:
+        engine, spe = self.engine, self.engine.steps_per_epoch
+        started = time.monotonic() - self.timers.elapsed
+        self.announce_lr()
+        t = time.monotonic()
+        engine.start_epoch(self.epoch, self.step)
+        self.timers.data += time.monotonic() - t
+        chunk = 8
+        while self.step < spe:
+            n = min(chunk, spe - self.step)
+            # determine the learning rate of each step, then run them in one engine call
+            lrs = policies.step_lrs(self.schedule, self.spec["learning_rate"], self.epoch - 1,
+                                    self.step, n, spe, self.spec["epochs"], self.plateau_values())
+            t = time.monotonic()
+            engine.train_steps(lrs)
+            dt = time.monotonic() - t
+            self.step, self.timers.compute = self.step + n, self.timers.compute + dt
+            chunk = max(1, min(4 * n, int(n * CHUNK_SECONDS / max(dt, 1e-6))))
+            self.gpu.sample()
+            self.timers.elapsed = time.monotonic() - started
+            if self.step < spe:
+                self.between_chunks(n)
+        self.record_epoch(time.monotonic() - started, lrs[-1])
+
+    def record_epoch(self, elapsed: float, last_lr: float) -> None:
+        t = time.monotonic()
+        metrics = {**self.engine.train_metrics(), **self.engine.evaluate()}
+        eval_time = time.monotonic() - t
+        if not math.isfinite(metrics["train_loss"]):
+            raise Diverged(f"training diverged: train_loss is {metrics['train_loss']} in epoch "
+                           f"{self.epoch}. Expected: a finite loss; lower the learning_rate, "
+                           "check the data for extreme values, or add batch_norm.")
+        util, gpu_mb = self.gpu.epoch_readings()
+        samples = len(self.data.x_train)
+        self.record(EpochCompleted(
+            epoch=self.epoch, train_loss=metrics["train_loss"],
+            train_accuracy=metrics.get("train_accuracy"), val_loss=metrics.get("val_loss"),
+            val_accuracy=metrics.get("val_accuracy"), learning_rate=last_lr,
+            time_per_epoch=elapsed + eval_time,
+            samples_per_sec=samples / self.timers.compute if self.timers.compute > 0 else 0.0,
+            memory_usage=rss_mb(), gpu_utilization=util, gpu_memory=gpu_mb,
+            data_time=self.timers.data, compute_time=self.timers.compute, eval_time=eval_time,
+            steps=self.engine.steps_per_epoch, train_mae=metrics.get("train_mae"),
+            train_rmse=metrics.get("train_rmse"), val_mae=metrics.get("val_mae"),
+            val_rmse=metrics.get("val_rmse"), val_r2=metrics.get("val_r2")))
+        self.timers = Timers()
+        log.info("job %s: epoch %d/%d train_loss %.4f val_loss %s (%.2fs)", self.job_id,
+                 self.epoch, self.spec["epochs"], metrics["train_loss"],
+                 _fmt(metrics.get("val_loss")), elapsed + eval_time)
+
+    def end_epoch(self) -> None:
+        """After `epoch_completed`: checkpoint (durable first), then the best model."""
+        every = self.spec["checkpoint"]["every_epochs"]
+        if every and (self.epoch % every == 0 or self.epoch == self.spec["epochs"]):
+            self.save_checkpoint(self.epoch, self.engine.steps_per_epoch)
+        best_epoch, best_value = policies.best_epoch(self.state.monitor_values(self.monitor), self.mode)
+        if best_epoch == self.epoch:
+            path = self.out_dir / self.engine_cls.best_file
+            atomic_write_with(path, self.engine.save_weights)
+            self.record(BestModelSaved(epoch=self.epoch, monitor=self.monitor, value=best_value,
+                                       path=relative_to_or_absolute(path, self.job_dir)))
+
+    def should_stop_early(self) -> bool:
+        es = self.state.early_stopping()
+        if es is None or not es.stop:
+            return False
+        if self.state.stop_reason != "early_stopping":
+            cfg = self.spec["early_stopping"]
+            self.record(EarlyStopped(
+                epoch=self.state.epochs_done, monitor=cfg["monitor"], best_value=es.best_value,
+                best_epoch=es.best_epoch,
+                reason=f"{cfg['monitor']} did not improve by more than {cfg['min_delta']} for "
+                       f"{es.wait} epochs (patience {cfg['patience']})"))
+        return True
+
+    # ---------------------------------------------------------------- between engine calls
+
+    def between_chunks(self, steps_just_run: int) -> None:
+        self.check_stop()
+        now = time.monotonic()
+        every = self.spec["checkpoint"]["every_seconds"]
+        if every and now - self.last_checkpoint_at >= every:
+            self.save_checkpoint(self.epoch, self.step)
+        if now - self.last_progress_at >= PROGRESS_SECONDS:
+            self.report_progress()
+
+    def check_stop(self) -> None:
+        if self.flags.shutdown:
+            checkpoint = self.checkpoint_here()
+            epoch, step = self.epoch, self.step
+            self.record(Interrupted(reason="shutdown", epoch=epoch, step=step, checkpoint=checkpoint))
+            log.info("job %s: interrupted by shutdown at epoch %d step %d", self.job_id, epoch, step)
+            raise StopRun
+        self.check_requests()
+
+    def check_requests(self) -> None:
+        for request in control.pending_for(self.spool, self.job_id):
+            try:
+                reason = control.read_reason(request)
+            except BadJobFile as e:
+                reject(self.spool, self.spool.control, request.path.name, e.errors, kind="control file")
+                continue
+            decision = control.decide(self.state.status, request.action)
+            if decision.kind == "reject":
+                reject(self.spool, self.spool.control, request.path.name, [decision.why],
+                       kind="control file", what_next="check the job's status with epochd status")
+                continue
+            self.record(control.received(request, reason, decision))
+            request.path.unlink(missing_ok=True)
+            if decision.kind == "act":
+                self.act(request.action, reason)
+
+    def act(self, action: str, reason: str | None) -> None:
+        epoch, step = self.epoch, self.step
+        if action == "pause":
+            checkpoint = self.checkpoint_here()
+            self.record(Paused(epoch=epoch, step=step, checkpoint=checkpoint))
+            log.info("job %s: paused at epoch %d step %d", self.job_id, epoch, step)
+        elif action == "cancel":
+            self.record(Cancelled(epoch=epoch, step=step, reason=reason))
+            log.info("job %s: cancelled at epoch %d step %d", self.job_id, epoch, step)
+        else:
+            return
+        raise StopRun
+
+    def report_progress(self) -> None:
+        spe, bs = self.engine.steps_per_epoch, self.spec["batch_size"]
+        speed = self.step / self.timers.compute if self.timers.compute > 0 else 0.0
+        remaining = (self.spec["epochs"] - self.epoch) * spe + (spe - self.step)
+        self.record(Progress(epoch=self.epoch, step=self.step, steps_per_epoch=spe,
+                             samples_per_sec=speed * bs,
+                             loss=self.engine.train_metrics()["train_loss"],
+                             eta_seconds=remaining / speed if speed > 0 else 0.0))
+        self.last_progress_at = time.monotonic()
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def checkpoint_here(self) -> str | None:
+        """A checkpoint of the current position, reusing the last one when it is already there."""
+        last = self.state.last_checkpoint
+        if self.engine is None:  # stopped before training began: the last checkpoint stands
+            return last["path"] if last else None
+        epoch, step = self.epoch, self.step
+        if step == 0:  # at an epoch boundary the state is the end of the epoch before
+            epoch, step = epoch - 1, self.engine.steps_per_epoch
+        if last and (last["epoch"], last["step"]) == (epoch, step):
+            return last["path"]
+        if epoch == 0:  # nothing trained yet: a fresh start is the exact resume
+            return None
+        return self.save_checkpoint(epoch, step)
+
+    def save_checkpoint(self, epoch: int, step: int) -> str:
+        folder = self.job_dir / "checkpoints"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"e{epoch:05d}-s{step:07d}{self.engine_cls.checkpoint_suffix}"
+        atomic_write_with(path, self.engine.save_checkpoint)
+        rel = relative_to_or_absolute(path, self.job_dir)
+        mid_epoch = step < self.engine.steps_per_epoch
+        self.record(CheckpointSaved(
+            epoch=epoch, step=step, steps_per_epoch=self.engine.steps_per_epoch, path=rel,
+            bytes=path.stat().st_size, sha256=sha256_file(path),
+            epoch_seconds=self.timers.elapsed if mid_epoch else 0.0,
+            compute_seconds=self.timers.compute if mid_epoch else 0.0,
+            data_seconds=self.timers.data if mid_epoch else 0.0))
+        self.last_checkpoint_at = time.monotonic()
+        self.prune_checkpoints()
+        return rel
+
+    def prune_checkpoints(self) -> None:
+        policy = self.spec["checkpoint"]
+        live = self.state.checkpoints
+        keep = {c["path"] for c in live[-policy["keep_last"]:]}
+        if policy["keep_best"]:
+            best, _ = policies.best_epoch(self.state.monitor_values(self.monitor), self.mode)
+            keep |= {c["path"] for c in live if c["epoch"] == best and c["step"] == c["steps_per_epoch"]}
+        for c in [c for c in live if c["path"] not in keep]:
+            self.record(CheckpointRemoved(path=c["path"], reason=f"keep_last {policy['keep_last']}"))
+            (self.job_dir / c["path"]).unlink(missing_ok=True)
+
+    def restore(self) -> dict | None:
+        """Load the newest checkpoint whose bytes match their sha256; older ones if it does not."""
+        tried_a_load = False
+        for checkpoint in reversed(list(self.state.checkpoints)):
+            path = self.job_dir / checkpoint["path"]
+            problem = _verify(path, checkpoint)
+            if problem is None:
+                tried_a_load = True
+                try:
+                    if self.engine.load_checkpoint(path) == (checkpoint["epoch"], checkpoint["step"]):
+                        self.restore_timers(checkpoint)
+                        return checkpoint
+                    problem = "its contents are for another epoch and step than its event says"
+                except CheckpointInvalid as e:
+                    problem = str(e)
+            self.record(CheckpointRejected(path=checkpoint["path"], reason=problem))
+            log.warning("job %s: checkpoint %s rejected: %s", self.job_id, checkpoint["path"], problem)
+        if tried_a_load:  # a failed load may have changed some weights: start clean
+            self.engine = self.engine_cls(self.spec, self.data, self.cpu_share)
+        return None
+
+    def restore_timers(self, checkpoint: dict) -> None:
+        if checkpoint["step"] < checkpoint["steps_per_epoch"]:
+            self.timers = Timers(checkpoint["epoch_seconds"], checkpoint["compute_seconds"],
+                                 checkpoint["data_seconds"])
+
+    # ---------------------------------------------------------------- policies
+
+    @property
+    def schedule(self) -> dict:
+        return self.spec["learning_rate_scheduler"]
+
+    def plateau_values(self) -> list:
+        s = self.schedule
+        return self.state.monitor_values(s["monitor"]) if s["name"] == "plateau" else []
+
+    def announce_lr(self) -> None:
+        """`lr_changed` when this epoch starts at another rate than the last one ran at."""
+        if self.step > 0:  # resumed mid-epoch: announced before the pause
+            return
+        lr = policies.step_lrs(self.schedule, self.spec["learning_rate"], self.epoch - 1, self.step,
+                               1, self.engine.steps_per_epoch, self.spec["epochs"],
+                               self.plateau_values())[0]
+        previous = self.state.learning_rate or self.spec["learning_rate"]
+        if lr != previous:
+            self.record(LrChanged(epoch=self.epoch, from_=previous, to=lr,
+                                  reason=policies.lr_change_reason(
+                                      self.schedule, self.plateau_values(),
+                                      self.spec["learning_rate"], self.epoch - 1)))
+
+    def choose_monitor(self) -> tuple[str, str]:
+        """The metric that picks the best weights (and drives early stopping and plateau)."""
+        has_val = self.data.x_val is not None
+        es = self.spec["early_stopping"]
+        monitor = es["monitor"] if es else ("val_loss" if has_val else "train_loss")
+        mode = policies.resolve_mode(monitor, es["mode"] if es else "auto")
+        wanted = {monitor}
+        if self.schedule["name"] == "plateau":
+            wanted.add(self.schedule["monitor"])
+        for name in wanted:
+            self.check_metric(name, has_val)
+        return monitor, mode
+
+    def check_metric(self, name: str, has_val: bool) -> None:
+        task = self.data.task
+        if name.startswith("val_") and not has_val:
+            raise DataError(f'the job monitors "{name}" but has no validation data. Expected: a '
+                            "val_data_path or a validation_split above 0, or a train_ metric.")
+        if ("accuracy" in name and task == "regression") or (
+                any(m in name for m in ("mae", "rmse", "r2")) and task == "classification"):
+            raise DataError(f'the job monitors "{name}", which a {task} job does not report. '
+                            "Expected: a loss, accuracy (classification) or mae/rmse/r2 "
+                            "(regression); or set \"task\" explicitly.")
+
+    # ---------------------------------------------------------------- paths and outputs
+
+    def check_paths(self) -> None:
+        """The daemon checked the paths at acceptance; check again, as links may have moved."""
+        roots = [Path(p) for p in os.environ.get("EPOCHD_ALLOW_ROOTS", "").split(os.pathsep) if p]
+        for key in ("train_data_path", "val_data_path", "output_path"):
+            value = self.spec[key]
+            if value and roots and not path_allowed(Path(value), roots):
+                raise PathNotAllowed(f'"{key}" {value} now resolves outside the allowed roots '
+                                     f"({', '.join(map(str, roots))}). Expected: a path under them.")
+
+    def output_dir(self) -> Path:
+        folder = Path(self.spec["output_path"] or self.job_dir / "model")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".epochd-write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise PathNotAllowed(f'cannot write to output_path "{folder}": {e.strerror}. Expected: a '
+                                 "folder the epochd service user can create and write; change "
+                                 "output_path or the folder's permissions.") from None
+        return folder
+
+    def finish(self) -> None:
+        from engines import architecture
+        from .plot import plot_history
+        out, spec = self.out_dir, self.spec
+        es = spec["early_stopping"]
+        best_path = out / self.engine_cls.best_file
+        if es and es["restore_best_weights"] and self.state.best_saved and best_path.exists():
+            self.engine.load_weights(best_path)
+        history = self.state.training_history()
+        files = {"model": out / self.engine_cls.weights_file, "model_json": out / "model.json",
+                 "preprocess": out / "preprocess.json", "history": out / "history.json",
+                 "plot": out / "learning_curves.png"}
+        atomic_write_with(files["model"], self.engine.save_weights)
+        arch = {**architecture(spec, self.data), "weights": self.engine_cls.weights_file,
+                "best_weights": self.engine_cls.best_file, "job_id": self.job_id}
+        _write_json(files["model_json"], arch)
+        _write_json(files["preprocess"], self.data.preprocess)
+        _write_json(files["history"], history)
+        atomic_write_with(files["plot"], lambda p: plot_history(history, p, spec["name"]))
+        files |= self.engine.export(out)
+        if best_path.exists():
+            files["best"] = best_path
+        self.record_completed(files)
+
+    def record_completed(self, files: dict) -> None:
+        best = self.state.best_saved
+        last = self.state.history[-1]
+        final = {k: v for k, v in last.items() if k.startswith(("train_", "val_"))}
+        self.record(Completed(
+            epochs_run=self.state.epochs_done,
+            stop_reason="early_stopping" if self.state.stop_reason == "early_stopping" else "max_epochs",
+            best=None if best is None else {k: best[k] for k in ("epoch", "monitor", "value")},
+            final_metrics=final,
+            outputs={k: relative_to_or_absolute(v, self.job_dir) for k, v in files.items()}))
+        log.info("job %s: completed after %d epochs", self.job_id, self.state.epochs_done)
+
+    def fail(self, e: Exception) -> None:
+        expected = isinstance(e, EXPECTED_ERRORS)
+        retryable = isinstance(e, MemoryError) or (
+            isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EIO, errno.ENOMEM))
+        log.error("job %s: failed: %s: %s", self.job_id, type(e).__name__, e,
+                  exc_info=not expected)
+        self.record(Failed(error=type(e).__name__, message=str(e) or repr(e),
+                           traceback=None if expected else traceback.format_exc(),
+                           retryable=retryable))
+
+
+def _verify(path: Path, checkpoint: dict) -> str | None:
+    if not path.exists():
+        return "the file is missing"
+    if path.stat().st_size != checkpoint["bytes"]:
+        return f"size {path.stat().st_size} where its event recorded {checkpoint['bytes']}"
+    if sha256_file(path) != checkpoint["sha256"]:
+        return "sha256 does not match its event (the file is damaged or was replaced)"
+    return None
+
+
+def _write_json(path: Path, value) -> None:
+    atomic_write_bytes(path, orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    flags = Flags()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, flags.handle)  # first thing: a shutdown may come during imports
+    parser = argparse.ArgumentParser(prog="python -m daemon.worker")
+    parser.add_argument("--spool", required=True)
+    parser.add_argument("--job", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spool = Spool(Path(args.spool))
+    lock = job_lock(spool, args.job)
+    if not lock.acquire():
+        log.error("job %s is held by another live worker; exiting", args.job)
+        return EXIT_LOCKED
+    cpu_share = int(os.environ.get("EPOCHD_CPU_SHARE", os.cpu_count() or 1))
+    with lock, EventLog(spool.events_path(args.job)) as events:
+        Worker(spool, args.job, events, flags, cpu_share).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

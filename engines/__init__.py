@@ -1,0 +1,97 @@
+"""Training engines: one small interface, one module per framework.
+
+The worker owns the epoch loop and reaches a framework only through `load_engine(name)`. An
+engine receives the normalised job spec and the prepared data, and returns plain numbers; it
+never touches the spool, the log or the events. Frameworks are imported only when an engine is
+loaded, so the daemon process (which never calls this) never imports torch or tensorflow.
+"""
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from .data import Prepared
+
+ENGINE_MODULES = {"pytorch": "engines.torch_engine"}
+
+
+class Engine(ABC):
+    """One job's model, optimiser and data on one device, driven a few steps at a time."""
+
+    framework: ClassVar[str]
+    weights_file: ClassVar[str]      # final weights, under output_path
+    best_file: ClassVar[str]         # best weights, under output_path
+    checkpoint_suffix: ClassVar[str]
+    steps_per_epoch: int
+    devices: list[str]               # what run_started records, e.g. ["cpu"], ["cuda:0 (NVIDIA H200)"]
+    gpu_index: int | None            # the visible GPU it trains on, for NVML readings; None on CPU
+    threads: int                     # CPU threads it uses
+
+    @abstractmethod
+    def __init__(self, spec: dict, data: Prepared, cpu_share: int):
+        """Build the model and optimiser on the device `spec["devices"]` asks for, seeded by
+        `spec["seed"]`. `cpu_share` is how many cores this job may use. Raises
+        DeviceUnavailable when the job asks for a GPU the machine lacks."""
+
+    @abstractmethod
+    def versions(self) -> dict[str, str]: ...
+
+    @abstractmethod
+    def start_epoch(self, epoch: int, step: int) -> None:
+        """Lay out epoch `epoch`'s batches (order from `data.epoch_order`); continue at `step`.
+        Step 0 resets the epoch's running sums; a later step keeps those a checkpoint restored."""
+
+    @abstractmethod
+    def train_steps(self, lrs: Sequence[float]) -> None:
+        """Run len(lrs) optimiser steps from the current position, step i at rate lrs[i]."""
+
+    @abstractmethod
+    def train_metrics(self) -> dict[str, float]:
+        """Running means of the current epoch so far: train_loss, train_accuracy | train_mae..."""
+
+    @abstractmethod
+    def evaluate(self) -> dict[str, float]:
+        """val_loss, val_accuracy | val_mae, val_rmse, val_r2; {} without validation data."""
+
+    @abstractmethod
+    def save_checkpoint(self, path: Path) -> None:
+        """Everything needed to continue bit for bit: weights, optimiser, RNG, epoch sums."""
+
+    @abstractmethod
+    def load_checkpoint(self, path: Path) -> tuple[int, int]:
+        """Restore a checkpoint; return its (epoch, step). Never unpickles arbitrary objects."""
+
+    @abstractmethod
+    def save_weights(self, path: Path) -> None: ...
+
+    @abstractmethod
+    def load_weights(self, path: Path) -> None: ...
+
+    def export(self, folder: Path) -> dict[str, Path]:
+        """Framework-native extras written beside the weights (e.g. a .keras file)."""
+        return {}
+
+    @classmethod
+    @abstractmethod
+    def predictor(cls, folder: Path, arch: dict, weights: Path) -> Callable[[np.ndarray], np.ndarray]:
+        """A function from encoded features to probabilities or standardised values, using the
+        network model.json describes and the weights file given."""
+
+
+def load_engine(name: str) -> type[Engine]:
+    if name not in ENGINE_MODULES:
+        raise ValueError(f"no engine for framework {name!r}; available: {', '.join(ENGINE_MODULES)}")
+    return importlib.import_module(ENGINE_MODULES[name]).ENGINE
+
+
+def architecture(spec: dict, data: Prepared) -> dict:
+    """model.json: what any engine needs to rebuild the network, and what the outputs mean."""
+    ap = spec["algorithm_params"]
+    return {"format": "epochd-model", "version": 1, "framework": spec["framework"],
+            "task": data.task, "model_type": ap["model_type"], "input_dim": data.input_dim,
+            "output_dim": data.n_outputs, "hidden_units": ap["hidden_units"],
+            "dropout_rate": ap["dropout_rate"], "activation": ap["activation"],
+            "batch_norm": ap["batch_norm"]}

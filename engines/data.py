@@ -1,0 +1,270 @@
+"""The data pipeline every engine shares: tables in, float32 matrices and a JSON recipe out.
+
+Decisions (the README repeats them):
+- CSV (read through pyarrow) or Parquet, chosen by `data.format` or the file's extension.
+- Task `auto`: a text, boolean or categorical target means classification; a numeric target
+  whose values are all whole numbers with at most 20 distinct values means classification;
+  anything else is regression.
+- Features: numeric columns are standardised with the training split's mean and standard
+  deviation (a constant column gets std 1); missing numbers are filled with the training mean.
+  Text columns (or those listed in `categorical_columns`) are one-hot encoded over their
+  `data.max_categories` most frequent training values; unseen values encode as all zeros.
+  A text column with more distinct values than that, or a number column with stray text in it,
+  is a data error, not a guess.
+- Labels: classes are the sorted distinct training values, encoded 0..C-1; a regression target is
+  standardised for training and every reported error (mae, rmse) is in its own units.
+- `validation_split` takes a seeded random share of the rows (seed = the job's seed).
+- The order of samples in epoch e is `epoch_order(seed, e, n)`: a pure function, so a resumed
+  job sees the same batches as one that never stopped.
+"""
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from daemon.errors import DataError
+
+MISSING = "<missing>"
+CLASSIFICATION_MAX_INT_CLASSES = 20
+PREPROCESS_VERSION = 1
+
+
+@dataclass
+class Prepared:
+    task: str                    # "classification" | "regression"
+    x_train: np.ndarray          # float32 (n, input_dim)
+    y_train: np.ndarray          # int64 class indices, or float32 standardised targets
+    x_val: np.ndarray | None
+    y_val: np.ndarray | None
+    n_outputs: int               # 1 for regression and binary classification, else classes
+    preprocess: dict             # JSON: everything needed to encode new data and decode outputs
+
+    @property
+    def input_dim(self) -> int:
+        return self.x_train.shape[1]
+
+
+def epoch_order(seed: int, epoch: int, n: int, shuffle: bool = True) -> np.ndarray:
+    """Sample order of epoch `epoch` (1-based): depends on (seed, epoch) and nothing else."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def read_table(path: str, options: dict, what: str) -> pd.DataFrame:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f'{what} "{path}" does not exist. Expected: a CSV or Parquet file; '
+                        "check the path in the job file.")
+    if not p.is_file():
+        raise DataError(f'{what} "{path}" is not a regular file. Expected: a CSV or Parquet file.')
+    fmt = options.get("format", "auto")
+    if fmt == "auto":
+        fmt = "parquet" if p.suffix.lower() in (".parquet", ".pq") else "csv"
+    try:
+        if fmt == "parquet":
+            return pd.read_parquet(p)
+        return pd.read_csv(p, sep=options.get("delimiter", ","), engine="pyarrow")
+    except Exception as e:  # pyarrow and pandas raise many types for unreadable files
+        raise DataError(f'could not read {what} "{path}" as {fmt.upper()}: '
+                        f"{type(e).__name__}: {e}. Expected: a well-formed {fmt.upper()} file "
+                        "with a header row.") from None
+
+
+def check_columns(df: pd.DataFrame, wanted: list[str], what: str, path: str) -> None:
+    missing = [c for c in wanted if c not in df.columns]
+    if not missing:
+        return
+    hints = []
+    for c in missing:
+        near = difflib.get_close_matches(c, [str(x) for x in df.columns], n=1, cutoff=0.6)
+        hints.append(f'"{c}"' + (f' (did you mean "{near[0]}"?)' if near else ""))
+    raise DataError(f"{what} \"{path}\" has no column {', '.join(hints)}. Columns found: "
+                    f"{', '.join(map(str, df.columns[:30]))}. Fix the job's column names.")
+
+
+def prepare(spec: dict) -> Prepared:
+    """Read, check, split, fit the preprocessing on the training rows, and encode both splits."""
+    opts = spec["data"]
+    train = read_table(spec["train_data_path"], opts, "train_data_path")
+    target = spec["target_column"]
+    features = spec["feature_columns"] or [c for c in train.columns if c != target]
+    check_columns(train, features + [target], "train_data_path", spec["train_data_path"])
+    if spec["val_data_path"]:
+        val = read_table(spec["val_data_path"], opts, "val_data_path")
+        check_columns(val, features + [target], "val_data_path", spec["val_data_path"])
+    else:
+        train, val = split(train, spec["validation_split"], spec["seed"])
+    if len(train) == 0:
+        raise DataError(f'train_data_path "{spec["train_data_path"]}" has no data rows. '
+                        "Expected: a header and at least one row.")
+    task = detect_task(train[target], spec["task"])
+    recipe = fit(train, features, target, task, spec)
+    x_train, y_train = encode(train, recipe), encode_target(train[target], recipe, "training")
+    if val is not None and len(val):
+        x_val, y_val = encode(val, recipe), encode_target(val[target], recipe, "validation")
+    else:
+        x_val = y_val = None
+    recipe["rows"] = {"train": len(train), "val": 0 if x_val is None else len(x_val)}
+    n_outputs = 1 if task == "regression" or len(recipe["target"]["classes"]) == 2 \
+        else len(recipe["target"]["classes"])
+    return Prepared(task, x_train, y_train, x_val, y_val, n_outputs, recipe)
+
+
+def split(df: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    if share <= 0 or len(df) < 2:
+        return df, None
+    order = np.random.default_rng([seed, 0x5EED]).permutation(len(df))
+    n_val = min(len(df) - 1, max(1, round(len(df) * share)))
+    return df.iloc[order[n_val:]].reset_index(drop=True), df.iloc[order[:n_val]].reset_index(drop=True)
+
+
+def detect_task(y: pd.Series, task: str) -> str:
+    if y.isna().any():
+        rows = list(np.flatnonzero(y.isna().to_numpy())[:5])
+        raise DataError(f'the target column "{y.name}" has {int(y.isna().sum())} missing values '
+                        f"(rows {rows}...). Expected: a value in every row; drop or fill those rows.")
+    if task != "auto":
+        return task
+    if not pd.api.types.is_numeric_dtype(y) or pd.api.types.is_bool_dtype(y):
+        return "classification"
+    values = y.to_numpy(dtype=float)
+    whole = np.all(np.isfinite(values)) and np.all(values == np.round(values))
+    return "classification" if whole and y.nunique() <= CLASSIFICATION_MAX_INT_CLASSES else "regression"
+
+
+def fit(df: pd.DataFrame, features: list[str], target: str, task: str, spec: dict) -> dict:
+    cats = spec["categorical_columns"]
+    columns = [_fit_column(df[c], cats, spec["data"]["max_categories"]) for c in features]
+    return {"version": PREPROCESS_VERSION, "features": columns,
+            "input_dim": sum(1 if c["kind"] == "numeric" else len(c["categories"]) for c in columns),
+            "target": _fit_target(df[target], task)}
+
+
+def _fit_column(col: pd.Series, cats, max_categories: int) -> dict:
+    name = str(col.name)
+    categorical = (name in cats) if isinstance(cats, list) else _is_text(col)
+    if categorical:
+        return _fit_categorical(col, max_categories, explicit=isinstance(cats, list))
+    values = _numeric(col)
+    if not np.isfinite(values[~np.isnan(values)]).all():
+        raise DataError(f'feature column "{name}" holds infinite values. Expected: finite numbers.')
+    if np.isnan(values).all():
+        raise DataError(f'feature column "{name}" has no values at all in the training rows. '
+                        "Expected: numbers; drop the column from feature_columns.")
+    mean = float(np.nanmean(values))
+    std = float(np.nanstd(np.where(np.isnan(values), mean, values)))
+    return {"name": name, "kind": "numeric", "mean": mean, "std": std if std > 0 else 1.0,
+            "fill": mean, "missing_in_train": int(np.isnan(values).sum())}
+
+
+def _is_text(col: pd.Series) -> bool:
+    return not (pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col))
+
+
+def _numeric(col: pd.Series) -> np.ndarray:
+    if pd.api.types.is_bool_dtype(col):
+        return col.astype(float).to_numpy()
+    if pd.api.types.is_numeric_dtype(col):
+        return col.to_numpy(dtype=float, na_value=np.nan)
+    converted = pd.to_numeric(col, errors="coerce")
+    bad = col.notna() & converted.isna()
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f'feature column "{col.name}" is not numeric: row {row} holds '
+                        f"{col.iloc[row]!r}. Expected: numbers; fix the value, or list the column "
+                        "in categorical_columns to one-hot encode it.")
+    return converted.to_numpy(dtype=float, na_value=np.nan)
+
+
+def _fit_categorical(col: pd.Series, max_categories: int, explicit: bool) -> dict:
+    text = _as_text(col)
+    counts = text.value_counts()
+    numeric_share = pd.to_numeric(col, errors="coerce").notna().mean() if not explicit else 0
+    if numeric_share >= 0.9:  # mostly numbers: stray text is a data error, not a category
+        _numeric(col)
+    if len(counts) > max_categories and not explicit:
+        examples = ", ".join(repr(v) for v in counts.index[:3])
+        raise DataError(f'feature column "{col.name}" is not numeric: it holds text with '
+                        f"{len(counts)} distinct values (e.g. {examples}). Expected: numbers, or a "
+                        f"categorical column with at most {max_categories} distinct values; list it "
+                        "in categorical_columns (keeps the most frequent), raise "
+                        "data.max_categories, or drop it from feature_columns.")
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:max_categories]
+    return {"name": str(col.name), "kind": "categorical", "categories": [k for k, _ in ranked]}
+
+
+def _as_text(col: pd.Series) -> pd.Series:
+    return col.astype(object).where(col.notna(), MISSING).astype(str)
+
+
+def _fit_target(y: pd.Series, task: str) -> dict:
+    if task == "regression":
+        values = _numeric(y)
+        std = float(np.std(values))
+        return {"name": str(y.name), "task": task, "mean": float(np.mean(values)),
+                "std": std if std > 0 else 1.0}
+    classes = sorted(pd.unique(y).tolist(), key=lambda v: (str(type(v)), v))
+    if len(classes) < 2:
+        raise DataError(f'the target column "{y.name}" has a single class ({classes[0]!r}) in the '
+                        "training rows. Expected: at least two classes for classification; check "
+                        'the data, or set "task": "regression".')
+    return {"name": str(y.name), "task": task, "classes": [_plain(c) for c in classes]}
+
+
+def _plain(value):
+    """A numpy scalar as the JSON-able Python value it stands for."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def encode(df: pd.DataFrame, recipe: dict) -> np.ndarray:
+    """Features of `df` as the float32 matrix the model takes, by the recipe fitted on training."""
+    blocks = []
+    for c in recipe["features"]:
+        if c["name"] not in df.columns:
+            raise DataError(f'the data has no column "{c["name"]}", which the model was trained on.')
+        if c["kind"] == "numeric":
+            v = _numeric(df[c["name"]])
+            blocks.append(((np.where(np.isnan(v), c["fill"], v) - c["mean"]) / c["std"])[:, None])
+        else:
+            text = _as_text(df[c["name"]]).to_numpy()
+            blocks.append(text[:, None] == np.asarray(c["categories"], dtype=object)[None, :])
+    return np.ascontiguousarray(np.hstack(blocks), dtype=np.float32)
+
+
+def encode_target(y: pd.Series, recipe: dict, which: str) -> np.ndarray:
+    t = recipe["target"]
+    if t["task"] == "regression":
+        return ((_numeric(y) - t["mean"]) / t["std"]).astype(np.float32)
+    index = {c: i for i, c in enumerate(t["classes"])}
+    codes = y.map(lambda v: index.get(_plain(v), -1)).to_numpy(dtype=np.int64)
+    if (codes < 0).any():
+        unseen = sorted({str(v) for v, c in zip(y, codes) if c < 0})[:5]
+        raise DataError(f"the {which} data has labels the training rows do not: {unseen}. "
+                        f"Expected: labels among {t['classes'][:10]}.")
+    return codes
+
+
+def decode(outputs: np.ndarray, recipe: dict) -> pd.DataFrame:
+    """Model outputs (probabilities, or standardised values) as a table in the data's own terms."""
+    t = recipe["target"]
+    if t["task"] == "regression":
+        return pd.DataFrame({"prediction": outputs.reshape(-1) * t["std"] + t["mean"]})
+    classes = t["classes"]
+    probs = outputs if outputs.shape[1] > 1 else np.hstack([1 - outputs, outputs])
+    table = pd.DataFrame({"prediction": [classes[i] for i in probs.argmax(axis=1)]})
+    for i, c in enumerate(classes):
+        table[f"p_{c}"] = probs[:, i]
+    return table
+
+
+def regression_scale(recipe: dict) -> float:
+    return recipe["target"]["std"] if recipe["target"]["task"] == "regression" else 1.0
+
+
+def safe_float(value: float) -> float | None:
+    """Metrics go into JSON: NaN and infinities become null rather than invalid JSON."""
+    return value if value is not None and math.isfinite(value) else None
