@@ -145,27 +145,27 @@ class EventLog:
 
 
 class LogFollower:
-    """Reads records appended since the last call (`epochd tail -f`): keeps its byte offset and
-    any unterminated last line, so each poll reads only what is new. If a writer cut a torn
-    tail we had already read past, it rereads from the start and skips what it has seen."""
+    """Reads records appended since the last call (`epochd tail -f`). It keeps the offset where
+    its first incomplete line starts and rereads from there, so a torn tail that a writer cut
+    and wrote over is read afresh; if the file shrank further, it starts over and skips the
+    records it has already returned."""
 
     def __init__(self, path: Path):
-        self.path, self.offset, self.partial, self.last_seq = Path(path), 0, b"", 0
+        self.path, self.line_start, self.last_seq = Path(path), 0, 0
 
     def poll(self) -> list[dict]:
         try:
             with open(self.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size < self.offset:
-                    self.offset, self.partial = 0, b""
-                f.seek(self.offset)
+                if os.fstat(f.fileno()).st_size < self.line_start:
+                    self.line_start = 0
+                f.seek(self.line_start)
                 data = f.read()
         except FileNotFoundError:
             return []
-        self.offset += len(data)
-        lines = (self.partial + data).split(b"\n")
-        self.partial = lines.pop()
+        complete = data[:data.rfind(b"\n") + 1]
+        self.line_start += len(complete)
         records = []
-        for line in lines:
+        for line in complete.split(b"\n")[:-1]:
             record = decode(line)
             if record is not None and record["seq"] > self.last_seq:
                 self.last_seq = record["seq"]

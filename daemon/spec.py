@@ -409,7 +409,8 @@ def _message(err: dict, path: str, container: type | None, info) -> str:
 
 
 def _show(value: Any) -> str:
-    text = orjson.dumps(value, default=str).decode() if value is not None else "null"
+    # the stdlib encoder: orjson refuses integers past 64 bits, and users do type those
+    text = json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
     return text if len(text) <= 120 else text[:117] + "..."
 
 

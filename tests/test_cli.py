@@ -1,0 +1,115 @@
+"""The CLI on real spools, through click's CliRunner (and a real daemon for submit --follow)."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from daemon.cli import Exit, cli
+from daemon.spool import Spool
+from tests.conftest import classification_csv, drop_job, seed_job, wait_for_status
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One completed job in a spool, trained once by a real daemon for the whole module."""
+    from tests.conftest import DaemonProcess, kill_workers
+    tmp = tmp_path_factory.mktemp("cli")
+    spool = tmp / "spool"
+    Spool(spool).ensure()
+    data = classification_csv(tmp / "train.csv")
+    d = DaemonProcess(spool)
+    try:
+        drop_job(spool, "done.json", seed_job(data, epochs=2))
+        wait_for_status(spool, "done", "completed")
+    finally:
+        d.stop()
+        kill_workers(spool)
+    return spool, data
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_every_command_is_documented_with_an_example():
+    for name, command in cli.commands.items():
+        assert command.help and "Example:" in command.help, name
+
+
+def test_status_lists_jobs_and_shows_one_as_json(trained):
+    spool, _ = trained
+    table = invoke("status", "--spool", spool)
+    assert table.exit_code == 0 and "done" in table.output and "completed" in table.output
+    one = json.loads(invoke("status", "--spool", spool, "done", "--json").output)
+    assert one["status"] == "completed" and one["epochs_done"] == 2 and one["outputs"]["model"]
+    every = json.loads(invoke("status", "--spool", spool, "--json").output)
+    assert [j["job_id"] for j in every] == ["done"]
+
+
+def test_history_json_is_the_seeds_training_history(trained):
+    spool, _ = trained
+    history = json.loads(invoke("history", "--spool", spool, "done", "--json").output)
+    assert history["epoch"] == [1, 2] and len(history["train_loss"]) == 2
+    assert "learning_rate" in history and "val_accuracy" in history
+    assert "EPOCH" in invoke("history", "--spool", spool, "done").output
+
+
+def test_tail_prints_the_story_and_raw_json(trained):
+    spool, _ = trained
+    out = invoke("tail", "--spool", spool, "done").output
+    assert "accepted done.json as done" in out and "epoch 2/2" in out and "completed: 2 epochs" in out
+    raw = [json.loads(l) for l in invoke("tail", "--spool", spool, "done", "--raw").output.splitlines()]
+    assert raw[0]["type"] == "job_accepted" and raw[-1]["type"] == "completed"
+    assert invoke("tail", "--spool", spool, "done", "-f").exit_code == Exit.OK  # ends at completion
+
+
+def test_plot_and_predict(trained, tmp_path):
+    spool, data = trained
+    png = tmp_path / "curves.png"
+    assert invoke("plot", "--spool", spool, "done", "-o", png).exit_code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = tmp_path / "pred.csv"
+    result = invoke("predict", "--spool", spool, "done", "--data", data, "-o", out)
+    assert result.exit_code == 0 and out.read_text().startswith("prediction,p_0,p_1")
+    folder = Spool(spool).job_dir("done") / "model"
+    best = invoke("predict", "--spool", spool, str(folder), "--data", data, "--best")
+    assert best.exit_code == 0 and len(best.output.splitlines()) == 241
+
+
+def test_unknown_jobs_and_nonsense_requests_are_refused(trained):
+    spool, _ = trained
+    missing = invoke("status", "--spool", spool, "nope")
+    assert missing.exit_code == Exit.NOT_FOUND and 'no job "nope"' in missing.output
+    refused = invoke("resume", "--spool", spool, "done")
+    assert refused.exit_code == Exit.REFUSED and "completed" in refused.output
+    assert list((spool / "control").iterdir()) == []  # nothing was dropped
+
+
+def test_submit_refuses_an_invalid_file_and_drops_nothing(tmp_path, spool):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_data_path": "x.csv", "target_column": "t", "epoch": 3}))
+    result = invoke("submit", "--spool", spool, bad)
+    assert result.exit_code == Exit.USAGE and 'Did you mean "epochs"?' in result.output
+    assert list((spool / "incoming").iterdir()) == []
+
+
+def test_submit_never_overwrites_a_drop_or_reuses_a_job_id(tmp_path, spool):
+    job = tmp_path / "exp.json"
+    job.write_text(json.dumps(seed_job(tmp_path / "x.csv")))
+    (spool / "jobs" / "exp").mkdir()
+    assert "job id exp-2" in invoke("submit", "--spool", spool, job).output
+    assert "job id exp-3" in invoke("submit", "--spool", spool, job).output
+    assert sorted(p.name for p in (spool / "incoming").iterdir()) == ["exp-2.json", "exp-3.json"]
+
+
+def test_submit_follow_through_a_real_daemon(tmp_path, spool, daemon_factory):
+    data = classification_csv(tmp_path / "train.csv")
+    job = tmp_path / "follow.json"
+    job.write_text(json.dumps(seed_job(data, epochs=1)))
+    daemon_factory(spool)
+    result = invoke("submit", "--spool", spool, job, "--follow")
+    assert result.exit_code == Exit.OK and "completed: 1 epochs" in result.output
+    bad = tmp_path / "fails.json"
+    bad.write_text(json.dumps(seed_job(tmp_path / "missing.csv")))
+    failed = invoke("submit", "--spool", spool, bad, "--follow")
+    assert failed.exit_code == Exit.JOB_FAILED and "does not exist" in failed.output

@@ -1,0 +1,116 @@
+"""Pause, resume and cancel through control files and the real daemon."""
+from datetime import datetime
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from daemon import control
+from daemon.replay import Status
+from daemon.spool import Spool
+from tests.conftest import (classification_csv, drop_job, events_of, seed_job, wait_for_event,
+                            wait_for_status, wait_until)
+
+
+def long_epochs_job(data, out):
+    """Epochs of 2,000 steps: long enough to pause in the middle of one."""
+    return seed_job(data, out, epochs=3, batch_size=2, algorithm_params={"hidden_units": [16]})
+
+
+def seconds_between(a: str, b: str) -> float:
+    return (datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds()
+
+
+def same_weights(a, b) -> bool:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    return wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("pause_after_progress", [1, 3])
+def test_pause_lands_mid_epoch_and_resume_reproduces_the_weights_exactly(tmp_path, spool, daemon_factory,
+                                                                         pause_after_progress):
+    data = classification_csv(tmp_path / "train.csv", rows=5000)
+    daemon_factory(spool, "--max-jobs", "2")
+    drop_job(spool, "ref.json", long_epochs_job(data, tmp_path / "ref"))
+    drop_job(spool, "p.json", long_epochs_job(data, tmp_path / "p"))
+    wait_for_event(spool, "p", "progress", count=pause_after_progress)
+    request = control.drop(Spool(spool), "p", "pause", reason="need the GPU")
+    records = wait_for_event(spool, "p", "paused")
+    assert not request.exists()  # consumed after it went on record
+    received = next(r for r in records if r["type"] == "control_received")
+    paused = next(r for r in records if r["type"] == "paused")
+    assert received["reason"] == "need the GPU" and received["source_file"] == "control/p.pause"
+    assert seconds_between(received["ts"], paused["ts"]) < 1.0
+    spe = next(r for r in records if r["type"] == "run_started")["steps_per_epoch"]
+    assert 0 < paused["step"] < spe and paused["checkpoint"]  # in the middle of an epoch
+    ckpt = next(r for r in records if r["type"] == "checkpoint_saved" and r["path"] == paused["checkpoint"])
+    assert (ckpt["epoch"], ckpt["step"]) == (paused["epoch"], paused["step"])
+
+    wait_for_status(spool, "ref", "completed", timeout=120)
+    assert wait_for_status(spool, "p", "paused").status == Status.PAUSED  # stays paused meanwhile
+    control.drop(Spool(spool), "p", "resume")
+    state = wait_for_status(spool, "p", "completed", timeout=120)
+    runs = [r for r in events_of(spool, "p") if r["type"] == "run_started"]
+    assert runs[1]["resumed_from"]["step"] == paused["step"]
+    assert [h["epoch"] for h in state.history] == [1, 2, 3]
+    assert same_weights(tmp_path / "ref" / "model.safetensors", tmp_path / "p" / "model.safetensors")
+    ref = wait_for_status(spool, "ref", "completed")
+    assert [h["train_loss"] for h in ref.history] == [h["train_loss"] for h in state.history]
+    assert [h["val_loss"] for h in ref.history] == [h["val_loss"] for h in state.history]
+
+
+def test_cancel_a_running_a_queued_and_a_paused_job(tmp_path, spool, daemon_factory):
+    data = classification_csv(tmp_path / "train.csv", rows=5000)
+    daemon_factory(spool, "--max-jobs", "1")
+    drop_job(spool, "run.json", long_epochs_job(data, tmp_path / "run"))
+    wait_for_event(spool, "run", "progress")
+    drop_job(spool, "queued.json", long_epochs_job(data, tmp_path / "queued"))
+    drop_job(spool, "later.json", long_epochs_job(data, tmp_path / "later"))
+    wait_until(lambda: Spool(spool).events_path("later").exists(), 30, what="later accepted")
+    control.drop(Spool(spool), "queued", "cancel")
+    control.drop(Spool(spool), "later", "pause")
+    assert wait_for_status(spool, "queued", "cancelled")
+    assert wait_for_status(spool, "later", "paused")
+    control.drop(Spool(spool), "run", "cancel")
+    cancelled = wait_for_status(spool, "run", "cancelled")
+    assert cancelled.epochs_done < 3
+    control.drop(Spool(spool), "later", "cancel")
+    assert wait_for_status(spool, "later", "cancelled")
+    assert "run_started" not in [r["type"] for r in events_of(spool, "queued")]
+
+
+def test_repeats_are_harmless_and_nonsense_is_rejected(tmp_path, spool, daemon_factory):
+    data = classification_csv(tmp_path / "train.csv", rows=5000)
+    daemon_factory(spool, "--max-jobs", "1")
+    drop_job(spool, "busy.json", long_epochs_job(data, tmp_path / "busy"))
+    wait_for_event(spool, "busy", "progress")
+    drop_job(spool, "j.json", seed_job(data, epochs=1))
+    wait_until(lambda: Spool(spool).events_path("j").exists(), 30, what="j accepted")
+    control.drop(Spool(spool), "j", "pause")
+    wait_for_status(spool, "j", "paused")
+    control.drop(Spool(spool), "j", "pause")
+    records = wait_for_event(spool, "j", "control_received", count=2)
+    assert records[-1]["outcome"] == "already paused" and records[-1]["type"] == "control_received"
+    control.drop(Spool(spool), "busy", "cancel")
+    control.drop(Spool(spool), "j", "resume")
+    wait_for_status(spool, "j", "completed")
+    control.drop(Spool(spool), "j", "resume")
+    error = spool / "rejected" / "j.resume.error.json"
+    wait_until(error.exists, 30, what="the resume of a completed job rejected")
+    assert "the job is completed; there is nothing to resume" in error.read_text()
+
+
+@pytest.mark.parametrize("status, action, kind", [
+    (Status.RUNNING, "pause", "act"), (Status.PENDING, "pause", "act"), (Status.PAUSED, "pause", "repeat"),
+    (Status.PAUSED, "resume", "act"), (Status.RUNNING, "resume", "repeat"),
+    (Status.INTERRUPTED, "cancel", "act"), (Status.CANCELLED, "cancel", "repeat"),
+    (Status.COMPLETED, "resume", "reject"), (Status.FAILED, "pause", "reject"),
+    (Status.CANCELLED, "resume", "reject"), (None, "pause", "reject"),
+])
+def test_decisions(status, action, kind):
+    assert control.decide(status, action).kind == kind
+
+
+def test_control_file_names():
+    assert control.parse_name("exp.1.pause") == ("exp.1", "pause")
+    assert control.parse_name("exp.stop") is None and control.parse_name(".x.pause") is None

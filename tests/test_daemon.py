@@ -1,0 +1,282 @@
+"""The real daemon, driven through the spool: job files in, control files in, event logs and
+model files out. Real processes, real signals, real (tiny) training runs."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+from safetensors.numpy import load_file
+
+from daemon.replay import fold
+from daemon.spool import Spool
+from tests.conftest import (REPO, WINE, classification_csv, drop_job, events_of, regression_csv,
+                            seed_job, wait_for_event, wait_for_status, wait_until)
+
+EPOCH_FIELDS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate",
+                "time_per_epoch", "samples_per_sec", "memory_usage", "gpu_utilization", "gpu_memory",
+                "data_time", "compute_time"}
+
+
+def test_the_seed_job_trains_end_to_end(tmp_path, spool, daemon_factory):
+    """The seed's request body with a real CSV: accepted, trained, every field on record, and a
+    model that `epochd predict` rebuilds from its files alone."""
+    data = classification_csv(tmp_path / "train.csv")
+    out = tmp_path / "models" / "deep_learning_model"
+    daemon_factory(spool)
+    drop_job(spool, "seed.json", seed_job(data, out))
+    state = wait_for_status(spool, "seed", "completed")
+    records = events_of(spool, "seed")
+    types = [r["type"] for r in records]
+    assert types[0] == "job_accepted" and types[1] == "run_started" and types[-1] == "completed"
+    epochs = [r for r in records if r["type"] == "epoch_completed"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    for e in epochs:
+        assert EPOCH_FIELDS <= set(e), EPOCH_FIELDS - set(e)
+        assert e["memory_usage"] > 10 and e["samples_per_sec"] > 0 and 0 <= e["train_accuracy"] <= 1
+        assert e["gpu_utilization"] is None and e["gpu_memory"] is None  # this run is on the CPU
+    accepted = records[0]
+    assert accepted["source_file"] == "seed.json" and len(accepted["spec_sha256"]) == 64
+    assert accepted["spec"]["learning_rate_scheduler"] == {"name": "step", "step_size": 30, "gamma": 0.1}
+    started = records[1]
+    assert started["devices"] == ["cpu"] and started["resumed_from"] is None and started["attempt"] == 1
+    checkpoints = [r for r in records if r["type"] == "checkpoint_saved"]
+    assert len(checkpoints) == 3
+    job_dir = Spool(spool).job_dir("seed")
+    assert (job_dir / "job.json").read_bytes() == json.dumps(seed_job(data, out)).encode()
+    for name in ("model.safetensors", "best.safetensors", "model.json", "preprocess.json",
+                 "history.json", "learning_curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    history = json.loads((out / "history.json").read_text())
+    assert history["epoch"] == [1, 2, 3] and len(history["val_loss"]) == 3
+    assert state.outputs["model"] == str(out / "model.safetensors")
+    predictions = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "predict", "--spool", str(spool), "seed", "--data", str(data)],
+        capture_output=True, text=True, check=True, cwd=REPO).stdout.splitlines()
+    assert predictions[0] == "prediction,p_0,p_1" and len(predictions) == 241
+
+
+def test_bad_files_are_rejected_with_reasons_while_other_jobs_train(tmp_path, spool, daemon_factory):
+    data = classification_csv(tmp_path / "train.csv")
+    daemon_factory(spool)
+    bad = {
+        "typo.json": json.dumps({**seed_job(data), "epoch": 3}).encode(),
+        "notjson.json": b"{'epochs': 3",
+        "empty.json": b"",
+        "bom.json": b"\xef\xbb\xbf" + json.dumps(seed_job(data)).encode(),
+        "types.json": json.dumps({**seed_job(data), "epochs": "ten", "batch_size": -1}).encode(),
+    }
+    drop_job(spool, "good.json", seed_job(data, epochs=2))
+    for name, content in bad.items():
+        drop_job(spool, name, content)
+    rejected = spool / "rejected"
+    wait_until(lambda: all((rejected / f"{n[:-5]}.error.json").exists() for n in bad), 30,
+               what="every bad file rejected")
+    for name, content in bad.items():
+        assert (rejected / name).read_bytes() == content  # the original bytes are kept
+        report = json.loads((rejected / f"{name[:-5]}.error.json").read_text())
+        assert report["errors"] and report["file"] == name and report["what_next"]
+    typo = json.loads((rejected / "typo.error.json").read_text())["errors"]
+    assert any('Did you mean "epochs"?' in e for e in typo)
+    types = json.loads((rejected / "types.error.json").read_text())["errors"]
+    assert len(types) == 2 and any('Received: "ten"' in e for e in types)
+    wait_for_status(spool, "good", "completed")
+    log = [json.loads(l) for l in (spool / "daemon.jsonl").read_text().splitlines()]
+    assert sum(l["event"] == "rejected" for l in log) == len(bad)
+    assert list((spool / "incoming").iterdir()) == []
+
+
+def test_links_fifos_and_folders_never_block_and_are_never_followed(tmp_path, spool, daemon_factory):
+    data = classification_csv(tmp_path / "train.csv")
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps(seed_job(data)))
+    incoming = spool / "incoming"
+    (incoming / "link.json").symlink_to(secret)
+    os.mkfifo(incoming / "pipe.json")
+    (incoming / "folder.json").mkdir()
+    outside = tmp_path / "hard.json"
+    outside.write_text("{}")
+    os.link(outside, incoming / "hard.json")
+    daemon_factory(spool)
+    drop_job(spool, "after.json", seed_job(data, epochs=1))
+    wait_for_status(spool, "after", "completed")
+    rejected = spool / "rejected"
+    for name, needle in (("link", "symbolic link"), ("pipe", "FIFO"), ("folder", "directory"),
+                         ("hard", "hard links")):
+        report = json.loads((rejected / f"{name}.error.json").read_text())
+        assert needle in report["errors"][0]
+    assert (rejected / "link.json").is_symlink() and secret.exists()  # the link moved, not its target
+    assert json.loads(secret.read_text())["epochs"] == 3
+
+
+def test_a_file_written_in_place_is_not_read_half_written(tmp_path, spool, daemon_factory):
+    """Written in place (not renamed in) and still being written: taken only once complete."""
+    data = classification_csv(tmp_path / "train.csv")
+    daemon_factory(spool)
+    body = json.dumps(seed_job(data, epochs=1)).encode()
+    path = spool / "incoming" / "slow.json"
+    with open(path, "wb") as f:
+        for i in range(0, len(body), 40):
+            f.write(body[i:i + 40])
+            f.flush()
+            time.sleep(0.1)  # a slow writer, the thing under test
+    wait_for_status(spool, "slow", "completed")
+    assert not (spool / "rejected" / "slow.error.json").exists()
+
+
+def test_data_errors_fail_the_job_at_once_without_retry(tmp_path, spool, daemon_factory):
+    data = classification_csv(tmp_path / "train.csv")
+    daemon_factory(spool)
+    drop_job(spool, "nofile.json", seed_job(tmp_path / "missing.csv"))
+    drop_job(spool, "nocol.json", seed_job(data, feature_columns=["feature1", "feature9"]))
+    for job_id, needle in (("nofile", "does not exist"), ("nocol", 'no column "feature9"')):
+        state = wait_for_status(spool, job_id, "failed")
+        assert state.last_error["error"] == "DataError" and needle in state.last_error["message"]
+        assert state.last_error["retryable"] is False and state.last_error["traceback"] is None
+    time.sleep(1.5)  # the thing under test: nothing happens afterwards
+    for job_id in ("nofile", "nocol"):
+        assert [r["type"] for r in events_of(spool, job_id)] == ["job_accepted", "failed"]
+
+
+def test_a_second_daemon_on_the_same_spool_exits_with_a_clear_message(spool, daemon_factory):
+    daemon_factory(spool)
+    second = subprocess.run([sys.executable, "-m", "daemon.cli", "serve", "--spool", str(spool)],
+                            capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert second.returncode == 75
+    assert "already served by epochd pid" in second.stderr and "another --spool" in second.stderr
+
+
+def test_the_daemon_process_never_loads_torch(tmp_path, spool, daemon_factory):
+    data = classification_csv(tmp_path / "train.csv")
+    d = daemon_factory(spool)
+    drop_job(spool, "j.json", seed_job(data, epochs=1))
+    wait_for_status(spool, "j", "completed")
+    maps = open(f"/proc/{d.proc.pid}/maps").read()
+    assert "libtorch" not in maps and "tensorflow" not in maps
+    import torch  # noqa: F401  (the control: the same check sees torch where it is loaded)
+    assert "libtorch" in open("/proc/self/maps").read()
+
+
+def test_a_killed_worker_is_recorded_and_the_job_resumes(tmp_path, spool, daemon_factory):
+    """kill -9 of the worker mid-run: `interrupted` (signal SIGKILL), a second run resumes from
+    the last checkpoint, and history holds epochs 1..N exactly once."""
+    data = classification_csv(tmp_path / "train.csv", rows=3000)
+    daemon_factory(spool)
+    drop_job(spool, "k.json", seed_job(data, epochs=6, batch_size=8))
+    records = wait_for_event(spool, "k", "epoch_completed", count=2)
+    pid = next(r["pid"] for r in records if r["type"] == "run_started")
+    os.kill(pid, signal.SIGKILL)
+    state = wait_for_status(spool, "k", "completed", timeout=120)
+    records = events_of(spool, "k")
+    interrupted = [r for r in records if r["type"] == "interrupted"]
+    assert interrupted and interrupted[0]["reason"] == "worker killed by signal SIGKILL" and interrupted[0]["crash"]
+    runs = [r for r in records if r["type"] == "run_started"]
+    assert len(runs) == 2 and runs[1]["resumed_from"]["epoch"] >= 2 and runs[1]["attempt"] == 2
+    assert [h["epoch"] for h in state.history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_worker_that_keeps_dying_ends_failed_after_the_retry_limit(tmp_path, spool, daemon_factory):
+    data = classification_csv(tmp_path / "train.csv", rows=3000)
+    daemon_factory(spool, "--max-retries", "0")
+    drop_job(spool, "d.json", seed_job(data, epochs=50, batch_size=4))
+    records = wait_for_event(spool, "d", "run_started")
+    os.kill(records[-1]["pid"], signal.SIGKILL)
+    state = wait_for_status(spool, "d", "failed")
+    assert state.last_error["error"] == "WorkerCrashed" and "worker.log" in state.last_error["message"]
+
+
+def test_shutdown_interrupts_running_jobs_and_the_next_start_continues_them(tmp_path, spool, daemon_factory):
+    data = classification_csv(tmp_path / "train.csv", rows=3000)
+    d = daemon_factory(spool)
+    drop_job(spool, "s.json", seed_job(data, epochs=4, batch_size=4))
+    wait_for_event(spool, "s", "progress")
+    assert d.stop() == 0
+    state = fold(events_of(spool, "s"))
+    assert state.status == "interrupted"
+    last = events_of(spool, "s")[-1]
+    assert last["type"] == "interrupted" and last["reason"] == "shutdown" and last["checkpoint"]
+    daemon_factory(spool)
+    state = wait_for_status(spool, "s", "completed", timeout=120)
+    assert [h["epoch"] for h in state.history] == [1, 2, 3, 4]
+
+
+def test_a_crash_between_claim_and_acceptance_is_finished_at_startup(tmp_path, spool, daemon_factory):
+    data = classification_csv(tmp_path / "train.csv")
+    job_dir = spool / "jobs" / "half"
+    job_dir.mkdir()
+    (job_dir / ".accepting").write_text("half.json")
+    (job_dir / "job.json").write_text(json.dumps(seed_job(data, epochs=1)))
+    daemon_factory(spool)
+    wait_for_status(spool, "half", "completed")
+    accepted = events_of(spool, "half")[0]
+    assert accepted["recovered"] is True and accepted["source_file"] == "half.json"
+
+
+def test_a_torn_tail_in_a_queued_jobs_log_is_cut_before_it_runs(tmp_path, spool, daemon_factory):
+    data = classification_csv(tmp_path / "train.csv")
+    d = daemon_factory(spool, "--max-jobs", "1")
+    drop_job(spool, "a.json", seed_job(data, epochs=1))
+    wait_for_status(spool, "a", "completed")
+    d.stop()
+    log = Spool(spool).events_path("a")
+    with open(log, "ab") as f:
+        f.write(b'{"seq": 99, "ts": "torn')
+    daemon_factory(spool)  # restart with a torn tail present: no crash, the job stays completed
+    drop_job(spool, "b.json", seed_job(data, epochs=1))
+    wait_for_status(spool, "b", "completed")
+    assert fold(events_of(spool, "a")).status == "completed"
+
+
+def test_a_corrupt_log_quarantines_that_job_and_the_others_run(tmp_path, spool, daemon_factory):
+    data = classification_csv(tmp_path / "train.csv")
+    d = daemon_factory(spool)
+    drop_job(spool, "c.json", seed_job(data, epochs=1))
+    wait_for_status(spool, "c", "completed")
+    d.stop()
+    log = Spool(spool).events_path("c")
+    lines = log.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b'"attempt":1', b'"attempt":7')
+    log.write_bytes(b"".join(lines))
+    daemon_factory(spool)
+    drop_job(spool, "other.json", seed_job(data, epochs=1))
+    wait_for_status(spool, "other", "completed")
+    entries = [json.loads(l) for l in (spool / "daemon.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "quarantined" and e["job_id"] == "c" for e in entries)
+
+
+def test_requests_for_unknown_jobs_and_stray_control_files_are_rejected(spool, daemon_factory):
+    daemon_factory(spool)
+    (spool / "control" / "ghost.pause").write_text("")
+    (spool / "control" / "notes.txt").write_text("hello")
+    os.utime(spool / "control" / "notes.txt", (0, 0))
+    rejected = spool / "rejected"
+    wait_until(lambda: (rejected / "ghost.pause.error.json").exists()
+               and (rejected / "notes.txt.error.json").exists(), 30, what="control files rejected")
+    assert 'no job "ghost"' in json.loads((rejected / "ghost.pause.error.json").read_text())["errors"][0]
+
+
+def test_job_ids_come_from_file_names_and_never_collide(tmp_path, spool, daemon_factory):
+    data = classification_csv(tmp_path / "train.csv")
+    daemon_factory(spool)
+    drop_job(spool, "same.json", seed_job(data, epochs=1))
+    wait_for_status(spool, "same", "completed")
+    drop_job(spool, "same.json", seed_job(data, epochs=1))
+    drop_job(spool, "we ird!name.json", seed_job(data, epochs=1))
+    wait_for_status(spool, "same-2", "completed")
+    state = wait_for_status(spool, "we-ird-name", "completed")
+    assert state.source_file == "we ird!name.json"
+
+
+def test_regression_job_end_to_end(tmp_path, spool, daemon_factory):
+    data = regression_csv(tmp_path / "reg.csv", rows=400)
+    daemon_factory(spool)
+    job = seed_job(data, epochs=3, early_stopping={"monitor": "val_mae", "patience": 2})
+    del job["algorithm_params"]["early_stopping_patience"]
+    drop_job(spool, "reg.json", job)
+    state = wait_for_status(spool, "reg", "completed")
+    last = state.history[-1]
+    assert last["train_accuracy"] is None and {"val_mae", "val_rmse", "val_r2"} <= set(last)

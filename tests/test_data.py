@@ -1,0 +1,149 @@
+"""The shared data pipeline on real files: task detection, encoding, scaling, splits, and the
+data errors that fail a job (missing file, missing column, non-numeric feature, empty data,
+a single class)."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from daemon import spec as specs
+from daemon.errors import DataError
+from engines.data import decode, encode, epoch_order, prepare
+from tests.conftest import WINE, classification_csv, regression_csv
+
+
+def job(tmp_path, **raw) -> dict:
+    raw = {"train_data_path": str(tmp_path / "train.csv"), "target_column": "target", **raw}
+    return specs.normalise(specs.validate(raw), job_id="j", base_dir=tmp_path,
+                           spool_root=tmp_path / "spool", allow_roots=[])
+
+
+def write(tmp_path, table: pd.DataFrame, name="train.csv"):
+    table.to_csv(tmp_path / name, index=False)
+    return tmp_path / name
+
+
+def test_wine_is_three_classes_with_text_labels(tmp_path):
+    d = prepare(job(tmp_path, train_data_path=str(WINE), target_column="cultivar"))
+    assert d.task == "classification" and d.n_outputs == 3
+    assert d.preprocess["target"]["classes"] == ["cultivar_1", "cultivar_2", "cultivar_3"]
+    assert d.x_train.dtype == np.float32 and d.x_train.shape[1] == 13
+    assert len(d.x_train) + len(d.x_val) == 178 and len(d.x_val) == 36
+
+
+def test_scaling_is_fitted_on_the_training_split_only(tmp_path):
+    classification_csv(tmp_path / "train.csv", rows=200)
+    d = prepare(job(tmp_path))
+    assert np.allclose(d.x_train.mean(axis=0), 0, atol=1e-5)
+    assert np.allclose(d.x_train.std(axis=0), 1, atol=1e-3)
+    assert not np.allclose(d.x_val.mean(axis=0), 0, atol=1e-5)
+
+
+def test_the_split_is_seeded(tmp_path):
+    classification_csv(tmp_path / "train.csv", rows=100)
+    a, b = prepare(job(tmp_path, seed=3)), prepare(job(tmp_path, seed=3))
+    c = prepare(job(tmp_path, seed=4))
+    assert np.array_equal(a.x_val, b.x_val) and not np.array_equal(a.x_val, c.x_val)
+
+
+@pytest.mark.parametrize("target, task", [
+    (["a", "b"] * 10, "classification"),
+    ([True, False] * 10, "classification"),
+    ([0, 1, 2, 3] * 5, "classification"),
+    ([0.0, 1.0] * 10, "classification"),
+    (list(range(20)), "classification"),
+    (list(range(21)), "regression"),
+    ([0.5, 1.5] * 10, "regression"),
+])
+def test_task_auto(tmp_path, target, task):
+    write(tmp_path, pd.DataFrame({"x": np.arange(len(target), dtype=float), "target": target}))
+    assert prepare(job(tmp_path, validation_split=0.0)).task == task
+
+
+def test_regression_targets_are_standardised_and_decoded_back(tmp_path):
+    regression_csv(tmp_path / "train.csv")
+    d = prepare(job(tmp_path))
+    assert d.task == "regression" and d.n_outputs == 1
+    assert abs(d.y_train.mean()) < 1e-5
+    decoded = decode(d.y_val.reshape(-1, 1), d.preprocess)["prediction"].to_numpy()
+    raw = pd.read_csv(tmp_path / "train.csv")["target"].to_numpy()
+    nearest = np.abs(decoded[:, None] - raw[None, :]).min(axis=1)
+    assert nearest.max() < 1e-3  # each decoded value is a row's own target (float32 precision)
+
+
+def test_text_features_are_one_hot_and_missing_numbers_filled(tmp_path):
+    write(tmp_path, pd.DataFrame({
+        "colour": ["red", "green", "blue", "red", None] * 8,
+        "size": [1.0, 2.0, np.nan, 4.0, 5.0] * 8,
+        "target": ["yes", "no"] * 20}))
+    d = prepare(job(tmp_path, validation_split=0.0))
+    kinds = {c["name"]: c for c in d.preprocess["features"]}
+    assert kinds["colour"]["kind"] == "categorical"
+    assert set(kinds["colour"]["categories"]) == {"red", "green", "blue", "<missing>"}
+    assert kinds["size"]["missing_in_train"] == 8 and d.input_dim == 5
+    assert not np.isnan(d.x_train).any()
+    unseen = encode(pd.DataFrame({"colour": ["purple"], "size": [3.0]}), d.preprocess)
+    assert unseen[0, :4].sum() == 0  # an unseen category encodes as all zeros
+
+
+def test_parquet_reads_like_csv(tmp_path):
+    table = pd.read_csv(classification_csv(tmp_path / "train.csv", rows=60))
+    table.to_parquet(tmp_path / "train.parquet")
+    a = prepare(job(tmp_path))
+    b = prepare(job(tmp_path, train_data_path=str(tmp_path / "train.parquet")))
+    assert np.allclose(a.x_train, b.x_train)
+
+
+def test_a_separate_validation_file(tmp_path):
+    classification_csv(tmp_path / "train.csv", rows=80)
+    classification_csv(tmp_path / "val.csv", rows=20, seed=9)
+    d = prepare(job(tmp_path, val_data_path=str(tmp_path / "val.csv")))
+    assert len(d.x_train) == 80 and len(d.x_val) == 20
+
+
+@pytest.mark.parametrize("table, raw, needle", [
+    (None, {"train_data_path": "missing.csv"}, 'train_data_path "'),
+    (pd.DataFrame({"feature1": [1.0, 2.0], "target": [0, 1]}), {"feature_columns": ["feature1", "featrue2"]},
+     'no column "featrue2"'),
+    (pd.DataFrame({"feature1": [1.0, 2.0], "Target": [0, 1]}), {}, 'no column "target" (did you mean "Target"?)'),
+    (pd.DataFrame({"feature1": [f"{v:.3f}" for v in np.linspace(0, 1, 39)] + ["twelve"], "target": [0, 1] * 20}),
+     {"validation_split": 0.0}, "feature column \"feature1\" is not numeric: row 39 holds 'twelve'"),
+    (pd.DataFrame({"feature1": [f"id{i}" for i in range(80)], "target": [0, 1] * 40}), {},
+     "holds text with 64 distinct values"),
+    (pd.DataFrame({"feature1": pd.Series([], dtype=float), "target": pd.Series([], dtype=int)}), {},
+     "has no data rows"),
+    (pd.DataFrame({"feature1": [1.0, 2.0, 3.0], "target": ["a", "a", "a"]}), {"validation_split": 0.0},
+     "has a single class"),
+    (pd.DataFrame({"feature1": [1.0, 2.0, 3.0, 4.0], "target": [0, None, 1, 0]}), {},
+     "has 1 missing values"),
+    (pd.DataFrame({"feature1": [1.0, np.inf, 3.0, 4.0], "target": [0, 1, 1, 0]}), {}, "infinite values"),
+    (pd.DataFrame({"feature1": [np.nan] * 6, "target": [0, 1] * 3}), {}, "has no values at all"),
+])
+def test_data_problems_are_clear_errors(tmp_path, table, raw, needle):
+    if table is not None:
+        write(tmp_path, table)
+    with pytest.raises(DataError) as err:
+        prepare(job(tmp_path, **raw))
+    assert needle in str(err.value)
+    assert "Expected" in str(err.value) or "Columns found" in str(err.value)
+
+
+def test_unreadable_file_is_a_data_error(tmp_path):
+    (tmp_path / "train.csv").write_bytes(b"target,x\n1,2\n3,4,5,6\n")
+    with pytest.raises(DataError, match="could not read"):
+        prepare(job(tmp_path))
+
+
+def test_validation_labels_unseen_in_training(tmp_path):
+    write(tmp_path, pd.DataFrame({"x": [1.0, 2.0, 3.0, 4.0], "target": ["a", "b", "a", "b"]}))
+    write(tmp_path, pd.DataFrame({"x": [1.0, 2.0], "target": ["a", "c"]}), "val.csv")
+    with pytest.raises(DataError, match=r"labels the training rows do not: \['c'\]"):
+        prepare(job(tmp_path, val_data_path=str(tmp_path / "val.csv")))
+
+
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
+    a = epoch_order(7, 3, 1000)
+    assert np.array_equal(a, epoch_order(7, 3, 1000))
+    assert not np.array_equal(a, epoch_order(7, 4, 1000))
+    assert not np.array_equal(a, epoch_order(8, 3, 1000))
+    assert sorted(a) == list(range(1000))
+    assert np.array_equal(epoch_order(7, 3, 10, shuffle=False), np.arange(10))

@@ -1,0 +1,131 @@
+"""The event log: checksummed lines, contiguous seq, torn tails cut and recorded, corruption
+reported, never guessed."""
+import orjson
+import pytest
+
+from daemon.errors import LogCorrupt
+from daemon.eventlog import EventLog, LogFollower, decode, encode, read_log, read_records
+from daemon.events import (EVENT_TYPES, Cancelled, ControlReceived, EpochCompleted, JobAccepted,
+                           LrChanged, Paused)
+
+
+def fill(path, n=5):
+    with EventLog(path) as log:
+        log.append(JobAccepted(job_id="j", source_file="j.json", spec={"epochs": 3},
+                               spec_sha256="a", file_sha256="b"))
+        for i in range(1, n):
+            log.append(ControlReceived(action="pause", source_file=f"control/j{i}.pause"))
+    return path.read_bytes()
+
+
+def test_every_line_has_the_envelope_and_a_checksum_of_itself(tmp_path):
+    """Each event: seq 1,2,3..., ts in UTC with milliseconds, type, v, payload, crc."""
+    data = fill(tmp_path / "events.jsonl", 3)
+    lines = data.splitlines()
+    for seq, line in enumerate(lines, start=1):
+        record = orjson.loads(line)
+        assert record["seq"] == seq and record["v"] == 1 and record["type"]
+        assert record["ts"].endswith("Z") and len(record["ts"]) == len("2026-01-01T00:00:00.000Z")
+        assert list(record)[-1] == "crc"
+        assert decode(line) is not None
+    flipped = lines[1].replace(b"pause", b"pausf")
+    assert decode(flipped) is None
+
+
+def test_lr_changed_writes_its_from_field_under_that_name(tmp_path):
+    line = encode(1, "2026-01-01T00:00:00.000Z", LrChanged(epoch=2, from_=0.1, to=0.01, reason="step"))
+    record = decode(line[:-1])
+    assert record["from"] == 0.1 and "from_" not in record
+
+
+def test_regression_metrics_are_left_out_of_classification_epochs():
+    base = dict(epoch=1, train_loss=0.5, train_accuracy=0.8, val_loss=0.6, val_accuracy=0.7,
+                learning_rate=0.1, time_per_epoch=1.0, samples_per_sec=10.0, memory_usage=100.0,
+                gpu_utilization=None, gpu_memory=None, data_time=0.0, compute_time=1.0,
+                eval_time=0.1, steps=3)
+    payload = EpochCompleted(**base).payload()
+    assert "val_mae" not in payload and payload["gpu_utilization"] is None
+    assert EpochCompleted(**{**base, "val_mae": 1.5}).payload()["val_mae"] == 1.5
+
+
+def test_event_types_are_past_tense_facts_in_one_registry():
+    assert {"job_accepted", "run_started", "progress", "epoch_completed", "checkpoint_saved",
+            "best_model_saved", "lr_changed", "early_stopped", "control_received", "paused",
+            "resumed", "interrupted", "completed", "failed", "cancelled"} <= set(EVENT_TYPES)
+
+
+def test_torn_tail_at_every_byte_offset_is_tolerated_then_cut_and_recorded(tmp_path):
+    """Truncate the last record at every byte offset: reading stops before it, and the next
+    writer cuts it away and says so in a log_repaired event."""
+    path = tmp_path / "events.jsonl"
+    full = fill(path, 4)
+    last_start = full.rstrip(b"\n").rfind(b"\n") + 1
+    for cut in range(last_start, len(full)):
+        path.write_bytes(full[:cut])
+        contents = read_log(path)
+        assert len(contents.records) == 3
+        assert contents.torn_bytes == cut - last_start
+        with EventLog(path) as log:
+            if cut > last_start:
+                assert log.records[-1]["type"] == "log_repaired"
+                assert log.records[-1]["truncated_bytes"] == cut - last_start
+            log.append(Cancelled(epoch=1, step=0))
+        records = read_records(path)
+        assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+        assert records[-1]["type"] == "cancelled"
+
+
+@pytest.mark.parametrize("junk", [b"\x00" * 4096, b"garbage without newline", b"{\"seq\": 9}\n",
+                                  b"\x00\x00\x00\n\x00\x00\n", b"\xff\xfe\n"])
+def test_zeros_and_garbage_appended_are_a_torn_tail(tmp_path, junk):
+    path = tmp_path / "events.jsonl"
+    full = fill(path, 3)
+    path.write_bytes(full + junk)
+    assert len(read_records(path)) == 3
+    with EventLog(path) as log:
+        log.append(Cancelled(epoch=1, step=0))
+    assert [r["type"] for r in read_records(path)][-2:] == ["log_repaired", "cancelled"]
+
+
+def test_a_damaged_line_in_the_middle_is_corruption(tmp_path):
+    path = tmp_path / "events.jsonl"
+    lines = fill(path, 4).splitlines(keepends=True)
+    lines[1] = lines[1].replace(b"pause", b"pausX")
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(LogCorrupt) as err:
+        read_records(path)
+    assert err.value.line_no == 2
+    with pytest.raises(LogCorrupt):
+        EventLog(path)  # no writer appends after damage it cannot explain
+
+
+def test_a_lost_or_repeated_event_is_corruption(tmp_path):
+    path = tmp_path / "events.jsonl"
+    lines = fill(path, 4).splitlines(keepends=True)
+    path.write_bytes(b"".join([lines[0], lines[2], lines[3]]))
+    with pytest.raises(LogCorrupt, match="seq 3 where 2 was due"):
+        read_records(path)
+    path.write_bytes(b"".join([lines[0], lines[1], lines[1]]))
+    with pytest.raises(LogCorrupt):
+        read_records(path)
+
+
+def test_append_is_visible_to_a_fresh_reader_at_once(tmp_path):
+    path = tmp_path / "events.jsonl"
+    with EventLog(path) as log:
+        log.append(Paused(epoch=1, step=2, checkpoint=None))
+        assert read_records(path)[-1]["type"] == "paused"
+
+
+def test_follower_reads_only_what_is_new_and_survives_a_cut_tail(tmp_path):
+    path = tmp_path / "events.jsonl"
+    fill(path, 2)
+    follower = LogFollower(path)
+    assert [r["seq"] for r in follower.poll()] == [1, 2]
+    assert follower.poll() == []
+    with open(path, "ab") as f:
+        f.write(b'{"seq":3,"half a line')
+    assert follower.poll() == []
+    with EventLog(path) as log:  # cuts the torn tail, then appends
+        log.append(Cancelled(epoch=1, step=0))
+    assert [r["type"] for r in follower.poll()] == ["log_repaired", "cancelled"]

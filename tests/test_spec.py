@@ -1,0 +1,174 @@
+"""The job file: the seed's body is valid verbatim; every bad input gets a message that says
+what was received, what was expected, and (for unknown keys) the closest valid key."""
+import json
+from pathlib import Path
+
+import pytest
+
+from daemon import spec
+from daemon.errors import BadJobFile
+
+
+def errors_of(raw) -> list[str]:
+    with pytest.raises(BadJobFile) as err:
+        spec.validate(raw) if isinstance(raw, dict) else spec.validate(spec.parse_job_bytes(raw))
+    return err.value.errors
+
+
+def minimal(**extra) -> dict:
+    return {"train_data_path": "data/train.csv", "target_column": "target"} | extra
+
+
+def test_the_seed_request_body_is_valid_verbatim():
+    s = spec.validate(spec.example_job())
+    assert s.epochs == 100 and s.algorithm_params.hidden_units == [128, 64, 32]
+    assert s.algorithm_params.learning_rate_scheduler.name == "step"
+
+
+def test_defaults_are_filled_and_the_seeds_short_forms_moved(tmp_path):
+    n = spec.normalise(spec.validate(spec.example_job()), job_id="j", base_dir=tmp_path,
+                       spool_root=tmp_path / "spool", allow_roots=[])
+    assert n["framework"] == "pytorch" and n["task"] == "auto" and n["seed"] == 42
+    assert n["early_stopping"]["patience"] == 10 and n["early_stopping"]["monitor"] == "val_loss"
+    assert n["learning_rate_scheduler"] == {"name": "step", "step_size": 30, "gamma": 0.1}
+    assert n["algorithm_params"]["early_stopping_patience"] is None
+    assert n["checkpoint"] == {"every_epochs": 1, "every_seconds": None, "keep_last": 3, "keep_best": True}
+    assert n["optimizer"]["name"] == "adam" and n["optimizer"]["weight_decay"] == 0.0
+    n2 = spec.normalise(spec.validate(minimal(optimizer="adamw")), job_id="j", base_dir=tmp_path,
+                        spool_root=tmp_path / "spool", allow_roots=[])
+    assert n2["optimizer"]["weight_decay"] == 0.01 and n2["name"] == "j"
+    assert n2["learning_rate_scheduler"] == {"name": "none"}
+
+
+@pytest.mark.parametrize("raw, needles", [
+    (minimal(epoch=10), ['unknown key "epoch"', 'Did you mean "epochs"?']),
+    (minimal(bach_size=10), ['Did you mean "batch_size"?']),
+    (minimal(algorithm_params={"hiden_units": [4]}), ['"algorithm_params.hiden_units"', '"hidden_units"']),
+    (minimal(learning_rate_scheduler={"name": "step", "gama": 0.5}), ['Did you mean "gamma"?']),
+    (minimal(early_stopping={"patiense": 3}), ['Did you mean "patience"?']),
+    (minimal(epochs="ten"), ['"epochs"', 'Received: "ten"', "Expected: a whole number >= 1"]),
+    (minimal(epochs=0), ['"epochs"', "Received: 0"]),
+    (minimal(epochs=2.5), ['"epochs"', "Received: 2.5"]),
+    (minimal(batch_size=True), ['"batch_size"', "Received: true"]),
+    (minimal(learning_rate=-1), ['"learning_rate"', "Received: -1", "Expected: a number in (0, 10]"]),
+    (minimal(learning_rate="0.01"), ['"learning_rate"', 'Received: "0.01"']),
+    (minimal(validation_split=1.5), ['"validation_split"', "Received: 1.5"]),
+    (minimal(feature_columns=[]), ['"feature_columns"', "Received: []"]),
+    (minimal(feature_columns="a,b"), ['"feature_columns"', 'Received: "a,b"']),
+    (minimal(algorithm_params={"model_type": "transformer"}), ['"algorithm_params.model_type"', '"transformer"', '"mlp"']),
+    (minimal(algorithm_params={"hidden_units": [8, 0]}), ['"algorithm_params.hidden_units[1]"', "Received: 0"]),
+    (minimal(algorithm_params={"dropout_rate": 1.0}), ['"algorithm_params.dropout_rate"']),
+    (minimal(algorithm_params={"activation": "swish"}), ['"algorithm_params.activation"', '"swish"']),
+    (minimal(learning_rate_scheduler="stepp"), ['unknown schedule', 'Received: "stepp"', 'Did you mean "step"?']),
+    (minimal(learning_rate_scheduler={"name": "multistep", "milestones": [5, 3]}), ["strictly increasing"]),
+    (minimal(optimizer="adamx"), ['"optimizer.name"', 'Received: "adamx"']),
+    (minimal(early_stopping={"monitor": "val_los"}), ['"early_stopping.monitor"', "unknown metric"]),
+    (minimal(framework="jax"), ['"framework"', '"jax"']),
+    (minimal(algorithm_type="random_forest"), ['"algorithm_type"', '"deep_learning"']),
+    (minimal(task="clustering"), ['"task"']),
+    (minimal(devices=[0, 1]), ['"devices"', "several GPUs are not available yet"]),
+    (minimal(distributed={"strategy": "ddp"}), ['"distributed"', "not available yet"]),
+    (minimal(data={"streaming": True}), ["streaming data is not available"]),
+    (minimal(gradient_accumulation_steps=4), ['"gradient_accumulation_steps"', "Received: 4"]),
+    (minimal(mixed_precision="fp16"), ['"mixed_precision"', '"fp16"']),
+    (minimal(framework="tensorflow"), ["TensorFlow engine is not available"]),
+    ({"target_column": "t"}, ['"train_data_path" is required', "Expected: path to a CSV"]),
+    ({"train_data_path": "x"}, ['"target_column" is required']),
+    (minimal(val_data_path="v.csv", validation_split=0.1), ["val_data_path or validation_split, not both"]),
+    (minimal(feature_columns=["a", "a"]), ["more than once"]),
+    (minimal(feature_columns=["a", "target"]), ['target column "target" is also in feature_columns']),
+    (minimal(algorithm_params={"early_stopping_patience": 3}, early_stopping={"patience": 4}),
+     ["early stopping is given twice"]),
+])
+def test_bad_fields_say_what_was_received_and_expected(raw, needles):
+    message = "\n".join(errors_of(raw))
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_every_problem_in_a_file_is_listed_at_once():
+    errors = errors_of(minimal(epoch=3, batch_size="x", learning_rate=0, algorithm_params={"dropout": 0.1}))
+    assert len(errors) == 4
+
+
+@pytest.mark.parametrize("data, needle", [
+    (b"", "the file is empty"),
+    (b"   \n", "the file is empty"),
+    (b"\xef\xbb\xbf{}", "byte-order mark"),
+    (b'{"a": "\xff"}', "not UTF-8"),
+    (b"{'epochs': 3}", "not valid JSON"),
+    (b'{"epochs": 3,}', "not valid JSON"),
+    (b'{"epochs": 3} trailing', "not valid JSON"),
+    (b'{"learning_rate": NaN}', "NaN"),
+    (b'{"learning_rate": Infinity}', "not valid JSON"),
+    (b'{"epochs": 1, "epochs": 2}', 'the key "epochs" appears twice'),
+    (b"[1, 2]", "holds a JSON list"),
+    (b'"just a string"', "holds a JSON str"),
+    (b"null", "holds a JSON NoneType"),
+    (b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
+    (b'{"a":' * 40 + b"1" + b"}" * 40, "nested more than"),
+    (b'{"epochs": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    (b" " * (spec.MAX_JOB_FILE_BYTES + 1), "bytes. Expected: a job file under"),
+])
+def test_malformed_bytes_are_rejected_with_a_reason(data, needle):
+    assert needle in "\n".join(errors_of(data))
+
+
+def test_huge_numbers_are_rejected_by_the_schema():
+    assert '"epochs"' in "\n".join(errors_of(minimal(epochs=10**30)))
+    assert '"learning_rate"' in "\n".join(errors_of(minimal(learning_rate=1e308)))
+
+
+def test_aliases():
+    assert spec.validate(minimal(framework="torch")).framework == "pytorch"
+    assert spec.validate(minimal(learning_rate_scheduler="ReduceLROnPlateau")).learning_rate_scheduler.name == "plateau"
+    assert spec.validate(minimal(early_stopping={"monitor": "accuracy"})).early_stopping.monitor == "train_accuracy"
+
+
+def test_relative_paths_resolve_against_the_base_folder(tmp_path):
+    n = spec.normalise(spec.validate(minimal(output_path="out/model")), job_id="j", base_dir=tmp_path,
+                       spool_root=tmp_path / "spool", allow_roots=[])
+    assert n["train_data_path"] == str(tmp_path / "data" / "train.csv")
+    assert n["output_path"] == str(tmp_path / "out" / "model")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("train_data_path", "/etc/passwd"),
+    ("train_data_path", "../outside/data.csv"),
+    ("output_path", "/tmp/elsewhere"),
+    ("val_data_path", "allowed/../../outside.csv"),
+])
+def test_paths_outside_the_allowed_roots_are_refused(tmp_path, key, value):
+    root = tmp_path / "allowed"
+    root.mkdir()
+    raw = {**minimal(train_data_path="allowed/train.csv"), key: value}
+    with pytest.raises(BadJobFile) as err:
+        spec.normalise(spec.validate(raw), job_id="j", base_dir=tmp_path, spool_root=tmp_path / "spool",
+                       allow_roots=[root])
+    assert f'"{key}" is outside the folders this daemon may use' in err.value.errors[0]
+    assert "--allow-root" in err.value.errors[0]
+
+
+def test_a_symlink_leading_out_of_the_allowed_roots_is_refused(tmp_path):
+    root = tmp_path / "allowed"
+    root.mkdir()
+    (root / "sneaky").symlink_to("/etc")
+    with pytest.raises(BadJobFile, match="resolves to /etc"):
+        spec.normalise(spec.validate(minimal(train_data_path="allowed/sneaky/passwd")), job_id="j",
+                       base_dir=tmp_path, spool_root=tmp_path / "spool", allow_roots=[root])
+
+
+def test_output_inside_the_spool_is_refused(tmp_path):
+    with pytest.raises(BadJobFile, match="points inside the spool"):
+        spec.normalise(spec.validate(minimal(output_path="spool/jobs/other/model")), job_id="j",
+                       base_dir=tmp_path, spool_root=tmp_path / "spool", allow_roots=[])
+
+
+def test_spec_hash_ignores_key_order():
+    a = {"b": 1, "a": [1, 2]}
+    assert spec.spec_sha256(a) == spec.spec_sha256(json.loads(json.dumps(dict(reversed(a.items())))))
+
+
+def test_the_example_job_files_are_valid():
+    for path in Path(__file__).resolve().parent.parent.glob("examples/*.json"):
+        spec.validate(spec.parse_job_bytes(path.read_bytes()))
