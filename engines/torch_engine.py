@@ -3,8 +3,8 @@
 The hot loop follows the fastest hand-written recipe we measured: the data is one tensor on the
 device, each epoch gathers it once in its order (`index_select`) and batches are contiguous
 slices of that; `zero_grad(set_to_none=True)`; Adam/AdamW fused where the device supports it;
-the epoch's loss and accuracy sums stay on the device (float64, added in step order, so they are
-the same however the steps were split into calls) and are read once per call at most.
+the epoch's losses and hits are gathered once per engine call into per-epoch buffers on the
+device, so the step itself does exactly the work of a hand-written loop.
 
 Checkpoints are `torch.save` dicts of tensors and plain numbers, loaded with
 `weights_only=True`: RNG states are uint8 tensors, nothing is pickled.
@@ -131,11 +131,15 @@ class TorchEngine(Engine):
         return xt, torch.from_numpy(np.require(y, np.float32, ["C", "W"])).reshape(-1, 1).to(self.device)
 
     def _reset_sums(self) -> None:
-        # sum of loss * samples, and of hits: correct predictions or |error| (regression);
-        # float64 scalars, two tensors rather than one so the hot loop does no indexing
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.hit_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.count = 0
+        # The epoch's running metrics live in two buffers filled once per engine call: each
+        # step's mean loss, and each sample's hit (correct, or |error| for regression). The hot
+        # loop only keeps references; the sums at the end are one reduction over the whole
+        # buffer, so they do not depend on how the steps were split into calls (exact resume).
+        self.step_losses = torch.zeros(self.steps_per_epoch, device=self.device)
+        self.sample_hits = torch.zeros(self.n, device=self.device)
+        sizes = torch.full((self.steps_per_epoch,), float(self.batch_size), dtype=torch.float64)
+        sizes[-1] = self.n - self.batch_size * (self.steps_per_epoch - 1)
+        self.step_sizes = sizes.to(self.device)
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__, "numpy": np.__version__}
@@ -145,13 +149,17 @@ class TorchEngine(Engine):
         order = order.to(self.device)
         self.xs, self.ys = self.x.index_select(0, order), self.y.index_select(0, order)
         if step == 0:
-            self._reset_sums()
+            self.step_losses.zero_()
+            self.sample_hits.zero_()
         self.epoch, self.step = epoch, step
         self.model.train()
 
     def train_steps(self, lrs: Sequence[float]) -> None:
+        if not lrs:
+            return
         model, opt, loss_fn, bs = self.model, self.optimizer, self.loss_fn, self.batch_size
-        loss_sum, hit_sum, start = self.loss_sum, self.hit_sum, self.step * bs
+        first, start = self.step, self.step * bs
+        losses, outputs = [], []
         for i, lr in enumerate(lrs):
             if lr != self.lr:
                 for group in opt.param_groups:
@@ -161,26 +169,31 @@ class TorchEngine(Engine):
             yb = self.ys[start + i * bs:start + (i + 1) * bs]
             with self.autocast:
                 out = model(xb)
-                loss = loss_fn(out.float(), yb)
+                loss = loss_fn(out, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum.add_(loss.detach(), alpha=len(xb))
-            hit_sum.add_(self._hits(out.detach(), yb))
-            self.count += len(xb)
+            losses.append(loss)
+            outputs.append(out)
         self.step += len(lrs)
+        with torch.no_grad():  # the bookkeeping of the whole call, in a handful of ops
+            self.step_losses[first:self.step] = torch.stack(losses)
+            end = min(self.step * bs, self.n)
+            self.sample_hits[start:end] = self._hits(torch.cat(outputs), self.ys[start:end])
 
     def _hits(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Correct predictions (classification) or the sum of |error| (regression)."""
+        """Per sample: 1.0 if predicted right (classification), else |error| (regression)."""
         if self.task == "regression":
-            return (out.float() - y).abs().sum()
+            return (out.float() - y).abs().reshape(-1)
         if self.binary:
-            return ((out > 0) == (y > 0.5)).sum()
-        return (out.argmax(1) == y).sum()
+            return ((out > 0) == (y > 0.5)).reshape(-1).float()
+        return (out.argmax(1) == y).float()
 
     def train_metrics(self) -> dict[str, float]:
-        loss_sum, hits = self.loss_sum.item(), self.hit_sum.item()
-        n = max(self.count, 1)
+        done = min(self.step * self.batch_size, self.n)
+        n = max(done, 1)
+        loss_sum = (self.step_losses[:self.step].double() * self.step_sizes[:self.step]).sum().item()
+        hits = self.sample_hits[:done].double().sum().item()
         if self.task == "regression":
             return {"train_loss": loss_sum / n, "train_mae": hits / n * self.y_scale,
                     "train_rmse": math.sqrt(max(loss_sum / n, 0.0)) * self.y_scale}
@@ -197,7 +210,7 @@ class TorchEngine(Engine):
             with self.autocast:
                 out = self.model(xb).float()
             loss_sum += self.loss_fn(out, yb).item() * len(xb)
-            hits += self._hits(out, yb).item()
+            hits += self._hits(out, yb).sum().item()
             if self.task == "regression":
                 sq += ((out - yb) ** 2).sum().item()
         self.model.train()
@@ -217,7 +230,8 @@ class TorchEngine(Engine):
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             "epoch": self.epoch, "step": self.step, "lr": self.lr,
-            "loss_sum": self.loss_sum.cpu(), "hit_sum": self.hit_sum.cpu(), "count": self.count,
+            "step_losses": self.step_losses[:self.step].cpu(),
+            "sample_hits": self.sample_hits[:min(self.step * self.batch_size, self.n)].cpu(),
         }, path)
 
     def load_checkpoint(self, path: Path) -> tuple[int, int]:
@@ -234,9 +248,11 @@ class TorchEngine(Engine):
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"]:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.loss_sum = state["loss_sum"].to(self.device)
-        self.hit_sum = state["hit_sum"].to(self.device)
-        self.count, self.lr = state["count"], state["lr"]
+        self.step_losses.zero_()
+        self.sample_hits.zero_()
+        self.step_losses[:len(state["step_losses"])] = state["step_losses"].to(self.device)
+        self.sample_hits[:len(state["sample_hits"])] = state["sample_hits"].to(self.device)
+        self.lr = state["lr"]
         self.epoch, self.step = state["epoch"], state["step"]
         return self.epoch, self.step
 

@@ -1,0 +1,53 @@
+"""The hand-optimised PyTorch loop epochd is measured against (PERFORMANCE.md's reference).
+
+Data as one tensor, one randperm + index_select per epoch, batches as contiguous slices,
+zero_grad(set_to_none=True), Adam(fused=True), the loss summed on a tensor with one .item()
+per epoch, torch.set_num_threads(1) before any torch work. Prints one JSON line per epoch:
+{"epoch", "samples", "seconds"} for the training part only.
+
+Usage: python bench/handwritten.py CSV BATCH EPOCHS
+"""
+import json
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+def main(csv: str, batch: int, epochs: int) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    table = pd.read_csv(csv, engine="pyarrow")
+    x = table.drop(columns=["target"]).to_numpy(np.float32)
+    x = (x - x.mean(0)) / x.std(0)
+    X = torch.from_numpy(np.ascontiguousarray(x))
+    Y = torch.from_numpy(table["target"].to_numpy(np.float32)).reshape(-1, 1)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(X.shape[1], 128), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+        torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+        torch.nn.Linear(32, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    n = len(X)
+    for epoch in range(1, epochs + 1):
+        t = time.perf_counter()
+        perm = torch.randperm(n)
+        xs, ys = X.index_select(0, perm), Y.index_select(0, perm)
+        total = torch.zeros(())
+        model.train()
+        for a in range(0, n, batch):
+            out = model(xs[a:a + batch])
+            loss = loss_fn(out, ys[a:a + batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+        total.item()
+        print(json.dumps({"epoch": epoch, "samples": n, "seconds": time.perf_counter() - t}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

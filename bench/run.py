@@ -1,0 +1,207 @@
+"""`make bench`: epochd's PyTorch epochs against a hand-optimised PyTorch loop, side by side.
+
+The machines this runs on are shared and noisy: absolute numbers drift, ratios measured in one
+run hold. So everything is interleaved (hand loop, epochd, hand loop, epochd ...) and reported
+as medians with ratios.
+
+- Throughput: the seed's MLP (20 -> 128 -> 64 -> 32 -> 1, ReLU, dropout 0.2, Adam 1e-3) on
+  200,000 generated rows x 20 features, batch 32 and 256. The hand loop times its training
+  steps per epoch. epochd runs as the real daemon on a temp spool, and its epoch is timed
+  all-in from the event log: from one `epoch_completed` to the next, minus evaluation, so
+  progress events, checkpoints, the best-model file and every fsync count against it.
+- Pause latency: a control file dropped at a random moment mid-epoch, to the `paused` event.
+- Checkpoint and event-append cost, against an epoch's time.
+
+Usage: python bench/run.py [--rows N] [--rounds R] [--epochs E] [--pauses P]
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from daemon import control  # noqa: E402
+from daemon.eventlog import read_records  # noqa: E402
+from daemon.spool import Spool  # noqa: E402
+
+
+def make_data(folder: Path, rows: int) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows + 2000, 20)).astype(np.float32)
+    y = (x[:, :5].sum(axis=1) + rng.normal(scale=0.5, size=len(x)) > 0).astype(int)
+    table = pd.DataFrame(x, columns=[f"f{i}" for i in range(20)])
+    table["target"] = y
+    table.iloc[:rows].to_csv(folder / "train.csv", index=False)
+    table.iloc[rows:].to_csv(folder / "val.csv", index=False)
+    return folder / "train.csv", folder / "val.csv"
+
+
+def hand_loop(train: Path, batch: int, epochs: int) -> list[float]:
+    """Samples/s of each steady-state epoch (the first is warm-up)."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "handwritten.py"), str(train),
+                          str(batch), str(epochs)], capture_output=True, text=True, check=True)
+    rows = [json.loads(l) for l in out.stdout.splitlines()]
+    return [r["samples"] / r["seconds"] for r in rows[1:]]
+
+
+class Daemon:
+    def __init__(self, spool: Path):
+        self.spool = spool
+        Spool(spool).ensure()
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--spool", str(spool),
+                                      "--max-jobs", "1"], cwd=ROOT, stderr=subprocess.DEVNULL)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(120)
+
+
+def submit(spool: Path, name: str, job: dict) -> str:
+    tmp = spool / "incoming" / f".{name}.tmp"
+    tmp.write_text(json.dumps(job))
+    os.rename(tmp, spool / "incoming" / f"{name}.json")
+    return name
+
+
+def wait(spool: Path, job_id: str, predicate, timeout: float = 900.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    path = Spool(spool).events_path(job_id)
+    while time.monotonic() < deadline:
+        if path.exists():
+            records = read_records(path)
+            if predicate(records):
+                return records
+            if records and records[-1]["type"] == "failed":
+                raise RuntimeError(records[-1]["message"])
+        time.sleep(0.05)  # polling the event log
+    raise TimeoutError(f"job {job_id}")
+
+
+def ts(record: dict) -> float:
+    return datetime.fromisoformat(record["ts"]).timestamp()
+
+
+def seed_job(train: Path, val: Path, batch: int, epochs: int) -> dict:
+    return {"name": "bench", "epochs": epochs, "batch_size": batch, "learning_rate": 0.001,
+            "train_data_path": str(train), "val_data_path": str(val), "target_column": "target",
+            "algorithm_params": {"model_type": "mlp", "hidden_units": [128, 64, 32], "dropout_rate": 0.2}}
+
+
+def epochd_loop(spool: Path, train: Path, val: Path, batch: int, epochs: int, tag: str) -> list[float]:
+    job_id = submit(spool, tag, seed_job(train, val, batch, epochs))
+    records = wait(spool, job_id, lambda r: r[-1]["type"] in ("completed", "failed"))
+    done = [r for r in records if r["type"] == "epoch_completed"]
+    samples = next(r for r in records if r["type"] == "run_started")["train_samples"]
+    # all-in: from the end of one epoch to the end of the next, evaluation excluded
+    return [samples / (ts(b) - ts(a) - b["eval_time"]) for a, b in zip(done, done[1:])]
+
+
+def pause_latencies(spool: Path, train: Path, val: Path, trials: int) -> list[float]:
+    job_id = submit(spool, "pauses", seed_job(train, val, 32, 1000))
+    latencies = []
+    for i in range(trials):
+        wait(spool, job_id, lambda r: sum(x["type"] == "run_started" for x in r) == i + 1
+             and r[-1]["type"] == "progress")
+        time.sleep(random.uniform(0.0, 1.0))  # a random moment mid-epoch, the point of the trial
+        dropped = time.time()
+        control.drop(Spool(spool), job_id, "pause")
+        records = wait(spool, job_id, lambda r: sum(x["type"] == "paused" for x in r) == i + 1)
+        latencies.append(ts([r for r in records if r["type"] == "paused"][-1]) - dropped)
+        control.drop(Spool(spool), job_id, "resume")
+    control.drop(Spool(spool), job_id, "cancel")
+    return latencies
+
+
+def checkpoint_and_append_costs(train: Path, val: Path, folder: Path) -> tuple[float, float]:
+    from daemon import spec as specs
+    from daemon.eventlog import EventLog
+    from daemon.events import EpochCompleted
+    from daemon.fsutil import atomic_write_with, sha256_file
+    from engines import load_engine
+    from engines.data import prepare
+    spec = specs.normalise(specs.validate(seed_job(train, val, 32, 1)), job_id="b", base_dir=folder,
+                           spool_root=folder / "spool", allow_roots=[])
+    engine = load_engine("pytorch")(spec, prepare(spec), 1)
+    ckpt = []
+    for _ in range(20):
+        t = time.perf_counter()
+        atomic_write_with(folder / "c.pt", engine.save_checkpoint)
+        sha256_file(folder / "c.pt")
+        ckpt.append(time.perf_counter() - t)
+    event = EpochCompleted(epoch=1, train_loss=0.5, train_accuracy=0.8, val_loss=0.5, val_accuracy=0.8,
+                           learning_rate=0.001, time_per_epoch=6.0, samples_per_sec=30000.0,
+                           memory_usage=300.0, gpu_utilization=None, gpu_memory=None, data_time=0.01,
+                           compute_time=6.0, eval_time=0.1, steps=6250)
+    appends = []
+    with EventLog(folder / "events.jsonl") as log:
+        for _ in range(200):
+            t = time.perf_counter()
+            log.append(event)
+            appends.append(time.perf_counter() - t)
+    return statistics.median(ckpt), statistics.median(appends)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=3, help="per run; the first is warm-up")
+    ap.add_argument("--pauses", type=int, default=8)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="epochd-bench-") as tmp:
+        folder = Path(tmp)
+        train, val = make_data(folder, args.rows)
+        spool = folder / "spool"
+        daemon = Daemon(spool)
+        try:
+            results = {32: {"hand": [], "epochd": []}, 256: {"hand": [], "epochd": []}}
+            for r in range(args.rounds):
+                for batch in (32, 256):
+                    results[batch]["hand"] += hand_loop(train, batch, args.epochs)
+                    results[batch]["epochd"] += epochd_loop(spool, train, val, batch, args.epochs, f"b{batch}-r{r}")
+                    print(f"round {r + 1}/{args.rounds}, batch {batch}: done", file=sys.stderr)
+            pauses = pause_latencies(spool, train, val, args.pauses)
+        finally:
+            daemon.stop()
+        ckpt_s, append_s = checkpoint_and_append_costs(train, val, folder)
+    report(args, results, pauses, ckpt_s, append_s)
+
+
+def report(args, results, pauses, ckpt_s, append_s) -> None:
+    print(f"\n`make bench` ({args.rows:,} rows x 20 features, seed MLP 128-64-32, {args.rounds} rounds "
+          f"interleaved, medians; {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+          f"torch {__import__('torch').__version__})\n")
+    print("| batch | hand-optimised PyTorch (samples/s) | epochd all-in (samples/s) | ratio |")
+    print("| --- | --- | --- | --- |")
+    epoch32 = None
+    for batch, r in results.items():
+        hand, ours = statistics.median(r["hand"]), statistics.median(r["epochd"])
+        epoch32 = epoch32 or args.rows / ours
+        print(f"| {batch} | {hand:,.0f} | {ours:,.0f} | {ours / hand:.2f}x |")
+    pauses = sorted(pauses)
+    p99 = pauses[min(len(pauses) - 1, int(round(0.99 * (len(pauses) - 1))))]
+    print(f"\n| daemon cost | value |\n| --- | --- |")
+    print(f"| pause latency, control file to `paused`, mid-epoch ({len(pauses)} trials) | "
+          f"median {statistics.median(pauses) * 1000:.0f} ms, max {p99 * 1000:.0f} ms |")
+    print(f"| checkpoint (write, fsync, rename, sha256) | {ckpt_s * 1000:.1f} ms = "
+          f"{ckpt_s / epoch32 * 100:.2f}% of a batch-32 epoch |")
+    print(f"| event append + fsync | {append_s * 1e6:.0f} us; ~{epoch32 + 3:.0f} events per batch-32 epoch "
+          f"= {(epoch32 + 3) * append_s / epoch32 * 100:.2f}% |")
+
+
+if __name__ == "__main__":
+    main()
