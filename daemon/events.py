@@ -88,6 +88,7 @@ class EpochCompleted(Event):
     data_time: float               # seconds spent preparing the epoch's batches
     compute_time: float            # seconds spent in training steps
     eval_time: float               # seconds spent evaluating
+    cpu_time: float                # process CPU seconds of the training part (wall >> cpu: contention)
     steps: int
     train_mae: float | None = None     # regression: in the target's own units
     train_rmse: float | None = None
@@ -108,6 +109,7 @@ class CheckpointSaved(Event):
     epoch_seconds: float = 0.0     # time already spent in this epoch (a mid-epoch checkpoint)
     compute_seconds: float = 0.0
     data_seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

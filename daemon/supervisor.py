@@ -69,6 +69,10 @@ class Waker:
         except BlockingIOError:
             pass  # the pipe is full: the loop is awake anyway
 
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
     def wait(self, timeout: float) -> None:
         ready, _, _ = select.select([self.r], [], [], max(0.0, timeout))
         if ready:

@@ -66,6 +66,7 @@ class Timers:
     elapsed: float = 0.0
     compute: float = 0.0
     data: float = 0.0
+    cpu: float = 0.0
 
 
 class Worker:
@@ -140,6 +141,7 @@ class Worker:
     def run_epoch(self) -> None:
         engine, spe = self.engine, self.engine.steps_per_epoch
         started = time.monotonic() - self.timers.elapsed
+        cpu_started = time.process_time() - self.timers.cpu
         self.announce_lr()
         t = time.monotonic()
         engine.start_epoch(self.epoch, self.step)
@@ -157,6 +159,7 @@ class Worker:
             chunk = max(1, min(4 * n, int(n * CHUNK_SECONDS / max(dt, 1e-6))))
             self.gpu.sample()
             self.timers.elapsed = time.monotonic() - started
+            self.timers.cpu = time.process_time() - cpu_started
             if self.step < spe:
                 self.between_chunks(n)
         self.record_epoch(time.monotonic() - started, lrs[-1])
@@ -179,6 +182,7 @@ class Worker:
             samples_per_sec=samples / self.timers.compute if self.timers.compute > 0 else 0.0,
             memory_usage=rss_mb(), gpu_utilization=util, gpu_memory=gpu_mb,
             data_time=self.timers.data, compute_time=self.timers.compute, eval_time=eval_time,
+            cpu_time=self.timers.cpu,
             steps=self.engine.steps_per_epoch, train_mae=metrics.get("train_mae"),
             train_rmse=metrics.get("train_rmse"), val_mae=metrics.get("val_mae"),
             val_rmse=metrics.get("val_rmse"), val_r2=metrics.get("val_r2")))
@@ -300,7 +304,8 @@ class Worker:
             bytes=path.stat().st_size, sha256=sha256_file(path),
             epoch_seconds=self.timers.elapsed if mid_epoch else 0.0,
             compute_seconds=self.timers.compute if mid_epoch else 0.0,
-            data_seconds=self.timers.data if mid_epoch else 0.0))
+            data_seconds=self.timers.data if mid_epoch else 0.0,
+            cpu_seconds=self.timers.cpu if mid_epoch else 0.0))
         self.last_checkpoint_at = time.monotonic()
         self.prune_checkpoints()
         return rel
@@ -340,7 +345,7 @@ class Worker:
     def restore_timers(self, checkpoint: dict) -> None:
         if checkpoint["step"] < checkpoint["steps_per_epoch"]:
             self.timers = Timers(checkpoint["epoch_seconds"], checkpoint["compute_seconds"],
-                                 checkpoint["data_seconds"])
+                                 checkpoint["data_seconds"], checkpoint.get("cpu_seconds", 0.0))
 
     # ---------------------------------------------------------------- policies
 

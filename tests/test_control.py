@@ -13,7 +13,7 @@ from tests.conftest import (classification_csv, drop_job, events_of, seed_job, w
 
 
 def long_epochs_job(data, out):
-    """Epochs of 2,000 steps: long enough to pause in the middle of one."""
+    """Epochs of 3,200 steps (a couple of seconds): long enough to pause in the middle of one."""
     return seed_job(data, out, epochs=3, batch_size=2, algorithm_params={"hidden_units": [16]})
 
 
@@ -29,11 +29,14 @@ def same_weights(a, b) -> bool:
 @pytest.mark.parametrize("pause_after_progress", [1, 3])
 def test_pause_lands_mid_epoch_and_resume_reproduces_the_weights_exactly(tmp_path, spool, daemon_factory,
                                                                          pause_after_progress):
-    data = classification_csv(tmp_path / "train.csv", rows=5000)
+    data = classification_csv(tmp_path / "train.csv", rows=8000)
     daemon_factory(spool, "--max-jobs", "2")
     drop_job(spool, "ref.json", long_epochs_job(data, tmp_path / "ref"))
     drop_job(spool, "p.json", long_epochs_job(data, tmp_path / "p"))
-    wait_for_event(spool, "p", "progress", count=pause_after_progress)
+    def early_in_an_epoch():  # a progress event from the first half of an epoch
+        progress = [r for r in events_of(spool, "p") if r["type"] == "progress"]
+        return len(progress) >= pause_after_progress and progress[-1]["step"] < progress[-1]["steps_per_epoch"] / 2
+    wait_until(early_in_an_epoch, 90, what="job p early in an epoch")
     request = control.drop(Spool(spool), "p", "pause", reason="need the GPU")
     records = wait_for_event(spool, "p", "paused")
     assert not request.exists()  # consumed after it went on record

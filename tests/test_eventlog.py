@@ -42,7 +42,7 @@ def test_regression_metrics_are_left_out_of_classification_epochs():
     base = dict(epoch=1, train_loss=0.5, train_accuracy=0.8, val_loss=0.6, val_accuracy=0.7,
                 learning_rate=0.1, time_per_epoch=1.0, samples_per_sec=10.0, memory_usage=100.0,
                 gpu_utilization=None, gpu_memory=None, data_time=0.0, compute_time=1.0,
-                eval_time=0.1, steps=3)
+                eval_time=0.1, cpu_time=1.0, steps=3)
     payload = EpochCompleted(**base).payload()
     assert "val_mae" not in payload and payload["gpu_utilization"] is None
     assert EpochCompleted(**{**base, "val_mae": 1.5}).payload()["val_mae"] == 1.5

@@ -1,0 +1,85 @@
+"""The worker's epoch loop through the real daemon: checkpoint policy, best weights, schedules
+and early stopping on record, and recovery from a damaged checkpoint."""
+import numpy as np
+from safetensors.numpy import load_file
+
+from daemon import control
+from daemon.spool import Spool
+from tests.conftest import (classification_csv, drop_job, events_of, seed_job, wait_for_event,
+                            wait_for_status)
+
+
+def weights(path):
+    return load_file(str(path))
+
+
+def same(a, b) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_policy_every_n_epochs_keep_last_and_keep_best(tmp_path, spool, daemon_factory):
+    data = classification_csv(tmp_path / "train.csv")
+    daemon_factory(spool)
+    drop_job(spool, "ck.json", seed_job(data, epochs=7, checkpoint={"every_epochs": 2, "keep_last": 1,
+                                                                   "keep_best": False}))
+    wait_for_status(spool, "ck", "completed")
+    records = events_of(spool, "ck")
+    saved = [(r["epoch"], r["step"] == r["steps_per_epoch"]) for r in records if r["type"] == "checkpoint_saved"]
+    assert saved == [(2, True), (4, True), (6, True), (7, True)]  # every 2nd epoch and the last
+    removed = [r["path"] for r in records if r["type"] == "checkpoint_removed"]
+    assert len(removed) == 3
+    on_disk = sorted(p.name for p in (Spool(spool).job_dir("ck") / "checkpoints").iterdir())
+    assert on_disk == ["e00007-s0000006.pt"]
+    for r in records:
+        if r["type"] == "checkpoint_saved" and r["path"] not in removed:
+            assert (Spool(spool).job_dir("ck") / r["path"]).stat().st_size == r["bytes"]
+
+
+def test_best_weights_lr_changes_and_early_stopping_are_on_record(tmp_path, spool, daemon_factory):
+    """A rate halved every epoch and a patience of 1: lr_changed every epoch, an early stop, and
+    with restore_best_weights the final model is the best epoch's."""
+    data = classification_csv(tmp_path / "train.csv", rows=120)
+    job = seed_job(data, tmp_path / "out", epochs=40, learning_rate=0.05,
+                   early_stopping={"patience": 1, "restore_best_weights": True},
+                   learning_rate_scheduler={"name": "exponential", "gamma": 0.5})
+    del job["algorithm_params"]["early_stopping_patience"], job["algorithm_params"]["learning_rate_scheduler"]
+    daemon_factory(spool)
+    drop_job(spool, "es.json", job)
+    state = wait_for_status(spool, "es", "completed")
+    records = events_of(spool, "es")
+    stopped = [r for r in records if r["type"] == "early_stopped"]
+    assert len(stopped) == 1 and state.stop_reason == "early_stopping" and state.epochs_done < 40
+    changes = [r for r in records if r["type"] == "lr_changed"]
+    assert [c["epoch"] for c in changes] == list(range(2, state.epochs_done + 1))
+    assert changes[0]["from"] == 0.05 and changes[0]["to"] == 0.025 and "exponential" in changes[0]["reason"]
+    assert [h["learning_rate"] for h in state.history][:3] == [0.05, 0.025, 0.0125]
+    best = [r for r in records if r["type"] == "best_model_saved"][-1]
+    assert best["epoch"] == stopped[0]["best_epoch"]
+    assert same(weights(tmp_path / "out" / "model.safetensors"), weights(tmp_path / "out" / "best.safetensors"))
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(tmp_path, spool, daemon_factory):
+    """Pause mid-epoch, flip a byte in that checkpoint, resume: sha256 catches it, the run
+    resumes from the checkpoint before, and the final weights still equal an uninterrupted run's."""
+    data = classification_csv(tmp_path / "train.csv", rows=10000)
+    job = lambda out: seed_job(data, out, epochs=2, batch_size=2, algorithm_params={"hidden_units": [16]})
+    daemon_factory(spool, "--max-jobs", "2")
+    drop_job(spool, "ref.json", job(tmp_path / "ref"))
+    drop_job(spool, "dmg.json", job(tmp_path / "dmg"))
+    wait_for_event(spool, "dmg", "epoch_completed")
+    control.drop(Spool(spool), "dmg", "pause")
+    paused = [r for r in wait_for_event(spool, "dmg", "paused") if r["type"] == "paused"][0]
+    path = Spool(spool).job_dir("dmg") / paused["checkpoint"]
+    data_bytes = bytearray(path.read_bytes())
+    data_bytes[len(data_bytes) // 2] ^= 0xFF
+    path.write_bytes(bytes(data_bytes))
+    control.drop(Spool(spool), "dmg", "resume")
+    wait_for_status(spool, "dmg", "completed", timeout=120)
+    records = events_of(spool, "dmg")
+    rejected = [r for r in records if r["type"] == "checkpoint_rejected"]
+    assert rejected and rejected[0]["path"] == paused["checkpoint"] and "sha256" in rejected[0]["reason"]
+    resumed = [r for r in records if r["type"] == "run_started"][1]["resumed_from"]
+    assert resumed["checkpoint"] != paused["checkpoint"]
+    assert (resumed["epoch"], resumed["step"]) < (paused["epoch"], paused["step"])
+    wait_for_status(spool, "ref", "completed", timeout=120)
+    assert same(weights(tmp_path / "ref" / "model.safetensors"), weights(tmp_path / "dmg" / "model.safetensors"))
