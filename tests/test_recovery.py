@@ -165,3 +165,24 @@ def test_startup_recovers_whatever_byte_the_last_write_was_torn_at(tmp_path):
         expected = "interrupted" if cut in (len(full), -1) else "pending"
         assert state.status == expected, (cut, state.status)
         assert daemon.entries["j"].status == expected
+
+
+def test_a_second_sigterm_stops_at_once_and_the_job_resumes_later(tmp_path, spool, daemon_factory):
+    """SIGTERM twice while the worker is still starting up (importing torch, reading a large
+    CSV): the daemon kills it instead of waiting, exits 0, and the job completes after a restart."""
+    data = classification_csv(tmp_path / "train.csv", rows=400_000)
+    d = daemon_factory(spool)
+    drop_job(spool, "j.json", seed_job(data, epochs=1, batch_size=4096))
+    wait_until(lambda: '"event":"worker_started"' in (spool / "daemon.jsonl").read_text(), 30,
+               what="the worker to be spawned")
+    d.proc.send_signal(signal.SIGTERM)
+    d.proc.send_signal(signal.SIGTERM)
+    t = time.monotonic()
+    assert d.proc.wait(30) == 0
+    assert time.monotonic() - t < 5.0
+    last = events_of(spool, "j")[-1]
+    assert last["type"] == "interrupted" and last["reason"] == "worker stopped at shutdown before it could checkpoint"
+    assert last["crash"] is False
+    daemon_factory(spool)
+    state = wait_for_status(spool, "j", "completed", timeout=120)
+    assert [h["epoch"] for h in state.history] == [1]
