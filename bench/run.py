@@ -56,10 +56,22 @@ def make_data(folder: Path, rows: int) -> tuple[Path, Path]:
     return folder / "train.csv", folder / "val.csv"
 
 
+# On a machine with 2+ CPUs the measured process (the hand loop, or the daemon with its worker)
+# runs alone on the last CPU and this driver on the first: the comparison is then not at the
+# mercy of which core the scheduler picked or what shares it.
+MEASURED_CPU = (os.cpu_count() or 1) - 1
+
+
+def pin_measured() -> None:
+    if MEASURED_CPU > 0:
+        os.sched_setaffinity(0, {MEASURED_CPU})
+
+
 def hand_loop(train: Path, batch: int, epochs: int) -> tuple[list[float], list[float]]:
     """Samples per wall second and per CPU second of each steady-state epoch (the first warms up)."""
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "handwritten.py"), str(train),
-                          str(batch), str(epochs)], capture_output=True, text=True, check=True)
+                          str(batch), str(epochs)], capture_output=True, text=True, check=True,
+                         preexec_fn=pin_measured)
     rows = [json.loads(l) for l in out.stdout.splitlines()][1:]
     return [r["samples"] / r["seconds"] for r in rows], [r["samples"] / r["cpu_seconds"] for r in rows]
 
@@ -69,7 +81,8 @@ class Daemon:
         self.spool = spool
         Spool(spool).ensure()
         self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--spool", str(spool),
-                                      "--max-jobs", "1"], cwd=ROOT, stderr=subprocess.DEVNULL)
+                                      "--max-jobs", "1"], cwd=ROOT, stderr=subprocess.DEVNULL,
+                                     preexec_fn=pin_measured)  # its workers inherit the CPU
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
@@ -170,6 +183,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4, help="per run; the first is warm-up")
     ap.add_argument("--pauses", type=int, default=8)
     args = ap.parse_args()
+    if MEASURED_CPU > 0:
+        os.sched_setaffinity(0, set(range(MEASURED_CPU)))
     with tempfile.TemporaryDirectory(prefix="epochd-bench-") as tmp:
         folder = Path(tmp)
         train, val = make_data(folder, args.rows)
@@ -196,7 +211,7 @@ def main() -> None:
 
 def report(args, results, pauses, ckpt_s, append_s) -> None:
     print(f"\n`make bench` ({args.rows:,} rows x 20 features, seed MLP 128-64-32, {args.rounds} rounds "
-          f"interleaved, {args.epochs - 1} timed epochs per run; {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+          f"interleaved, {args.epochs - 1} timed epochs per run, measured processes on CPU {MEASURED_CPU}; {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
           f"torch {__import__('torch').__version__})\n")
     print("| batch | hand-optimised PyTorch (samples/s) | epochd all-in (samples/s) | ratio, median of rounds "
           "| range | ratio per CPU second | range |")
@@ -210,7 +225,7 @@ def report(args, results, pauses, ckpt_s, append_s) -> None:
               f"{min(r['cpu_pairs']):.2f}-{max(r['cpu_pairs']):.2f} |")
     pauses = sorted(pauses)
     p99 = pauses[min(len(pauses) - 1, int(round(0.99 * (len(pauses) - 1))))]
-    print(f"\n| daemon cost | value |\n| --- | --- |")
+    print("\n| daemon cost | value |\n| --- | --- |")
     print(f"| pause latency, control file to `paused`, mid-epoch ({len(pauses)} trials) | "
           f"median {statistics.median(pauses) * 1000:.0f} ms, max {p99 * 1000:.0f} ms |")
     print(f"| checkpoint (write, fsync, rename, sha256) | {ckpt_s * 1000:.1f} ms = "

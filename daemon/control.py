@@ -13,10 +13,13 @@ from pathlib import Path
 
 import orjson
 
+from collections.abc import Callable
+
+from .errors import BadJobFile
 from .events import Cancelled, ControlReceived, Event, Paused, Resumed
 from .fsutil import atomic_write_bytes
 from .replay import JobState, Status
-from .spool import VALID_ID, Spool, read_dropped
+from .spool import VALID_ID, Spool, read_dropped, reject
 
 ACTIONS = ("pause", "resume", "cancel")
 MAX_CONTROL_BYTES = 64 * 1024
@@ -105,6 +108,26 @@ def decide(status: Status | None, action: str) -> Decision:
         case ("resume", Status.RUNNING | Status.PENDING | Status.INTERRUPTED):
             return Decision("repeat", f"already {status}: not paused")
     return Decision("act")
+
+
+def consume(spool: Spool, request: Request, status: Status | None,
+            record: Callable[[Event], object]) -> tuple[Decision, str | None] | None:
+    """Put a request on record (`control_received`) and remove its file, or move it to rejected/
+    with the reason. Returns (decision, the user's reason) when it went on record. The caller
+    holds the job's lock and acts on an "act" decision."""
+    try:
+        reason = read_reason(request)
+    except BadJobFile as e:
+        reject(spool, spool.control, request.path.name, e.errors, kind="control file")
+        return None
+    decision = decide(status, request.action)
+    if decision.kind == "reject":
+        reject(spool, spool.control, request.path.name, [decision.why], kind="control file",
+               what_next=f'check "epochd status {request.job_id}"')
+        return None
+    record(received(request, reason, decision))
+    request.path.unlink(missing_ok=True)
+    return decision, reason
 
 
 def received(request: Request, reason: str | None, decision: Decision) -> ControlReceived:

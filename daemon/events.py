@@ -232,10 +232,6 @@ EVENT_TYPES: dict[str, type[Event]] = {
         Resumed, Interrupted, Completed, Failed, Cancelled, LogRepaired)
 }
 
-TERMINAL_TYPES = frozenset({"completed", "failed", "cancelled"})
-# events after which no worker is running the job
-SETTLED_TYPES = TERMINAL_TYPES | {"paused", "interrupted", "job_accepted", "resumed"}
-
 
 # (type, version) -> function turning a record of that version into the next version's shape.
 # Empty while every type is at v1; an old log stays readable by adding one function per step.

@@ -325,21 +325,10 @@ class Daemon:
             return  # a worker we do not know yet holds it; it will consume the request
         with lock, EventLog(self.spool.events_path(job_id)) as events:
             state = fold(events.records)
-            try:
-                reason = control.read_reason(request)
-            except BadJobFile as e:
-                reject(self.spool, self.spool.control, request.path.name, e.errors, kind="control file")
-                return
-            decision = control.decide(state.status, request.action)
-            if decision.kind == "reject":
-                reject(self.spool, self.spool.control, request.path.name, [decision.why],
-                       kind="control file", what_next=f'check "epochd status {job_id}"')
-                return
-            events.append(control.received(request, reason, decision))
-            request.path.unlink(missing_ok=True)
-            if decision.kind == "act":
-                events.append(control.idle_outcome(state, request.action, reason))
-        log.info("job %s: %s request %s", job_id, request.action, decision.kind)
+            outcome = control.consume(self.spool, request, state.status, events.append)
+            if outcome and outcome[0].kind == "act":
+                events.append(control.idle_outcome(state, request.action, outcome[1]))
+        log.info("job %s: %s request %s", job_id, request.action, outcome[0].kind if outcome else "rejected")
         self.refresh(job_id)
 
     # ---------------------------------------------------------------- workers

@@ -26,16 +26,15 @@ from pathlib import Path
 import orjson
 
 from . import control, policies
-from .errors import (BadJobFile, CheckpointInvalid, DataError, DeviceUnavailable, Diverged,
-                     PathNotAllowed)
+from .errors import CheckpointInvalid, DataError, DeviceUnavailable, Diverged, PathNotAllowed
 from .eventlog import EventLog
 from .events import (BestModelSaved, Cancelled, CheckpointRejected, CheckpointRemoved,
                      CheckpointSaved, Completed, EarlyStopped, EpochCompleted, Event, Failed,
                      Interrupted, LrChanged, Paused, Progress, RunStarted)
 from .fsutil import atomic_write_bytes, atomic_write_with, relative_to_or_absolute, sha256_file
-from .replay import RUNNABLE, Status, apply, fold, resume_point
+from .replay import RUNNABLE, apply, fold, resume_point
 from .spec import path_allowed
-from .spool import Spool, job_lock, reject
+from .spool import Spool, job_lock
 from .sysinfo import GpuMonitor, rss_mb
 
 log = logging.getLogger("epochd.worker")
@@ -238,20 +237,9 @@ class Worker:
 
     def check_requests(self) -> None:
         for request in control.pending_for(self.spool, self.job_id):
-            try:
-                reason = control.read_reason(request)
-            except BadJobFile as e:
-                reject(self.spool, self.spool.control, request.path.name, e.errors, kind="control file")
-                continue
-            decision = control.decide(self.state.status, request.action)
-            if decision.kind == "reject":
-                reject(self.spool, self.spool.control, request.path.name, [decision.why],
-                       kind="control file", what_next="check the job's status with epochd status")
-                continue
-            self.record(control.received(request, reason, decision))
-            request.path.unlink(missing_ok=True)
-            if decision.kind == "act":
-                self.act(request.action, reason)
+            outcome = control.consume(self.spool, request, self.state.status, self.record)
+            if outcome and outcome[0].kind == "act":
+                self.act(request.action, outcome[1])
 
     def act(self, action: str, reason: str | None) -> None:
         epoch, step = self.epoch, self.step

@@ -76,8 +76,9 @@ done. Job {job_id} lives in {job.relative_to(ROOT)}/:
 """)
     head = ROOT / "spool" / f".{job_id}-head.csv"
     lines = (ROOT / "examples" / "data" / "wine.csv").read_text().splitlines()
-    head.write_text("\n".join(lines[:1] + lines[1:178:44]) + "\n")
-    print(f"$ epochd predict {job_id} --data <4 rows of wine.csv>")
+    rows = lines[1::44]
+    head.write_text("\n".join(lines[:1] + rows) + "\n")
+    print(f"$ epochd predict {job_id} --data <{len(rows)} rows of wine.csv>")
     subprocess.call(EPOCHD + ["predict", "--spool", str(SPOOL), job_id, "--data", str(head)], cwd=ROOT)
     head.unlink()
 

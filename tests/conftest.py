@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from daemon.eventlog import read_records
+from daemon.spec import example_job
 from daemon.spool import Spool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -171,23 +172,8 @@ def regression_csv(path: Path, rows: int = 200, seed: int = 1) -> Path:
 
 def seed_job(data: Path, output: Path | None = None, **overrides) -> dict:
     """The seed's request body with a real CSV and a small, fast run."""
-    job = {
-        "name": "deep learning model training",
-        "algorithm_type": "deep_learning",
-        "epochs": 3,
-        "batch_size": 32,
-        "learning_rate": 0.001,
-        "train_data_path": str(data),
-        "feature_columns": ["feature1", "feature2", "feature3"],
-        "target_column": "target",
-        "algorithm_params": {
-            "model_type": "mlp",
-            "hidden_units": [128, 64, 32],
-            "dropout_rate": 0.2,
-            "early_stopping_patience": 10,
-            "learning_rate_scheduler": "step",
-        },
-    }
+    job = example_job() | {"epochs": 3, "train_data_path": str(data)}
+    del job["output_path"]
     if output is not None:
         job["output_path"] = str(output)
     for key, value in overrides.items():

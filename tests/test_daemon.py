@@ -3,18 +3,13 @@ model files out. Real processes, real signals, real (tiny) training runs."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-import orjson
-import pytest
-from safetensors.numpy import load_file
-
 from daemon.replay import fold
 from daemon.spool import Spool
-from tests.conftest import (REPO, WINE, classification_csv, drop_job, events_of, regression_csv,
+from tests.conftest import (REPO, classification_csv, drop_job, events_of, regression_csv,
                             seed_job, wait_for_event, wait_for_status, wait_until)
 
 EPOCH_FIELDS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate",

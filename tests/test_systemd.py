@@ -4,7 +4,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
