@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from daemon import control  # noqa: E402
+from daemon.cli import drop_job  # noqa: E402
 from daemon.eventlog import LogFollower  # noqa: E402
 from daemon.spool import Spool  # noqa: E402
 
@@ -90,10 +91,8 @@ class Daemon:
 
 
 def submit(spool: Path, name: str, job: dict) -> str:
-    tmp = spool / "incoming" / f".{name}.tmp"
-    tmp.write_text(json.dumps(job))
-    os.rename(tmp, spool / "incoming" / f"{name}.json")
-    return name
+    """The job id it gets: `epochd submit`'s own safe drop (write, then link in)."""
+    return drop_job(Spool(spool), json.dumps(job).encode(), name)
 
 
 def wait(spool: Path, job_id: str, predicate, timeout: float = 900.0, poll: float = 1.0) -> list[dict]:

@@ -8,12 +8,11 @@ completed one) goes to rejected/ with the reason; a repeat (pausing a paused job
 as harmless and consumed.
 """
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
-
-from collections.abc import Callable
 
 from .errors import BadJobFile
 from .events import Cancelled, ControlReceived, Event, Paused, Resumed

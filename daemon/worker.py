@@ -333,7 +333,7 @@ class Worker:
     def restore_timers(self, checkpoint: dict) -> None:
         if checkpoint["step"] < checkpoint["steps_per_epoch"]:
             self.timers = Timers(checkpoint["epoch_seconds"], checkpoint["compute_seconds"],
-                                 checkpoint["data_seconds"], checkpoint.get("cpu_seconds", 0.0))
+                                 checkpoint["data_seconds"], checkpoint["cpu_seconds"])
 
     # ---------------------------------------------------------------- policies
 

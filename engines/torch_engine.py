@@ -116,7 +116,7 @@ class TorchEngine(Engine):
         self.epoch = self.step = 0
         self.lr = spec["learning_rate"]
         self.xs = self.ys = None
-        self._reset_sums()
+        self._allocate_epoch_buffers()
 
     def _loss_fn(self, data: Prepared) -> nn.Module:
         if data.task == "regression":
@@ -130,7 +130,7 @@ class TorchEngine(Engine):
             return xt, torch.from_numpy(np.require(y, np.int64, ["C", "W"])).to(self.device)
         return xt, torch.from_numpy(np.require(y, np.float32, ["C", "W"])).reshape(-1, 1).to(self.device)
 
-    def _reset_sums(self) -> None:
+    def _allocate_epoch_buffers(self) -> None:
         # The epoch's running metrics live in two buffers filled once per engine call: each
         # step's mean loss, and each sample's hit (correct, or |error| for regression). The hot
         # loop only keeps references; the sums at the end are one reduction over the whole
@@ -141,6 +141,10 @@ class TorchEngine(Engine):
         sizes[-1] = self.n - self.batch_size * (self.steps_per_epoch - 1)
         self.step_sizes = sizes.to(self.device)
 
+    def _clear_epoch_buffers(self) -> None:
+        self.step_losses.zero_()
+        self.sample_hits.zero_()
+
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__, "numpy": np.__version__}
 
@@ -149,8 +153,7 @@ class TorchEngine(Engine):
         order = order.to(self.device)
         self.xs, self.ys = self.x.index_select(0, order), self.y.index_select(0, order)
         if step == 0:
-            self.step_losses.zero_()
-            self.sample_hits.zero_()
+            self._clear_epoch_buffers()
         self.epoch, self.step = epoch, step
         self.model.train()
 
@@ -248,8 +251,7 @@ class TorchEngine(Engine):
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"]:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.step_losses.zero_()
-        self.sample_hits.zero_()
+        self._clear_epoch_buffers()
         self.step_losses[:len(state["step_losses"])] = state["step_losses"].to(self.device)
         self.sample_hits[:len(state["sample_hits"])] = state["sample_hits"].to(self.device)
         self.lr = state["lr"]
