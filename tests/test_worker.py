@@ -6,7 +6,7 @@ from safetensors.numpy import load_file
 from daemon import control
 from daemon.spool import Spool
 from tests.conftest import (classification_csv, drop_job, events_of, seed_job, wait_for_event,
-                            wait_for_status)
+                            wait_for_status, wait_until)
 
 
 def weights(path):
@@ -62,13 +62,18 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(tmp_path, spoo
     """Pause mid-epoch, flip a byte in that checkpoint, resume: sha256 catches it, the run
     resumes from the checkpoint before, and the final weights still equal an uninterrupted run's."""
     data = classification_csv(tmp_path / "train.csv", rows=10000)
-    job = lambda out: seed_job(data, out, epochs=2, batch_size=2, algorithm_params={"hidden_units": [16]})
+    job = lambda out: seed_job(data, out, epochs=3, batch_size=2, algorithm_params={"hidden_units": [16]})
     daemon_factory(spool, "--max-jobs", "2")
     drop_job(spool, "ref.json", job(tmp_path / "ref"))
     drop_job(spool, "dmg.json", job(tmp_path / "dmg"))
-    wait_for_event(spool, "dmg", "epoch_completed")
+    # pause once epoch 2 is under way, so an epoch-end checkpoint stands before the paused one
+    # (a pause at the end of epoch 1 would reuse epoch 1's checkpoint, and with that one damaged
+    # the only earlier state is a fresh start); 3 epochs leave room for the pause to land
+    wait_until(lambda: any(r["type"] == "progress" and r["epoch"] == 2 for r in events_of(spool, "dmg")),
+               90, what="progress in epoch 2 of dmg")
     control.drop(Spool(spool), "dmg", "pause")
     paused = [r for r in wait_for_event(spool, "dmg", "paused") if r["type"] == "paused"][0]
+    assert paused["epoch"] >= 2
     path = Spool(spool).job_dir("dmg") / paused["checkpoint"]
     data_bytes = bytearray(path.read_bytes())
     data_bytes[len(data_bytes) // 2] ^= 0xFF
