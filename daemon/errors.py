@@ -52,3 +52,7 @@ class DeviceUnavailable(EpochdError):
 
 class Diverged(EpochdError):
     """Training produced a non-finite loss: more epochs cannot fix it."""
+
+
+class EngineUnavailable(EpochdError):
+    """The job's framework is not installed where the worker runs. Retrying cannot fix it."""

@@ -252,13 +252,6 @@ class JobSpec(Strict):
     def _optimizer_name(cls, v: Any) -> Any:
         return {"name": v.lower()} if isinstance(v, str) else v
 
-    @field_validator("framework")
-    @classmethod
-    def _engine_available(cls, v: str) -> str:
-        if v == "tensorflow":
-            raise ValueError("the TensorFlow engine is not available in this epochd version yet")
-        return v
-
     @field_validator("devices")
     @classmethod
     def _one_device(cls, v: Any) -> Any:

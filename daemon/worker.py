@@ -26,7 +26,8 @@ from pathlib import Path
 import orjson
 
 from . import control, policies
-from .errors import CheckpointInvalid, DataError, DeviceUnavailable, Diverged, PathNotAllowed
+from .errors import (CheckpointInvalid, DataError, DeviceUnavailable, Diverged, EngineUnavailable,
+                     PathNotAllowed)
 from .eventlog import EventLog
 from .events import (BestModelSaved, Cancelled, CheckpointRejected, CheckpointRemoved,
                      CheckpointSaved, Completed, EarlyStopped, EpochCompleted, Event, Failed,
@@ -42,7 +43,7 @@ log = logging.getLogger("epochd.worker")
 EXIT_LOCKED = 75           # another live worker holds the job (EX_TEMPFAIL)
 CHUNK_SECONDS = 0.2        # engine call length: bounds pause latency and progress granularity
 PROGRESS_SECONDS = 1.0     # at most one progress event a second
-EXPECTED_ERRORS = (DataError, PathNotAllowed, DeviceUnavailable, Diverged)
+EXPECTED_ERRORS = (DataError, PathNotAllowed, DeviceUnavailable, Diverged, EngineUnavailable)
 
 
 class StopRun(Exception):

@@ -13,9 +13,12 @@ from typing import ClassVar
 
 import numpy as np
 
+from daemon.errors import EngineUnavailable
+
 from .data import Prepared
 
-ENGINE_MODULES = {"pytorch": "engines.torch_engine"}
+ENGINE_MODULES = {"pytorch": "engines.torch_engine", "tensorflow": "engines.tf_engine"}
+INSTALL_HINTS = {"pytorch": "pip install torch", "tensorflow": "pip install 'epochd[tensorflow]'"}
 
 
 class Engine(ABC):
@@ -82,9 +85,17 @@ class Engine(ABC):
 
 
 def load_engine(name: str) -> type[Engine]:
+    """The engine class of a framework, importing the framework (only here, only in a worker)."""
     if name not in ENGINE_MODULES:
         raise ValueError(f"no engine for framework {name!r}; available: {', '.join(ENGINE_MODULES)}")
-    return importlib.import_module(ENGINE_MODULES[name]).ENGINE
+    try:
+        return importlib.import_module(ENGINE_MODULES[name]).ENGINE
+    except ImportError as e:
+        missing = e.name or str(e)
+        raise EngineUnavailable(
+            f'framework "{name}" needs {missing}, which does not import where the worker runs '
+            f"({type(e).__name__}: {e}). Expected: the framework installed in epochd's "
+            f"environment ({INSTALL_HINTS[name]}), or a job with another framework.") from e
 
 
 def architecture(spec: dict, data: Prepared) -> dict:
@@ -95,3 +106,13 @@ def architecture(spec: dict, data: Prepared) -> dict:
             "output_dim": data.n_outputs, "hidden_units": ap["hidden_units"],
             "dropout_rate": ap["dropout_rate"], "activation": ap["activation"],
             "batch_norm": ap["batch_norm"]}
+
+
+def auto_threads(spec: dict, input_dim: int, cpu_share: int) -> int:
+    """One thread while steps are small (a second never helped up to batch 1024 with the seed's
+    MLP); up to 8 of the job's cores once a step's arithmetic dwarfs the per-step overhead."""
+    widths = [input_dim] + spec["algorithm_params"]["hidden_units"]
+    macs = spec["batch_size"] * sum(a * b for a, b in zip(widths, widths[1:]))
+    if macs < 50_000_000:
+        return 1
+    return max(1, min(8, cpu_share))

@@ -21,7 +21,7 @@ from torch import nn
 
 from daemon.errors import CheckpointInvalid, DeviceUnavailable
 
-from . import Engine, architecture
+from . import Engine, architecture, auto_threads
 from .data import Prepared, epoch_order, regression_scale
 
 CHECKPOINT_FORMAT = "epochd-torch-1"
@@ -279,16 +279,6 @@ class TorchEngine(Engine):
                 return out.numpy()
             return (torch.sigmoid(out) if binary else torch.softmax(out, dim=1)).numpy()
         return predict
-
-
-def auto_threads(spec: dict, input_dim: int, cpu_share: int) -> int:
-    """One thread while steps are small (a second never helped up to batch 1024 with the seed's
-    MLP); up to 8 of the job's cores once a step's arithmetic dwarfs the per-step overhead."""
-    widths = [input_dim] + spec["algorithm_params"]["hidden_units"]
-    macs = spec["batch_size"] * sum(a * b for a, b in zip(widths, widths[1:]))
-    if macs < 50_000_000:
-        return 1
-    return max(1, min(8, cpu_share))
 
 
 def pick_device(devices) -> torch.device:

@@ -3,6 +3,7 @@
 Nothing here mocks epochd: tests drop files into a spool, start `epochd serve` as a process,
 send it real signals, and poll the event logs with a deadline.
 """
+import importlib.util
 import json
 import os
 import signal
@@ -21,6 +22,36 @@ from daemon.spool import Spool
 
 REPO = Path(__file__).resolve().parent.parent
 WINE = REPO / "examples" / "data" / "wine.csv"
+
+# Each engine's final and best weights files under output_path.
+WEIGHT_FILES = {"pytorch": ("model.safetensors", "best.safetensors"),
+                "tensorflow": ("model.weights.h5", "best.weights.h5")}
+
+
+@pytest.fixture(params=["pytorch", "tensorflow"])
+def framework(request) -> str:
+    """The engine contract suite runs each scenario once per engine."""
+    if request.param == "tensorflow" and importlib.util.find_spec("tensorflow") is None:
+        pytest.skip("TensorFlow is not installed (pip install -e '.[tensorflow-cpu]'; make test does)")
+    return request.param
+
+
+def model_weights(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a weights file: safetensors (PyTorch) or Keras' .weights.h5 (TensorFlow)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+        return load_file(str(path))
+    import h5py
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
+                     if isinstance(obj, h5py.Dataset) else None)
+    return arrays
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return bool(a) and a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):

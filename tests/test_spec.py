@@ -71,7 +71,6 @@ def test_defaults_are_filled_and_the_seeds_short_forms_moved(tmp_path):
     (minimal(data={"streaming": True}), ["streaming data is not available"]),
     (minimal(gradient_accumulation_steps=4), ['"gradient_accumulation_steps"', "Received: 4"]),
     (minimal(mixed_precision="fp16"), ['"mixed_precision"', '"fp16"']),
-    (minimal(framework="tensorflow"), ["TensorFlow engine is not available"]),
     ({"target_column": "t"}, ['"train_data_path" is required', "Expected: path to a CSV"]),
     ({"train_data_path": "x"}, ['"target_column" is required']),
     (minimal(val_data_path="v.csv", validation_split=0.1), ["val_data_path or validation_split, not both"]),
@@ -121,6 +120,8 @@ def test_huge_numbers_are_rejected_by_the_schema():
 
 def test_aliases():
     assert spec.validate(minimal(framework="torch")).framework == "pytorch"
+    for alias in ("tf", "TensorFlow", "keras"):
+        assert spec.validate(minimal(framework=alias)).framework == "tensorflow"
     assert spec.validate(minimal(learning_rate_scheduler="ReduceLROnPlateau")).learning_rate_scheduler.name == "plateau"
     assert spec.validate(minimal(early_stopping={"monitor": "accuracy"})).early_stopping.monitor == "train_accuracy"
 

@@ -35,29 +35,6 @@ def test_checkpoint_policy_every_n_epochs_keep_last_and_keep_best(tmp_path, spoo
             assert (Spool(spool).job_dir("ck") / r["path"]).stat().st_size == r["bytes"]
 
 
-def test_best_weights_lr_changes_and_early_stopping_are_on_record(tmp_path, spool, daemon_factory):
-    """A rate halved every epoch and a patience of 1: lr_changed every epoch, an early stop, and
-    with restore_best_weights the final model is the best epoch's."""
-    data = classification_csv(tmp_path / "train.csv", rows=120)
-    job = seed_job(data, tmp_path / "out", epochs=40, learning_rate=0.05,
-                   early_stopping={"patience": 1, "restore_best_weights": True},
-                   learning_rate_scheduler={"name": "exponential", "gamma": 0.5})
-    del job["algorithm_params"]["early_stopping_patience"], job["algorithm_params"]["learning_rate_scheduler"]
-    daemon_factory(spool)
-    drop_job(spool, "es.json", job)
-    state = wait_for_status(spool, "es", "completed")
-    records = events_of(spool, "es")
-    stopped = [r for r in records if r["type"] == "early_stopped"]
-    assert len(stopped) == 1 and state.stop_reason == "early_stopping" and state.epochs_done < 40
-    changes = [r for r in records if r["type"] == "lr_changed"]
-    assert [c["epoch"] for c in changes] == list(range(2, state.epochs_done + 1))
-    assert changes[0]["from"] == 0.05 and changes[0]["to"] == 0.025 and "exponential" in changes[0]["reason"]
-    assert [h["learning_rate"] for h in state.history][:3] == [0.05, 0.025, 0.0125]
-    best = [r for r in records if r["type"] == "best_model_saved"][-1]
-    assert best["epoch"] == stopped[0]["best_epoch"]
-    assert same(weights(tmp_path / "out" / "model.safetensors"), weights(tmp_path / "out" / "best.safetensors"))
-
-
 def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(tmp_path, spool, daemon_factory):
     """Pause mid-epoch, flip a byte in that checkpoint, resume: sha256 catches it, the run
     resumes from the checkpoint before, and the final weights still equal an uninterrupted run's."""

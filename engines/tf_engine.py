@@ -1,0 +1,394 @@
+"""The TensorFlow engine (TensorFlow 2, Keras 3 layers, a custom training step).
+
+Same contract as the PyTorch engine, and the same recipe for speed: the data is one tensor on the
+device, each epoch gathers it once in its order and batches are slices of that. One engine call
+is one `tf.function` whose `tf.while_loop` runs all the steps it is given, as Keras'
+`steps_per_execution` does, so the worker still regains control every ~0.2 s (pause, progress,
+timed checkpoints) while Python is out of the per-step path. Each step writes its loss and its
+samples' hits into per-epoch buffer variables, so the epoch's running metrics do not depend on
+how the steps were split into calls (exact resume).
+
+Determinism: `keras.utils.set_random_seed(seed)` and `enable_op_determinism`; the dropout layers'
+seed-generator states are model variables, so a checkpoint carries them.
+
+Files, none of them loaded by unpickling or by `keras.models.load_model`:
+- checkpoints: one HDF5 file (h5py) holding every model and optimiser variable, the epoch
+  buffers and a JSON header (format, epoch, step, learning rate, the variables' paths and shapes,
+  checked before anything is assigned);
+- final and best weights: Keras' own `.weights.h5` (`model.load_weights` on the network built from
+  model.json);
+- `model.keras`: a whole-model export for users who want `keras.models.load_model` themselves.
+
+The framework's weight decay follows the PyTorch engine's meaning: "adam", "sgd" and "rmsprop" add
+weight_decay * w to the gradient (L2), "adamw" decays the weights directly (decoupled).
+"""
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before the import: no banner per worker
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import keras  # noqa: E402
+
+from daemon.errors import CheckpointInvalid, DeviceUnavailable  # noqa: E402
+
+from . import Engine, architecture, auto_threads  # noqa: E402
+from .data import Prepared, epoch_order, regression_scale  # noqa: E402
+
+# Before the first op: never map a whole GPU that another job may need.
+for _gpu in tf.config.list_physical_devices("GPU"):
+    try:
+        tf.config.experimental.set_memory_growth(_gpu, True)
+    except RuntimeError:  # already initialised (a second engine in one process, e.g. tests)
+        pass
+
+CHECKPOINT_FORMAT = "epochd-tf-1"
+EVAL_BATCH = 65536
+ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "tanh": "tanh", "sigmoid": "sigmoid",
+               "elu": "elu", "silu": "silu", "selu": "selu"}
+
+
+def _activation(name: str, label: str) -> keras.layers.Layer:
+    if name == "leaky_relu":  # PyTorch's slope, not Keras' 0.2
+        return keras.layers.LeakyReLU(negative_slope=0.01, name=label)
+    return keras.layers.Activation(ACTIVATIONS[name], name=label)
+
+
+def build_model(arch: dict, dtype: str = "float32") -> keras.Model:
+    """The network model.json describes (`mlp`, `linear`, `resnet`), with fixed layer names so
+    weight files match whichever process builds it. The output layer always computes in float32."""
+    d_in, d_out, hidden = arch["input_dim"], arch["output_dim"], arch["hidden_units"]
+    p, bn, act = arch["dropout_rate"], arch["batch_norm"], arch["activation"]
+    L = keras.layers
+
+    def norm(name):  # PyTorch's BatchNorm1d defaults: momentum 0.1 (Keras 0.9), eps 1e-5
+        return L.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name, dtype=dtype)
+
+    inputs = keras.Input((d_in,), name="features")
+    x = inputs
+    if arch["model_type"] == "mlp":
+        for i, width in enumerate(hidden):
+            x = L.Dense(width, name=f"dense_{i}", dtype=dtype)(x)
+            if bn:
+                x = norm(f"norm_{i}")(x)
+            x = _activation(act, f"act_{i}")(x)
+            if p > 0:
+                x = L.Dropout(p, name=f"dropout_{i}", dtype=dtype)(x)
+    elif arch["model_type"] == "resnet" and hidden:
+        width = hidden[0]
+        x = L.Dense(width, name="stem", dtype=dtype)(x)
+        for i, inner in enumerate(hidden):
+            h = norm(f"block_{i}_norm")(x) if bn else x
+            h = L.Dense(inner, name=f"block_{i}_in", dtype=dtype)(h)
+            h = _activation(act, f"block_{i}_act")(h)
+            h = L.Dropout(p, name=f"block_{i}_dropout", dtype=dtype)(h)
+            h = L.Dense(width, name=f"block_{i}_out", dtype=dtype)(h)
+            x = L.Add(name=f"block_{i}_add")([x, h])
+        x = _activation(act, "act_out")(x)
+    outputs = L.Dense(d_out, name="output", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name="epochd")
+
+
+def make_optimizer(opt: dict, lr: float) -> tuple[keras.optimizers.Optimizer, float]:
+    """The optimiser, and the L2 coefficient the step adds to gradients (0 for decoupled decay)."""
+    wd = opt["weight_decay"]
+    match opt["name"]:
+        case "adam":
+            return keras.optimizers.Adam(lr, beta_1=opt["betas"][0], beta_2=opt["betas"][1],
+                                         epsilon=opt["eps"]), wd
+        case "adamw":
+            return keras.optimizers.AdamW(lr, weight_decay=wd, beta_1=opt["betas"][0],
+                                          beta_2=opt["betas"][1], epsilon=opt["eps"]), 0.0
+        case "sgd":
+            return keras.optimizers.SGD(lr, momentum=opt["momentum"], nesterov=opt["nesterov"]), wd
+        case "rmsprop":  # PyTorch's defaults: alpha (rho) 0.99
+            return keras.optimizers.RMSprop(lr, rho=0.99, momentum=opt["momentum"],
+                                            epsilon=opt["eps"]), wd
+    raise ValueError(f"unknown optimizer {opt['name']!r}")
+
+
+def pick_device(devices) -> str:
+    """Make only the job's device visible to TensorFlow (before its runtime starts) and name it.
+    "auto": the first visible GPU, else the CPU. A GPU asked for by name or index must exist."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if devices in ("cpu", 0) or (devices == "auto" and not gpus):
+        _show_gpus([])
+        return "/CPU:0"
+    if not gpus:
+        raise DeviceUnavailable(f"the job asks for a GPU (devices: {devices!r}) but none is visible "
+                                'to the worker. Expected: a machine with a CUDA GPU and a TensorFlow '
+                                'build with GPU support; or set "devices": "auto" to fall back to the CPU.')
+    index = devices[0] if isinstance(devices, list) else 0
+    if index >= len(gpus):
+        raise DeviceUnavailable(f"the job asks for GPU {index} but {len(gpus)} are visible. "
+                                'Expected: an index below that, or "auto".')
+    _show_gpus([gpus[index]])
+    return "/GPU:0"
+
+
+def _show_gpus(gpus: list) -> None:
+    try:
+        tf.config.set_visible_devices(gpus, "GPU")
+    except RuntimeError:  # the runtime already started in this process (tests); keep its choice
+        pass
+
+
+class TensorFlowEngine(Engine):
+    framework = "tensorflow"
+    weights_file = "model.weights.h5"
+    best_file = "best.weights.h5"
+    checkpoint_suffix = ".h5"
+
+    def __init__(self, spec: dict, data: Prepared, cpu_share: int):
+        self.threads = (spec["threads"] if spec["threads"] != "auto"
+                        else auto_threads(spec, data.input_dim, cpu_share))
+        try:  # only before the runtime starts: a second engine in one process keeps the first's
+            tf.config.threading.set_intra_op_parallelism_threads(self.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1 if self.threads == 1 else 2)
+        except RuntimeError:
+            pass
+        self.device = pick_device(spec["devices"])
+        self.gpu_index = None
+        self.devices = ["cpu"]
+        if self.device.startswith("/GPU"):
+            visible = tf.config.get_visible_devices("GPU")[0]
+            details = tf.config.experimental.get_device_details(visible)
+            self.gpu_index = spec["devices"][0] if isinstance(spec["devices"], list) else 0
+            self.devices = [f"cuda:{self.gpu_index} ({details.get('device_name', 'GPU')})"]
+        tf.config.experimental.enable_op_determinism()
+        keras.utils.set_random_seed(spec["seed"])  # weights' init, then the dropout seeds
+        self.spec, self.task = spec, data.task
+        self.batch_size = spec["batch_size"]
+        self.y_scale = regression_scale(data.preprocess)
+        self.binary = data.task == "classification" and data.n_outputs == 1
+        self.multiclass = data.task == "classification" and not self.binary
+        self.lr = spec["learning_rate"]
+        dtype = "mixed_bfloat16" if spec["mixed_precision"] == "bf16" else "float32"
+        with tf.device(self.device):
+            self.model = build_model(architecture(spec, data), dtype)
+            self.optimizer, self.l2 = make_optimizer(spec["optimizer"], self.lr)
+            self.optimizer.build(self.model.trainable_variables)
+            self.x, self.y = self._tensors(data.x_train, data.y_train)
+            self.x_val, self.y_val = (self._tensors(data.x_val, data.y_val)
+                                      if data.x_val is not None else (None, None))
+            self.n = int(self.x.shape[0])
+            self.steps_per_epoch = math.ceil(self.n / self.batch_size)
+            self.step_losses = tf.Variable(tf.zeros([self.steps_per_epoch]), trainable=False)
+            self.sample_hits = tf.Variable(tf.zeros([self.n]), trainable=False)
+        sizes = np.full(self.steps_per_epoch, float(self.batch_size))
+        sizes[-1] = self.n - self.batch_size * (self.steps_per_epoch - 1)
+        self.step_sizes = sizes
+        self.epoch = self.step = 0
+        self.xs = self.ys = None
+        y_spec = (tf.TensorSpec([None], tf.int64) if self.multiclass
+                  else tf.TensorSpec([None, 1], tf.float32))
+        self._train = tf.function(self._train_loop, input_signature=[
+            tf.TensorSpec([None, data.input_dim], tf.float32), y_spec,
+            tf.TensorSpec([], tf.int32), tf.TensorSpec([None], tf.float32)])
+        self._forward = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+
+    def _tensors(self, x: np.ndarray, y: np.ndarray) -> tuple[tf.Tensor, tf.Tensor]:
+        xt = tf.constant(np.asarray(x, np.float32))
+        if self.multiclass:
+            return xt, tf.constant(np.asarray(y, np.int64))
+        return xt, tf.constant(np.asarray(y, np.float32).reshape(-1, 1))
+
+    def versions(self) -> dict[str, str]:
+        return {"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__}
+
+    def start_epoch(self, epoch: int, step: int) -> None:
+        order = tf.constant(epoch_order(self.spec["seed"], epoch, self.n, self.spec["shuffle"]))
+        with tf.device(self.device):
+            self.xs, self.ys = tf.gather(self.x, order), tf.gather(self.y, order)
+        if step == 0:
+            self._clear_epoch_buffers()
+        self.epoch, self.step = epoch, step
+
+    def _clear_epoch_buffers(self) -> None:
+        self.step_losses.assign(tf.zeros_like(self.step_losses))
+        self.sample_hits.assign(tf.zeros_like(self.sample_hits))
+
+    # ---------------------------------------------------------------- the step
+
+    def _loss(self, out, y):
+        out = tf.cast(out, tf.float32)
+        if self.task == "regression":
+            return tf.reduce_mean(tf.square(out - y))
+        if self.binary:
+            return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=out))
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out))
+
+    def _hits(self, out, y):
+        """Per sample: 1.0 if predicted right (classification), else |error| (regression)."""
+        out = tf.cast(out, tf.float32)
+        if self.task == "regression":
+            return tf.reshape(tf.abs(out - y), [-1])
+        if self.binary:
+            return tf.cast(tf.reshape(tf.equal(out > 0, y > 0.5), [-1]), tf.float32)
+        return tf.cast(tf.equal(tf.argmax(out, 1), y), tf.float32)
+
+    def _train_loop(self, xs, ys, first, lrs):
+        """Steps first .. first+len(lrs)-1 of the epoch, in one graph call."""
+        model, opt, bs, l2 = self.model, self.optimizer, self.batch_size, self.l2
+        variables = model.trainable_variables
+        for i in tf.range(tf.shape(lrs)[0]):
+            step = first + i
+            start = step * bs
+            xb, yb = xs[start:start + bs], ys[start:start + bs]
+            opt.learning_rate.assign(lrs[i])
+            with tf.GradientTape() as tape:
+                out = model(xb, training=True)
+                loss = self._loss(out, yb)
+            grads = tape.gradient(loss, variables)
+            if l2:
+                grads = [g + l2 * v for g, v in zip(grads, variables)]
+            opt.apply(grads, variables)
+            self.step_losses[step].assign(loss)
+            self.sample_hits[start:start + tf.shape(xb)[0]].assign(self._hits(out, yb))
+
+    def train_steps(self, lrs: Sequence[float]) -> None:
+        if not lrs:
+            return
+        with tf.device(self.device):
+            self._train(self.xs, self.ys, tf.constant(self.step, tf.int32),
+                        tf.constant(lrs, tf.float32))
+        self.step += len(lrs)
+        self.lr = lrs[-1]
+
+    # ---------------------------------------------------------------- metrics
+
+    def train_metrics(self) -> dict[str, float]:
+        done = min(self.step * self.batch_size, self.n)
+        n = max(done, 1)
+        losses = self.step_losses.numpy()[:self.step].astype(np.float64)
+        loss_sum = float((losses * self.step_sizes[:self.step]).sum())
+        hits = float(self.sample_hits.numpy()[:done].astype(np.float64).sum())
+        if self.task == "regression":
+            return {"train_loss": loss_sum / n, "train_mae": hits / n * self.y_scale,
+                    "train_rmse": math.sqrt(max(loss_sum / n, 0.0)) * self.y_scale}
+        return {"train_loss": loss_sum / n, "train_accuracy": hits / n}
+
+    def evaluate(self) -> dict[str, float]:
+        if self.x_val is None:
+            return {}
+        loss_sum = hits = sq = 0.0
+        n = int(self.x_val.shape[0])
+        with tf.device(self.device):
+            for a in range(0, n, EVAL_BATCH):
+                xb, yb = self.x_val[a:a + EVAL_BATCH], self.y_val[a:a + EVAL_BATCH]
+                out = tf.cast(self._forward(xb), tf.float32)
+                rows = int(xb.shape[0])
+                loss_sum += float(self._loss(out, yb)) * rows
+                hits += float(tf.reduce_sum(self._hits(out, yb)))
+                if self.task == "regression":
+                    sq += float(tf.reduce_sum(tf.square(out - yb)))
+        if self.task != "regression":
+            return {"val_loss": loss_sum / n, "val_accuracy": hits / n}
+        y = self.y_val.numpy().astype(np.float64)
+        variance = float(((y - y.mean()) ** 2).sum())
+        return {"val_loss": loss_sum / n, "val_mae": hits / n * self.y_scale,
+                "val_rmse": math.sqrt(sq / n) * self.y_scale,
+                "val_r2": 1 - sq / variance if variance > 0 else 0.0}
+
+    # ---------------------------------------------------------------- files
+
+    def _variable_groups(self) -> dict[str, list]:
+        return {"model": list(self.model.variables), "optimizer": list(self.optimizer.variables)}
+
+    def save_checkpoint(self, path: Path) -> None:
+        groups = self._variable_groups()
+        done = min(self.step * self.batch_size, self.n)
+        header = {"format": CHECKPOINT_FORMAT, "epoch": self.epoch, "step": self.step,
+                  "lr": self.lr, "variables": {g: [[v.path, list(v.shape)] for v in vs]
+                                               for g, vs in groups.items()}}
+        with h5py.File(path, "w") as f:
+            f.attrs["epochd"] = json.dumps(header)
+            for g, vs in groups.items():
+                group = f.create_group(g)
+                for i, v in enumerate(vs):
+                    group.create_dataset(str(i), data=np.asarray(v.numpy()))
+            f.create_dataset("step_losses", data=self.step_losses.numpy()[:self.step])
+            f.create_dataset("sample_hits", data=self.sample_hits.numpy()[:done])
+
+    def load_checkpoint(self, path: Path) -> tuple[int, int]:
+        groups = self._variable_groups()
+        try:
+            with h5py.File(path, "r") as f:
+                header = json.loads(f.attrs["epochd"])
+                if not isinstance(header, dict) or header.get("format") != CHECKPOINT_FORMAT:
+                    raise CheckpointInvalid(f"{path} is not an epochd TensorFlow checkpoint")
+                # shapes, in order (Keras numbers some paths per process, e.g. "adam_2/...")
+                shapes = {g: [shape for _, shape in header["variables"][g]] for g in groups}
+                if shapes != {g: [list(v.shape) for v in vs] for g, vs in groups.items()}:
+                    raise CheckpointInvalid(f"{path} holds a different network or optimiser than "
+                                            "this job builds")
+                values = {g: [np.asarray(f[g][str(i)]) for i in range(len(vs))]
+                          for g, vs in groups.items()}
+                losses, hits = np.asarray(f["step_losses"]), np.asarray(f["sample_hits"])
+        except CheckpointInvalid:
+            raise
+        except Exception as e:  # h5py and json raise many types for damaged or foreign files
+            raise CheckpointInvalid(f"{path} does not load: {type(e).__name__}: {e}") from e
+        for g, vs in groups.items():
+            for v, value in zip(vs, values[g]):
+                v.assign(value)
+        self._clear_epoch_buffers()
+        self.step_losses[:len(losses)].assign(losses)
+        self.sample_hits[:len(hits)].assign(hits)
+        self.lr = header["lr"]
+        self.epoch, self.step = header["epoch"], header["step"]
+        return self.epoch, self.step
+
+    def save_weights(self, path: Path) -> None:
+        # Keras insists on the .weights.h5 suffix; the worker hands us a temp name to fill
+        _save_with_suffix(Path(path), ".weights.h5", self.model.save_weights)
+
+    def load_weights(self, path: Path) -> None:
+        _load_with_suffix(Path(path), ".weights.h5", self.model.load_weights)
+
+    def export(self, folder: Path) -> dict[str, Path]:
+        from daemon.fsutil import atomic_write_with
+        path = Path(folder) / "model.keras"
+        atomic_write_with(path, lambda tmp: _save_with_suffix(tmp, ".keras", self.model.save))
+        return {"keras_model": path}
+
+    @classmethod
+    def predictor(cls, folder: Path, arch: dict, weights: Path) -> Callable[[np.ndarray], np.ndarray]:
+        model = build_model(arch)
+        _load_with_suffix(Path(weights), ".weights.h5", model.load_weights)
+        forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        binary = arch["task"] == "classification" and arch["output_dim"] == 1
+
+        def predict(x: np.ndarray) -> np.ndarray:
+            out = forward(tf.constant(np.asarray(x, np.float32)))
+            if arch["task"] == "regression":
+                return out.numpy()
+            return (tf.sigmoid(out) if binary else tf.nn.softmax(out, axis=1)).numpy()
+        return predict
+
+
+def _save_with_suffix(path: Path, suffix: str, save: Callable[[str], None]) -> None:
+    if path.name.endswith(suffix):
+        save(str(path))
+        return
+    named = path.with_name(path.name + suffix)
+    try:
+        save(str(named))
+        os.replace(named, path)
+    finally:
+        named.unlink(missing_ok=True)
+
+
+def _load_with_suffix(path: Path, suffix: str, load: Callable[[str], None]) -> None:
+    if path.name.endswith(suffix):
+        load(str(path))
+        return
+    raise ValueError(f"{path}: expected a file whose name ends in {suffix}")
+
+
+ENGINE = TensorFlowEngine

@@ -1,0 +1,203 @@
+"""Both engines on real tiny data, one parametrised suite: results do not depend on how steps
+are split into calls, a checkpoint taken anywhere resumes bit for bit, damaged or foreign
+checkpoints are refused, and no checkpoint unpickles code."""
+import os
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from daemon import spec as specs
+from daemon.errors import CheckpointInvalid, DeviceUnavailable
+from engines import architecture, load_engine
+from engines.data import prepare
+from tests.conftest import WINE, classification_csv, regression_csv, same_weights
+
+
+@pytest.fixture
+def Engine(framework):
+    return load_engine(framework)
+
+
+def job(tmp_path, framework="pytorch", **raw) -> dict:
+    raw = {"train_data_path": str(WINE), "target_column": "cultivar", "batch_size": 16,
+           "algorithm_params": {"hidden_units": [32, 16], "dropout_rate": 0.3},
+           "devices": "cpu", "framework": framework, **raw}
+    return specs.normalise(specs.validate(raw), job_id="j", base_dir=tmp_path,
+                           spool_root=tmp_path / "spool", allow_roots=[])
+
+
+def weights(engine) -> dict:
+    """Every model variable (weights, norm statistics; dropout RNG state for TensorFlow)."""
+    if engine.framework == "pytorch":
+        return {k: v.detach().numpy().copy() for k, v in engine.model.state_dict().items()}
+    return {str(i): v.numpy().copy() for i, v in enumerate(engine.model.variables)}
+
+
+def same(a: dict, b: dict) -> bool:
+    return same_weights(a, b)
+
+
+def forward(engine, x: np.ndarray) -> np.ndarray:
+    """The engine's network on x in inference mode, as probabilities."""
+    if engine.framework == "pytorch":
+        engine.model.eval()
+        with torch.no_grad():
+            return torch.softmax(engine.model(torch.from_numpy(x)), dim=1).numpy()
+    import tensorflow as tf
+    return tf.nn.softmax(engine.model(x, training=False)).numpy()
+
+
+def run(engine, epochs, chunks=None, lr=0.01):
+    for e in range(1, epochs + 1):
+        engine.start_epoch(e, 0)
+        steps = engine.steps_per_epoch
+        for n in (chunks or [steps]):
+            n = min(n, steps - engine.step)
+            if n > 0:
+                engine.train_steps([lr] * n)
+        if engine.step < steps:
+            engine.train_steps([lr] * (steps - engine.step))
+    return engine
+
+
+def test_splitting_steps_into_calls_changes_nothing(tmp_path, framework, Engine):
+    spec = job(tmp_path, framework)
+    data = prepare(spec)
+    a = run(Engine(spec, data, 1), 2)
+    b = run(Engine(spec, data, 1), 2, chunks=[1, 2, 3, 1])
+    assert same(weights(a), weights(b))
+    assert a.train_metrics() == b.train_metrics()
+
+
+@pytest.mark.parametrize("at_step", [0, 1, 4, 8])
+def test_a_checkpoint_anywhere_resumes_bit_for_bit(tmp_path, at_step, framework, Engine):
+    """Train 3 epochs straight; separately, stop in epoch 2 at `at_step`, checkpoint, load into a
+    fresh engine (fresh process state) and finish: the final weights are identical."""
+    spec = job(tmp_path, framework)
+    data = prepare(spec)
+    straight = run(Engine(spec, data, 1), 3)
+
+    first = Engine(spec, data, 1)
+    run(first, 1)
+    first.start_epoch(2, 0)
+    first.train_steps([0.01] * at_step)
+    path = tmp_path / f"ckpt{Engine.checkpoint_suffix}"
+    first.save_checkpoint(path)
+    torch.manual_seed(12345)  # whatever happens to the RNG in between must not matter
+    np.random.seed(12345)
+
+    second = Engine(spec, data, 1)
+    assert second.load_checkpoint(path) == (2, at_step)
+    second.start_epoch(2, at_step)
+    second.train_steps([0.01] * (second.steps_per_epoch - at_step))
+    epoch2 = second.train_metrics()
+    second.start_epoch(3, 0)
+    second.train_steps([0.01] * second.steps_per_epoch)
+    assert same(weights(straight), weights(second))
+    reference = run(Engine(spec, data, 1), 2)
+    assert epoch2 == reference.train_metrics()  # the epoch's running sums came back too
+
+
+def test_a_malicious_pickle_is_never_executed(tmp_path, framework, Engine):
+    """Neither engine unpickles a checkpoint (PyTorch loads weights_only, TensorFlow reads HDF5
+    arrays): a planted payload is refused and its side effect never happens."""
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil"
+    path.write_bytes(pickle.dumps(Exploit()))
+    engine = Engine(job(tmp_path, framework), prepare(job(tmp_path, framework)), 1)
+    with pytest.raises(CheckpointInvalid):
+        engine.load_checkpoint(path)
+    torch.save({"model": Exploit()}, tmp_path / "evil2")
+    with pytest.raises(CheckpointInvalid):
+        engine.load_checkpoint(tmp_path / "evil2")
+    assert not marker.exists()
+
+
+def test_a_foreign_or_truncated_checkpoint_is_invalid(tmp_path, framework, Engine):
+    engine = Engine(job(tmp_path, framework), prepare(job(tmp_path, framework)), 1)
+    name = {"pytorch": "PyTorch", "tensorflow": "TensorFlow"}[framework]
+    foreign = tmp_path / f"foreign{Engine.checkpoint_suffix}"
+    if framework == "pytorch":
+        torch.save({"some": torch.zeros(2)}, foreign)
+    else:
+        with h5py.File(foreign, "w") as f:
+            f.attrs["epochd"] = '{"format": "something-else"}'
+    with pytest.raises(CheckpointInvalid, match=f"not an epochd {name} checkpoint"):
+        engine.load_checkpoint(foreign)
+    good = tmp_path / f"good{Engine.checkpoint_suffix}"
+    engine.save_checkpoint(good)
+    data = good.read_bytes()
+    (tmp_path / "cut").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointInvalid, match="does not load"):
+        engine.load_checkpoint(tmp_path / "cut")
+    # a checkpoint of another network (one more hidden unit) is refused before anything changes
+    other = Engine(job(tmp_path, framework, algorithm_params={"hidden_units": [33, 16]}),
+                   prepare(job(tmp_path, framework)), 1)
+    other.save_checkpoint(tmp_path / "other")
+    before = weights(engine)
+    with pytest.raises(CheckpointInvalid):
+        engine.load_checkpoint(tmp_path / "other")
+    assert same(before, weights(engine))
+
+
+def test_the_exported_model_predicts_what_the_engine_computes(tmp_path, framework, Engine):
+    spec = job(tmp_path, framework)
+    data = prepare(spec)
+    engine = run(Engine(spec, data, 1), 2)
+    path = tmp_path / Engine.weights_file
+    engine.save_weights(tmp_path / "tmp-name")  # the worker hands engines a temp name to fill
+    os.replace(tmp_path / "tmp-name", path)
+    predict = Engine.predictor(tmp_path, architecture(spec, data), path)
+    assert np.allclose(predict(data.x_val), forward(engine, data.x_val), atol=1e-6)
+
+
+def test_regression_metrics_are_in_the_targets_units(tmp_path, framework, Engine):
+    regression_csv(tmp_path / "reg.csv", rows=300)
+    spec = job(tmp_path, framework, train_data_path=str(tmp_path / "reg.csv"), target_column="target",
+               algorithm_params={"hidden_units": [32]})
+    engine = run(Engine(spec, prepare(spec), 1), 30, lr=0.01)
+    val = engine.evaluate()
+    assert set(val) == {"val_loss", "val_mae", "val_rmse", "val_r2"}
+    assert val["val_r2"] > 0.9 and val["val_rmse"] < 5.0  # target std is ~11
+    assert set(engine.train_metrics()) == {"train_loss", "train_mae", "train_rmse"}
+
+
+@pytest.mark.parametrize("params", [
+    {"model_type": "linear"},
+    {"model_type": "mlp", "batch_norm": True, "activation": "gelu"},
+    {"model_type": "resnet", "hidden_units": [32, 64], "dropout_rate": 0.1},
+])
+def test_model_types_learn_binary_data(tmp_path, params, framework, Engine):
+    classification_csv(tmp_path / "bin.csv", rows=300)
+    spec = job(tmp_path, framework, train_data_path=str(tmp_path / "bin.csv"), target_column="target",
+               algorithm_params=params)
+    engine = run(Engine(spec, prepare(spec), 1), 15, lr=0.01)
+    assert engine.evaluate()["val_accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "rmsprop", {"name": "sgd", "momentum": 0.9, "nesterov": True}])
+def test_optimizers(tmp_path, optimizer, framework, Engine):
+    spec = job(tmp_path, framework, optimizer=optimizer)
+    engine = run(Engine(spec, prepare(spec), 1), 3)
+    assert np.isfinite(engine.train_metrics()["train_loss"])
+
+
+def test_bf16_mixed_precision_trains(tmp_path, framework, Engine):
+    spec = job(tmp_path, framework, mixed_precision="bf16")
+    engine = run(Engine(spec, prepare(spec), 1), 5, lr=0.01)
+    assert engine.evaluate()["val_accuracy"] > 0.8
+
+
+def test_asking_for_a_gpu_without_one_is_a_clear_error(tmp_path, framework, Engine):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(DeviceUnavailable, match="none is visible"):
+        Engine(job(tmp_path, framework, devices="cuda"), prepare(job(tmp_path, framework)), 1)
