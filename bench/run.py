@@ -1,4 +1,5 @@
-"""`make bench`: epochd's PyTorch epochs against a hand-optimised PyTorch loop, side by side.
+"""`make bench`: epochd's epochs against the loops people write by hand, side by side: a
+hand-optimised PyTorch loop for the PyTorch engine, Keras `model.fit` for the TensorFlow engine.
 
 The machines this runs on are shared and noisy: absolute numbers drift, ratios measured in one
 run hold. So everything is interleaved (hand loop, epochd, hand loop, epochd ...) and reported
@@ -9,6 +10,9 @@ as medians with ratios.
   steps per epoch. epochd runs as the real daemon on a temp spool, and its epoch is timed
   all-in from the event log: from one `epoch_completed` to the next, minus evaluation, so
   progress events, checkpoints, the best-model file and every fsync count against it.
+- TensorFlow: the same model and data through epochd's TensorFlow engine against Keras
+  `model.fit` (bench/keras_fit.py) at steps_per_execution 1 (Keras' default) and 64 (several
+  steps per graph call, the fastest setting we found for fit); the ratio is to the fastest.
 - Pause latency: a control file dropped at a random moment mid-epoch, to the `paused` event.
 - Checkpoint and event-append cost, against an epoch's time.
 
@@ -18,7 +22,8 @@ and their range (the range is the noise of the machine). A second ratio divides 
 process CPU seconds instead of wall seconds: what the loop itself costs, blind to whatever else
 the host runs meanwhile (and to fsync waits, which the wall-clock ratio does count).
 
-Usage: python bench/run.py [--rows N] [--rounds R] [--epochs E] [--pauses P]
+Usage: python bench/run.py [--rows N] [--rounds R] [--tf-rounds R] [--keras-spe 1,64]
+                           [--epochs E] [--pauses P]
 """
 import argparse
 import json
@@ -68,13 +73,18 @@ def pin_measured() -> None:
         os.sched_setaffinity(0, {MEASURED_CPU})
 
 
-def hand_loop(train: Path, batch: int, epochs: int) -> tuple[list[float], list[float]]:
-    """Samples per wall second and per CPU second of each steady-state epoch (the first warms up)."""
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "handwritten.py"), str(train),
-                          str(batch), str(epochs)], capture_output=True, text=True, check=True,
+def peer_loop(script: str, train: Path, batch: int, epochs: int, *extra: str) -> tuple[list[float], list[float]]:
+    """A peer loop (bench/handwritten.py, bench/keras_fit.py) in its own process: samples per
+    wall second and per CPU second of each steady-state epoch (the first warms up)."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), str(train), str(batch),
+                          str(epochs), *extra], capture_output=True, text=True, check=True,
                          preexec_fn=pin_measured)
     rows = [json.loads(l) for l in out.stdout.splitlines()][1:]
     return [r["samples"] / r["seconds"] for r in rows], [r["samples"] / r["cpu_seconds"] for r in rows]
+
+
+def hand_loop(train: Path, batch: int, epochs: int) -> tuple[list[float], list[float]]:
+    return peer_loop("handwritten.py", train, batch, epochs)
 
 
 class Daemon:
@@ -114,14 +124,15 @@ def ts(record: dict) -> float:
     return datetime.fromisoformat(record["ts"]).timestamp()
 
 
-def seed_job(train: Path, val: Path, batch: int, epochs: int) -> dict:
-    return {"name": "bench", "epochs": epochs, "batch_size": batch, "learning_rate": 0.001,
+def seed_job(train: Path, val: Path, batch: int, epochs: int, framework: str = "pytorch") -> dict:
+    return {"name": "bench", "framework": framework, "epochs": epochs, "batch_size": batch, "learning_rate": 0.001,
             "train_data_path": str(train), "val_data_path": str(val), "target_column": "target",
             "algorithm_params": {"model_type": "mlp", "hidden_units": [128, 64, 32], "dropout_rate": 0.2}}
 
 
-def epochd_loop(spool: Path, train: Path, val: Path, batch: int, epochs: int, tag: str) -> tuple[list[float], list[float]]:
-    job_id = submit(spool, tag, seed_job(train, val, batch, epochs))
+def epochd_loop(spool: Path, train: Path, val: Path, batch: int, epochs: int, tag: str,
+                framework: str = "pytorch") -> tuple[list[float], list[float]]:
+    job_id = submit(spool, tag, seed_job(train, val, batch, epochs, framework))
     records = wait(spool, job_id, lambda r: r[-1]["type"] in ("completed", "failed"))
     done = [r for r in records if r["type"] == "epoch_completed"]
     samples = next(r for r in records if r["type"] == "run_started")["train_samples"]
@@ -178,10 +189,14 @@ def checkpoint_and_append_costs(train: Path, val: Path, folder: Path) -> tuple[f
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="PyTorch rounds")
+    ap.add_argument("--tf-rounds", type=int, default=3, help="TensorFlow rounds (0: skip)")
+    ap.add_argument("--keras-spe", default="1,64",
+                    help="steps_per_execution values Keras fit runs with, comma-separated")
     ap.add_argument("--epochs", type=int, default=4, help="per run; the first is warm-up")
     ap.add_argument("--pauses", type=int, default=8)
     args = ap.parse_args()
+    spes = [int(v) for v in args.keras_spe.split(",")]
     if MEASURED_CPU > 0:
         os.sched_setaffinity(0, set(range(MEASURED_CPU)))
     with tempfile.TemporaryDirectory(prefix="epochd-bench-") as tmp:
@@ -201,11 +216,37 @@ def main() -> None:
                     results[batch]["cpu_pairs"].append(statistics.median(ours_cpu) / statistics.median(hand_cpu))
                     print(f"round {r + 1}/{args.rounds}, batch {batch}: hand {statistics.median(hand):,.0f}, "
                           f"epochd {statistics.median(ours):,.0f} samples/s", file=sys.stderr)
+            tf_results = tensorflow_rounds(spool, train, val, args, spes)
             pauses = pause_latencies(spool, train, val, args.pauses)
         finally:
             daemon.stop()
         ckpt_s, append_s = checkpoint_and_append_costs(train, val, folder)
     report(args, results, pauses, ckpt_s, append_s)
+    report_tensorflow(args, spes, tf_results)
+
+
+def tensorflow_rounds(spool: Path, train: Path, val: Path, args, spes: list[int]) -> dict:
+    """Keras fit at each steps_per_execution, then epochd's TensorFlow engine, interleaved; a
+    round's ratio is epochd over the fastest Keras configuration of that round."""
+    results = {b: {"keras": {s: [] for s in spes}, "epochd": [], "pairs": [], "cpu_pairs": []}
+               for b in (32, 256)}
+    for r in range(args.tf_rounds):
+        for batch in (32, 256):
+            res = results[batch]
+            best = best_cpu = 0.0
+            for spe in spes:
+                keras_wall, keras_cpu = peer_loop("keras_fit.py", train, batch, args.epochs, str(spe))
+                res["keras"][spe] += keras_wall
+                best = max(best, statistics.median(keras_wall))
+                best_cpu = max(best_cpu, statistics.median(keras_cpu))
+            ours, ours_cpu = epochd_loop(spool, train, val, batch, args.epochs, f"tf-b{batch}-r{r}",
+                                         "tensorflow")
+            res["epochd"] += ours
+            res["pairs"].append(statistics.median(ours) / best)
+            res["cpu_pairs"].append(statistics.median(ours_cpu) / best_cpu)
+            print(f"TF round {r + 1}/{args.tf_rounds}, batch {batch}: fastest Keras fit {best:,.0f}, "
+                  f"epochd {statistics.median(ours):,.0f} samples/s", file=sys.stderr)
+    return results
 
 
 def report(args, results, pauses, ckpt_s, append_s) -> None:
@@ -231,6 +272,34 @@ def report(args, results, pauses, ckpt_s, append_s) -> None:
           f"{ckpt_s / epoch32 * 100:.2f}% of a batch-32 epoch |")
     print(f"| event append + fsync | {append_s * 1e6:.0f} us; ~{epoch32 + 3:.0f} events per batch-32 epoch "
           f"= {(epoch32 + 3) * append_s / epoch32 * 100:.2f}% |")
+
+
+
+def report_tensorflow(args, spes: list[int], results: dict) -> None:
+    if not args.tf_rounds:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(*names: str) -> str:  # without importing TensorFlow (and its banner) here
+        for name in names:
+            try:
+                return f"{name} {version(name)}"
+            except PackageNotFoundError:
+                pass
+        return f"{names[0]} (not installed)"
+    print(f"\nTensorFlow engine against Keras `model.fit` ({args.tf_rounds} rounds interleaved, same "
+          f"data and model, one intra-op thread; {installed('tensorflow-cpu', 'tensorflow')}, "
+          f"{installed('keras')})\n")
+    heads = " | ".join(f"Keras fit, steps_per_execution={s} (samples/s)" for s in spes)
+    print(f"| batch | {heads} | epochd all-in (samples/s) | ratio to the fastest fit, median | range "
+          "| ratio per CPU second | range |")
+    print("| --- | " + "--- | " * len(spes) + "--- | --- | --- | --- | --- |")
+    for batch, r in results.items():
+        cells = " | ".join(f"{statistics.median(r['keras'][s]):,.0f}" for s in spes)
+        print(f"| {batch} | {cells} | {statistics.median(r['epochd']):,.0f} | "
+              f"{statistics.median(r['pairs']):.2f}x | {min(r['pairs']):.2f}-{max(r['pairs']):.2f} | "
+              f"{statistics.median(r['cpu_pairs']):.2f}x | "
+              f"{min(r['cpu_pairs']):.2f}-{max(r['cpu_pairs']):.2f} |")
 
 
 if __name__ == "__main__":
