@@ -63,8 +63,15 @@ def run(engine, epochs, chunks=None, lr=0.01):
     return engine
 
 
-def test_splitting_steps_into_calls_changes_nothing(tmp_path, framework, Engine):
-    spec = job(tmp_path, framework)
+# the PyTorch engine's hand-derived step covers the first network, autograd the second
+NETWORKS = {"relu-dropout": {"hidden_units": [32, 16], "dropout_rate": 0.3},
+            "batchnorm-gelu": {"hidden_units": [32, 16], "dropout_rate": 0.3, "batch_norm": True,
+                               "activation": "gelu"}}
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+def test_splitting_steps_into_calls_changes_nothing(tmp_path, framework, Engine, network):
+    spec = job(tmp_path, framework, algorithm_params=NETWORKS[network])
     data = prepare(spec)
     a = run(Engine(spec, data, 1), 2)
     b = run(Engine(spec, data, 1), 2, chunks=[1, 2, 3, 1])
@@ -72,11 +79,12 @@ def test_splitting_steps_into_calls_changes_nothing(tmp_path, framework, Engine)
     assert a.train_metrics() == b.train_metrics()
 
 
-@pytest.mark.parametrize("at_step", [0, 1, 4, 8])
-def test_a_checkpoint_anywhere_resumes_bit_for_bit(tmp_path, at_step, framework, Engine):
+@pytest.mark.parametrize("at_step, network", [(0, "relu-dropout"), (1, "relu-dropout"),
+                                              (4, "batchnorm-gelu"), (8, "relu-dropout")])
+def test_a_checkpoint_anywhere_resumes_bit_for_bit(tmp_path, at_step, framework, Engine, network):
     """Train 3 epochs straight; separately, stop in epoch 2 at `at_step`, checkpoint, load into a
     fresh engine (fresh process state) and finish: the final weights are identical."""
-    spec = job(tmp_path, framework)
+    spec = job(tmp_path, framework, algorithm_params=NETWORKS[network])
     data = prepare(spec)
     straight = run(Engine(spec, data, 1), 3)
 
@@ -99,6 +107,57 @@ def test_a_checkpoint_anywhere_resumes_bit_for_bit(tmp_path, at_step, framework,
     assert same(weights(straight), weights(second))
     reference = run(Engine(spec, data, 1), 2)
     assert epoch2 == reference.train_metrics()  # the epoch's running sums came back too
+
+
+@pytest.mark.parametrize("table", ["binary", "multiclass", "regression"])
+def test_the_hand_derived_step_computes_autograds_gradients(tmp_path, table):
+    """The PyTorch fast path's forward and backward against autograd on the same weights, batch
+    and dropout masks, for each loss; and the engine takes that path for a plain ReLU MLP."""
+    import torch.nn.functional as F
+    path = tmp_path / "t.csv"
+    if table == "regression":
+        regression_csv(path, rows=300)
+    else:
+        classification_csv(path, rows=300, classes=2 if table == "binary" else 3)
+    spec = job(tmp_path, train_data_path=str(path), target_column="target", batch_size=64,
+               algorithm_params={"hidden_units": [32, 16], "dropout_rate": 0.25})
+    engine = load_engine("pytorch")(spec, prepare(spec), 1)
+    assert engine.fast is not None
+    run(engine, 1)  # away from the initial weights
+    engine.start_epoch(2, 0)
+    x, y = engine.xs[:64], engine.ys[:64]
+    masks = engine._step_masks(0, 64)
+    assert {float(v) for m in masks for v in m.unique()} == {0.0, float(torch.tensor(1 / 0.75))}
+    kept = torch.cat([(m > 0).float().reshape(-1) for m in masks]).mean()
+    assert abs(float(kept) - 0.75) < 0.03
+
+    def compare(x, y, masks, rtol, atol):
+        loss, out, grads = engine.fast_grads(x, y, masks)
+        params = [p for layer in engine.fast for p in (layer.weight, layer.bias)]
+        h = x
+        for layer, mask in zip(engine.fast[:-1], masks):
+            h = F.relu(F.linear(h, layer.weight, layer.bias)) * mask
+        reference_out = F.linear(h, engine.fast[-1].weight, engine.fast[-1].bias)
+        reference_loss = engine.loss_fn(reference_out, y)
+        reference = torch.autograd.grad(reference_loss, params)
+        assert torch.allclose(out, reference_out, rtol=rtol, atol=atol)
+        assert torch.allclose(loss, reference_loss, rtol=rtol, atol=atol)
+        for mine, theirs in zip([g for pair in grads for g in pair], reference):
+            assert mine.shape == theirs.shape and torch.allclose(mine, theirs, rtol=rtol, atol=atol)
+
+    compare(x, y, masks, 1e-5, 1e-7)  # float32, as the engine trains
+    for layer in engine.fast:  # float64: the same algebra, without float32's rounding
+        layer.double()
+    compare(x.double(), y if table == "multiclass" else y.double(), [m.double() for m in masks],
+            1e-12, 1e-15)
+
+
+def test_networks_outside_the_fast_path_take_autograd(tmp_path):
+    for params in ({"batch_norm": True}, {"activation": "gelu"}, {"model_type": "resnet"}):
+        spec = job(tmp_path, algorithm_params=params)
+        assert load_engine("pytorch")(spec, prepare(spec), 1).fast is None
+    spec = job(tmp_path, mixed_precision="bf16")
+    assert load_engine("pytorch")(spec, prepare(spec), 1).fast is None
 
 
 def test_a_malicious_pickle_is_never_executed(tmp_path, framework, Engine):
