@@ -15,6 +15,9 @@ as medians with ratios.
   steps per graph call, the fastest setting we found for fit); the ratio is to the fastest.
 - Pause latency: a control file dropped at a random moment mid-epoch, to the `paused` event.
 - Checkpoint and event-append cost, against an epoch's time.
+- The daemon's own costs (bench/daemon_costs.py): job pickup, worker start-up against a bare
+  import of torch plus the CSV read, replay of a 1,000,000-event log, and the daemon's memory
+  and idle CPU on a spool of 1,000 finished jobs.
 
 Each round runs the hand loop, then epochd, on the same batch size; a round's ratio is the
 median epochd epoch over the median hand epoch, and the table gives the median of those ratios
@@ -23,7 +26,7 @@ process CPU seconds instead of wall seconds: what the loop itself costs, blind t
 the host runs meanwhile (and to fsync waits, which the wall-clock ratio does count).
 
 Usage: python bench/run.py [--rows N] [--rounds R] [--tf-rounds R] [--keras-spe 1,64]
-                           [--epochs E] [--pauses P]
+                           [--epochs E] [--pauses P] [--cost-trials N]
 """
 import argparse
 import json
@@ -195,6 +198,8 @@ def main() -> None:
                     help="steps_per_execution values Keras fit runs with, comma-separated")
     ap.add_argument("--epochs", type=int, default=4, help="per run; the first is warm-up")
     ap.add_argument("--pauses", type=int, default=8)
+    ap.add_argument("--cost-trials", type=int, default=10,
+                    help="jobs for the pickup and start-up timings (0: skip bench/daemon_costs.py)")
     args = ap.parse_args()
     spes = [int(v) for v in args.keras_spe.split(",")]
     if MEASURED_CPU > 0:
@@ -223,6 +228,10 @@ def main() -> None:
         ckpt_s, append_s = checkpoint_and_append_costs(train, val, folder)
     report(args, results, pauses, ckpt_s, append_s)
     report_tensorflow(args, spes, tf_results)
+    if args.cost_trials:
+        sys.path.insert(0, str(ROOT / "bench"))
+        import daemon_costs
+        daemon_costs.report(daemon_costs.measure(args.cost_trials))
 
 
 def tensorflow_rounds(spool: Path, train: Path, val: Path, args, spes: list[int]) -> dict:

@@ -18,6 +18,7 @@ import orjson
 from . import __version__, control, display
 from .errors import BadJobFile, EpochdError, JobNotFound, LogCorrupt, SpoolLocked
 from .eventlog import LogFollower
+from .fsutil import rename_noreplace
 from .replay import TERMINAL, JobState, Status
 from .spool import VALID_ID, Settings, Spool, sanitise
 
@@ -145,8 +146,8 @@ def submit(spool, job_file, name, follow):
 
 
 def drop_job(spool: Spool, data: bytes, stem: str) -> str:
-    """Write to a dot-file, then link it in under a name no job and no other drop uses, so the
-    daemon's job id is the name we print."""
+    """Write to a dot-file, then rename it in (never over another file) under a name no job and
+    no other drop uses, so the daemon's job id is the name we print."""
     base = stem if VALID_ID.match(stem) else sanitise(stem)
     tmp = spool.incoming / f".{base}.{os.getpid()}.tmp"
     tmp.write_bytes(data)
@@ -155,8 +156,8 @@ def drop_job(spool: Spool, data: bytes, stem: str) -> str:
             job_id = base if n == 1 else f"{base[:60]}-{n}"
             if (spool.jobs / job_id).exists():
                 continue
-            try:
-                os.link(tmp, spool.incoming / f"{job_id}.json")  # fails rather than overwrite
+            try:  # fails rather than overwrite
+                rename_noreplace(tmp, spool.incoming / f"{job_id}.json")
                 return job_id
             except FileExistsError:
                 continue

@@ -4,10 +4,19 @@ The recipe is the classic one: write a temp file in the target folder, fsync it,
 the target (atomic on one filesystem), then fsync the folder so the rename itself survives a
 power cut.
 """
+import ctypes
+import errno
 import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+try:
+    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+except (AttributeError, OSError):
+    _renameat2 = None
 
 
 def fsync_dir(path: Path) -> None:
@@ -59,3 +68,22 @@ def relative_to_or_absolute(path: Path, base: Path) -> str:
         return str(Path(path).relative_to(base))
     except ValueError:
         return str(path)
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Move `src` to `dst` in one step, or raise FileExistsError if `dst` exists.
+
+    renameat2(RENAME_NOREPLACE) where the kernel and filesystem have it: a watcher sees one
+    rename (inotify IN_MOVED_TO), so the daemon takes the file at once. Elsewhere a hard link
+    then an unlink, which is just as safe but looks like a file created in place, so the daemon
+    waits for it to be quiet first."""
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(src))
+    os.link(src, dst)
+    os.unlink(src)

@@ -113,3 +113,17 @@ def test_submit_follow_through_a_real_daemon(tmp_path, spool, daemon_factory):
     bad.write_text(json.dumps(seed_job(tmp_path / "missing.csv")))
     failed = invoke("submit", "--spool", spool, bad, "--follow")
     assert failed.exit_code == Exit.JOB_FAILED and "does not exist" in failed.output
+
+
+def test_rename_noreplace_moves_or_refuses_and_never_overwrites(tmp_path):
+    """What submit's drop rests on: the file moves in one step, or FileExistsError and both files
+    stay as they were."""
+    from daemon.fsutil import rename_noreplace
+    (tmp_path / "a").write_text("new")
+    (tmp_path / "taken").write_text("someone else's")
+    with pytest.raises(FileExistsError):
+        rename_noreplace(tmp_path / "a", tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "someone else's" and (tmp_path / "a").read_text() == "new"
+    rename_noreplace(tmp_path / "a", tmp_path / "free")
+    assert not (tmp_path / "a").exists() and (tmp_path / "free").read_text() == "new"
+    assert (tmp_path / "free").stat().st_nlink == 1

@@ -149,3 +149,18 @@ def test_schedule_and_early_stopping_decide_from_the_history_alone(tmp_path, spo
     assert best["epoch"] == stopped[0]["best_epoch"]
     final, best_file = WEIGHT_FILES[framework]
     assert same_weights(model_weights(tmp_path / "out" / final), model_weights(tmp_path / "out" / best_file))
+
+
+def test_a_worker_loads_only_its_own_framework(tmp_path, spool, daemon_factory, framework):
+    """A PyTorch worker never maps TensorFlow's libraries and a TensorFlow worker never maps
+    libtorch (read from the running worker's /proc/<pid>/maps)."""
+    data = classification_csv(tmp_path / "train.csv", rows=10000)
+    daemon_factory(spool)
+    drop_job(spool, "w.json", long_job(data, tmp_path / "w", framework))
+    records = wait_for_event(spool, "w", "progress")
+    pid = next(r["pid"] for r in records if r["type"] == "run_started")
+    maps = open(f"/proc/{pid}/maps").read()
+    own, other = {"pytorch": ("libtorch", "tensorflow"), "tensorflow": ("tensorflow", "libtorch")}[framework]
+    assert own in maps and other not in maps
+    control.drop(Spool(spool), "w", "cancel")
+    wait_for_status(spool, "w", "cancelled")

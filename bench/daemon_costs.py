@@ -1,0 +1,222 @@
+"""What epochd's own machinery costs, apart from training: part of `make bench`, or alone.
+
+- pickup: a job file renamed into `incoming/` (as `epochd submit` does) to its `job_accepted`
+  event, with the daemon idle; tiny jobs, one at a time, each once the last one's worker exited.
+- start-up: `job_accepted` to `run_started` (the worker has imported its framework, read and
+  encoded the CSV, built the model: the next thing it does is the first step), against a bare
+  `python -c "import torch; pandas.read_csv(..., engine='pyarrow')"` of the same file.
+- replay: `read_records` (checksums, sequence) plus `fold` of a 1,000,000-event log (20 progress
+  events, an epoch_completed and a checkpoint_saved per epoch).
+- daemon footprint: RSS and CPU of `epochd serve` idle on a spool holding 1,000 finished jobs.
+
+Usage: python bench/daemon_costs.py [--trials N]
+"""
+import argparse
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from daemon import spec as specs  # noqa: E402
+from daemon.cli import drop_job  # noqa: E402
+from daemon.eventlog import EventLog, encode, read_records  # noqa: E402
+from daemon.events import (CheckpointSaved, Completed, EpochCompleted, JobAccepted, Progress,  # noqa: E402
+                           RunStarted)
+from daemon.replay import fold  # noqa: E402
+from daemon.spool import Spool  # noqa: E402
+
+TS = "2026-01-01T00:00:00.000Z"
+
+
+def ts(record: dict) -> float:
+    return datetime.fromisoformat(record["ts"]).timestamp()
+
+
+def serve(spool: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--spool", str(spool)],
+                            cwd=ROOT, stderr=subprocess.DEVNULL)
+    log = spool / "daemon.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if log.exists() and any(json.loads(l).get("event") == "started" and json.loads(l).get("pid") == proc.pid
+                                for l in log.read_text().splitlines()):
+            return proc
+        time.sleep(0.05)
+    raise TimeoutError("the daemon did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(120)
+
+
+def wait_for(path: Path, predicate, timeout: float = 120.0, poll: float = 0.01) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = read_records(path) if path.exists() else []
+        if records and predicate(records):
+            return records
+        time.sleep(poll)
+    raise TimeoutError(str(path))
+
+
+def pickup_and_startup(folder: Path, trials: int) -> tuple[list[float], list[float], list[float]]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 20))
+    table = pd.DataFrame(x, columns=[f"f{i}" for i in range(20)])
+    table["target"] = (x[:, 0] > 0).astype(int)
+    csv = folder / "small.csv"
+    table.to_csv(csv, index=False)
+    spool = folder / "pickup-spool"
+    Spool(spool).ensure()
+    proc = serve(spool)
+    pickups, startups = [], []
+    try:
+        for i in range(trials):
+            job = {"train_data_path": str(csv), "target_column": "target", "epochs": 1}
+            dropped = time.time()
+            job_id = drop_job(Spool(spool), json.dumps(job).encode(), f"p{i}")
+            records = wait_for(Spool(spool).events_path(job_id),
+                               lambda r: r[-1]["type"] in ("completed", "failed"))
+            accepted = next(r for r in records if r["type"] == "job_accepted")
+            started = next(r for r in records if r["type"] == "run_started")
+            pickups.append(ts(accepted) - dropped)
+            startups.append(ts(started) - ts(accepted))
+            worker = psutil.Process(started["pid"]) if psutil.pid_exists(started["pid"]) else None
+            if worker is not None:  # the next trial starts on an idle machine
+                try:
+                    worker.wait(60)
+                except psutil.NoSuchProcess:
+                    pass
+    finally:
+        stop(proc)
+    bare = []
+    for _ in range(trials):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch, pandas; "
+                        f"pandas.read_csv({str(csv)!r}, engine='pyarrow')"], check=True)
+        bare.append(time.perf_counter() - t)
+    return pickups, startups, bare
+
+
+def million_event_log(path: Path, n: int = 1_000_000) -> None:
+    spec = specs.normalise(specs.validate(specs.example_job() | {"train_data_path": "/data/train.csv"}),
+                           job_id="j", base_dir=Path("/"), spool_root=Path("/spool"), allow_roots=[])
+    lines = [encode(1, TS, JobAccepted(job_id="j", source_file="j.json", spec=spec, spec_sha256="0" * 64,
+                                       file_sha256="0" * 64, recovered=False)),
+             encode(2, TS, RunStarted(attempt=1, pid=1, host="h", devices=["cpu"], framework="pytorch",
+                                      versions={}, resumed_from=None, steps_per_epoch=6250,
+                                      train_samples=200000, val_samples=2000, task="classification"))]
+    epoch = 1
+    while len(lines) < n:
+        for k in range(20):
+            lines.append(encode(len(lines) + 1, TS, Progress(
+                epoch=epoch, step=300 * (k + 1), steps_per_epoch=6250, samples_per_sec=40000.0,
+                loss=0.5, eta_seconds=100.0)))
+        lines.append(encode(len(lines) + 1, TS, EpochCompleted(
+            epoch=epoch, train_loss=0.5, train_accuracy=0.8, val_loss=0.5, val_accuracy=0.8,
+            learning_rate=0.001, time_per_epoch=6.0, samples_per_sec=30000.0, memory_usage=300.0,
+            gpu_utilization=None, gpu_memory=None, data_time=0.01, compute_time=6.0, eval_time=0.1,
+            cpu_time=6.0, steps=6250)))
+        lines.append(encode(len(lines) + 1, TS, CheckpointSaved(
+            epoch=epoch, step=6250, steps_per_epoch=6250, path=f"checkpoints/e{epoch:05d}.pt",
+            bytes=100000, sha256="0" * 64, epoch_seconds=0.0, compute_seconds=0.0,
+            data_seconds=0.0, cpu_seconds=0.0)))
+        epoch += 1
+    path.write_bytes(b"".join(lines[:n]))
+
+
+def replay_seconds(folder: Path, rounds: int = 3) -> tuple[float, float]:
+    path = folder / "million.jsonl"
+    million_event_log(path)
+    reads, folds = [], []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        records = read_records(path)
+        t1 = time.perf_counter()
+        fold(records)
+        folds.append(time.perf_counter() - t1)
+        reads.append(t1 - t)
+        del records
+    return statistics.median(reads), statistics.median(folds)
+
+
+def finished_spool(spool: Path, jobs: int = 1000) -> None:
+    Spool(spool).ensure()
+    spec = specs.normalise(specs.validate(specs.example_job() | {"train_data_path": "/data/train.csv"}),
+                           job_id="j", base_dir=Path("/"), spool_root=spool, allow_roots=[])
+    for i in range(jobs):
+        job_id = f"done-{i:04d}"
+        Spool(spool).job_dir(job_id).mkdir(parents=True)
+        with EventLog(Spool(spool).events_path(job_id)) as log:
+            log.append(JobAccepted(job_id=job_id, source_file=f"{job_id}.json", spec=spec,
+                                   spec_sha256="0" * 64, file_sha256="0" * 64, recovered=False))
+            log.append(RunStarted(attempt=1, pid=1, host="h", devices=["cpu"], framework="pytorch",
+                                  versions={}, resumed_from=None, steps_per_epoch=10,
+                                  train_samples=300, val_samples=60, task="classification"))
+            for e in range(1, 4):
+                log.append(EpochCompleted(
+                    epoch=e, train_loss=0.5, train_accuracy=0.8, val_loss=0.5, val_accuracy=0.8,
+                    learning_rate=0.001, time_per_epoch=0.1, samples_per_sec=3000.0,
+                    memory_usage=300.0, gpu_utilization=None, gpu_memory=None, data_time=0.0,
+                    compute_time=0.1, eval_time=0.0, cpu_time=0.1, steps=10))
+            log.append(Completed(epochs_run=3, stop_reason="max_epochs", best=None,
+                                 final_metrics={"train_loss": 0.5}, outputs={}))
+
+
+def daemon_footprint(folder: Path, idle_seconds: float = 20.0) -> tuple[float, float]:
+    """(RSS MB, CPU % of one core) of the daemon, idle after start-up on 1,000 finished jobs."""
+    spool = folder / "big-spool"
+    finished_spool(spool)
+    proc = serve(spool)
+    try:
+        p = psutil.Process(proc.pid)
+        time.sleep(2.0)  # start-up scan done; then measure a quiet stretch
+        cpu0, t0 = sum(p.cpu_times()[:2]), time.monotonic()
+        time.sleep(idle_seconds)
+        cpu = (sum(p.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0) * 100
+        rss = p.memory_info().rss / 2**20
+    finally:
+        stop(proc)
+    return rss, cpu
+
+
+def measure(trials: int = 10) -> dict:
+    with tempfile.TemporaryDirectory(prefix="epochd-costs-") as tmp:
+        folder = Path(tmp)
+        pickups, startups, bare = pickup_and_startup(folder, trials)
+        read_s, fold_s = replay_seconds(folder)
+        rss, cpu = daemon_footprint(folder)
+    return {"pickups": pickups, "startups": startups, "bare": bare, "read_s": read_s,
+            "fold_s": fold_s, "rss_mb": rss, "idle_cpu": cpu}
+
+
+def report(m: dict) -> None:
+    med = statistics.median
+    print("\n| daemon cost (goal) | measured |\n| --- | --- |")
+    print(f"| pickup, rename into incoming/ to `job_accepted` (< 50 ms) | median {med(m['pickups']) * 1000:.0f} ms, "
+          f"max {max(m['pickups']) * 1000:.0f} ms ({len(m['pickups'])} jobs) |")
+    print(f"| start-up, `job_accepted` to `run_started` (< 1.5x bare import torch + read CSV) | "
+          f"median {med(m['startups']):.2f} s vs {med(m['bare']):.2f} s = {med(m['startups']) / med(m['bare']):.2f}x |")
+    print(f"| replay of 1,000,000 events (< 2 s) | {m['read_s'] + m['fold_s']:.2f} s "
+          f"(read + verify {m['read_s']:.2f} s, fold {m['fold_s']:.2f} s) |")
+    print(f"| daemon RSS with 1,000 finished jobs (< 80 MB) | {m['rss_mb']:.0f} MB |")
+    print(f"| daemon idle CPU (< 1%) | {m['idle_cpu']:.2f}% of one core |")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=10)
+    report(measure(ap.parse_args().trials))
