@@ -1,0 +1,59 @@
+"""Load: a burst of job files is accepted exactly once each, with inotify keeping up or the
+rescan catching what it missed (an inotify queue overflow while the daemon is stopped)."""
+import json
+import os
+import signal
+
+import pytest
+
+from daemon.eventlog import read_records
+from daemon.spool import Spool
+from tests.conftest import classification_csv, seed_job, wait_until
+
+
+def burst(spool, job: dict, count: int, prefix: str) -> None:
+    """`count` job files renamed into incoming/ as fast as Python can."""
+    data = json.dumps(job).encode()
+    incoming = spool / "incoming"
+    for i in range(count):
+        tmp = incoming / f".{prefix}{i}.tmp"
+        tmp.write_bytes(data)
+        os.rename(tmp, incoming / f"{prefix}{i:05d}.json")
+
+
+def all_accepted_once(spool, prefix: str, count: int) -> None:
+    s = Spool(spool)
+    def done():
+        return (not any(n.startswith(prefix) for n in os.listdir(spool / "incoming"))
+                and sum(1 for n in os.listdir(s.jobs) if n.startswith(prefix)) == count)
+    wait_until(done, 600, interval=0.5, what=f"{count} {prefix} jobs accepted")
+    assert not any(n.startswith(prefix) for n in os.listdir(spool / "rejected"))
+    for i in range(count):
+        records = read_records(s.events_path(f"{prefix}{i:05d}"))
+        assert [r["type"] for r in records].count("job_accepted") == 1
+        assert records[0]["source_file"] == f"{prefix}{i:05d}.json"
+
+
+@pytest.mark.parametrize("count", [100, pytest.param(1000, marks=pytest.mark.slow)])
+def test_a_burst_of_job_files_is_accepted_exactly_once_each(tmp_path, spool, daemon_factory, count):
+    """The jobs queue behind one worker slot; what is checked is acceptance: every file becomes
+    exactly one job, none is lost, rejected or taken twice."""
+    data = classification_csv(tmp_path / "train.csv")
+    d = daemon_factory(spool, "--max-jobs", "1")
+    burst(spool, seed_job(data, epochs=1), count, "b")
+    all_accepted_once(spool, "b", count)
+    assert d.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_an_inotify_overflow_is_caught_by_the_rescan(tmp_path, spool, daemon_factory):
+    """SIGSTOP the daemon while 20,000 files arrive (more than the kernel's default queue of
+    16,384 events): after SIGCONT the periodic rescan takes every one, exactly once."""
+    data = classification_csv(tmp_path / "train.csv")
+    d = daemon_factory(spool, "--max-jobs", "1")
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    try:
+        burst(spool, seed_job(data, epochs=1), 20_000, "o")
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    all_accepted_once(spool, "o", 20_000)
