@@ -108,9 +108,12 @@ def architecture(spec: dict, data: Prepared) -> dict:
             "batch_norm": ap["batch_norm"]}
 
 
-def auto_threads(spec: dict, input_dim: int, cpu_share: int) -> int:
-    """One thread while steps are small (a second never helped up to batch 1024 with the seed's
-    MLP); up to 8 of the job's cores once a step's arithmetic dwarfs the per-step overhead."""
+def job_threads(spec: dict, input_dim: int, cpu_share: int) -> int:
+    """The job's `threads`; for "auto", one thread while steps are small (a second never helped
+    up to batch 1024 with the seed's MLP), up to 8 of the job's cores once a step's arithmetic
+    dwarfs the per-step overhead."""
+    if spec["threads"] != "auto":
+        return spec["threads"]
     widths = [input_dim] + spec["algorithm_params"]["hidden_units"]
     macs = spec["batch_size"] * sum(a * b for a, b in zip(widths, widths[1:]))
     if macs < 50_000_000:

@@ -37,7 +37,7 @@ import keras  # noqa: E402
 
 from daemon.errors import CheckpointInvalid, DeviceUnavailable  # noqa: E402
 
-from . import Engine, architecture, auto_threads  # noqa: E402
+from . import Engine, architecture, job_threads  # noqa: E402
 from .data import Prepared, epoch_order, regression_scale  # noqa: E402
 
 # Before the first op: never map a whole GPU that another job may need.
@@ -145,8 +145,7 @@ class TensorFlowEngine(Engine):
     checkpoint_suffix = ".h5"
 
     def __init__(self, spec: dict, data: Prepared, cpu_share: int):
-        self.threads = (spec["threads"] if spec["threads"] != "auto"
-                        else auto_threads(spec, data.input_dim, cpu_share))
+        self.threads = job_threads(spec, data.input_dim, cpu_share)
         try:  # only before the runtime starts: a second engine in one process keeps the first's
             tf.config.threading.set_intra_op_parallelism_threads(self.threads)
             tf.config.threading.set_inter_op_parallelism_threads(1 if self.threads == 1 else 2)

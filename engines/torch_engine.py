@@ -32,7 +32,7 @@ from torch import nn
 
 from daemon.errors import CheckpointInvalid, DeviceUnavailable
 
-from . import Engine, architecture, auto_threads
+from . import Engine, architecture, job_threads
 from .data import Prepared, epoch_order, regression_scale
 
 CHECKPOINT_FORMAT = "epochd-torch-1"
@@ -101,8 +101,7 @@ class TorchEngine(Engine):
     checkpoint_suffix = ".pt"
 
     def __init__(self, spec: dict, data: Prepared, cpu_share: int):
-        self.threads = (spec["threads"] if spec["threads"] != "auto"
-                        else auto_threads(spec, data.input_dim, cpu_share))
+        self.threads = job_threads(spec, data.input_dim, cpu_share)
         # set once, before any torch work: changing it later in a process slows what follows
         torch.set_num_threads(self.threads)
         torch.manual_seed(spec["seed"])  # weights' init, then dropout masks, draw from this
