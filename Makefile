@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: demo test test-slow bench clean
 
@@ -24,8 +25,13 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q
 
-## make bench: samples/second of epochd's epochs against a hand-written PyTorch loop, one run
-bench: $(STAMP)
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,tensorflow-cpu,bench]'
+	touch $(BENCH_STAMP)
+
+## make bench: epochd's engines against the loops people write (hand PyTorch, DataLoader,
+## Lightning, Keras fit), side by side in one run, then the daemon's own costs
+bench: $(BENCH_STAMP)
 	$(PY) bench/run.py
 
 clean:

@@ -5,7 +5,10 @@ zero_grad(set_to_none=True), Adam(fused=True), the loss summed on a tensor with 
 per epoch, torch.set_num_threads(1) before any torch work. Prints one JSON line per epoch:
 {"epoch", "samples", "seconds", "cpu_seconds"} for the training part only.
 
-Usage: python bench/handwritten.py CSV BATCH EPOCHS
+With `dataloader` as a fourth argument it is instead the plain loop most code has: batches from
+a `DataLoader` over a `TensorDataset` with `shuffle=True` (per-sample indexing and collation).
+
+Usage: python bench/handwritten.py CSV BATCH EPOCHS [dataloader]
 """
 import json
 import sys
@@ -16,7 +19,7 @@ import pandas as pd
 import torch
 
 
-def main(csv: str, batch: int, epochs: int) -> None:
+def main(csv: str, batch: int, epochs: int, dataloader: bool = False) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     table = pd.read_csv(csv, engine="pyarrow")
@@ -32,15 +35,21 @@ def main(csv: str, batch: int, epochs: int) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     n = len(X)
+    loader = (torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=batch,
+                                          shuffle=True) if dataloader else None)
     for epoch in range(1, epochs + 1):
         t, cpu = time.perf_counter(), time.process_time()
-        perm = torch.randperm(n)
-        xs, ys = X.index_select(0, perm), Y.index_select(0, perm)
+        if loader is None:
+            perm = torch.randperm(n)
+            xs, ys = X.index_select(0, perm), Y.index_select(0, perm)
+            batches = ((xs[a:a + batch], ys[a:a + batch]) for a in range(0, n, batch))
+        else:
+            batches = loader
         total = torch.zeros(())
         model.train()
-        for a in range(0, n, batch):
-            out = model(xs[a:a + batch])
-            loss = loss_fn(out, ys[a:a + batch])
+        for xb, yb in batches:
+            out = model(xb)
+            loss = loss_fn(out, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -51,4 +60,4 @@ def main(csv: str, batch: int, epochs: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:] == ["dataloader"])

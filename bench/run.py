@@ -25,8 +25,13 @@ and their range (the range is the noise of the machine). A second ratio divides 
 process CPU seconds instead of wall seconds: what the loop itself costs, blind to whatever else
 the host runs meanwhile (and to fsync waits, which the wall-clock ratio does count).
 
+- Every peer side by side (bench/lightning_fit.py needs the `bench` extra): the hand loop, the
+  same with a DataLoader, Lightning with in-memory batches and with its defaults, Keras fit at
+  steps_per_execution 1 and 64, and both epochd engines, with each process's peak RSS.
+
 Usage: python bench/run.py [--rows N] [--rounds R] [--tf-rounds R] [--keras-spe 1,64]
-                           [--epochs E] [--pauses P] [--cost-trials N]
+                           [--peer-rounds R] [--peer-epochs E] [--epochs E] [--pauses P]
+                           [--cost-trials N]
 """
 import argparse
 import json
@@ -76,14 +81,26 @@ def pin_measured() -> None:
         os.sched_setaffinity(0, {MEASURED_CPU})
 
 
+def peer_run(script: str, train: Path, batch: int, epochs: int, *extra: str) -> tuple[list[float], list[float], float]:
+    """A peer loop (bench/handwritten.py, keras_fit.py, lightning_fit.py) in its own process:
+    samples per wall second and per CPU second of each steady-state epoch (the first warms up),
+    and the process's peak RSS in MB."""
+    args = [sys.executable, str(ROOT / "bench" / script), str(train), str(batch), str(epochs), *extra]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            preexec_fn=pin_measured)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # its own rusage, peak RSS included
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, args)
+    rows = [json.loads(l) for l in out.splitlines()][1:]
+    return ([r["samples"] / r["seconds"] for r in rows], [r["samples"] / r["cpu_seconds"] for r in rows],
+            usage.ru_maxrss / 1024)
+
+
 def peer_loop(script: str, train: Path, batch: int, epochs: int, *extra: str) -> tuple[list[float], list[float]]:
-    """A peer loop (bench/handwritten.py, bench/keras_fit.py) in its own process: samples per
-    wall second and per CPU second of each steady-state epoch (the first warms up)."""
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), str(train), str(batch),
-                          str(epochs), *extra], capture_output=True, text=True, check=True,
-                         preexec_fn=pin_measured)
-    rows = [json.loads(l) for l in out.stdout.splitlines()][1:]
-    return [r["samples"] / r["seconds"] for r in rows], [r["samples"] / r["cpu_seconds"] for r in rows]
+    wall, cpu, _ = peer_run(script, train, batch, epochs, *extra)
+    return wall, cpu
 
 
 def hand_loop(train: Path, batch: int, epochs: int) -> tuple[list[float], list[float]]:
@@ -133,15 +150,76 @@ def seed_job(train: Path, val: Path, batch: int, epochs: int, framework: str = "
             "algorithm_params": {"model_type": "mlp", "hidden_units": [128, 64, 32], "dropout_rate": 0.2}}
 
 
-def epochd_loop(spool: Path, train: Path, val: Path, batch: int, epochs: int, tag: str,
-                framework: str = "pytorch") -> tuple[list[float], list[float]]:
+def epochd_run(spool: Path, train: Path, val: Path, batch: int, epochs: int, tag: str,
+               framework: str = "pytorch") -> tuple[list[float], list[float], float]:
+    """epochd's steady-state epochs (wall and CPU samples/s) and its worker's largest RSS at an
+    epoch's end, in MB."""
     job_id = submit(spool, tag, seed_job(train, val, batch, epochs, framework))
     records = wait(spool, job_id, lambda r: r[-1]["type"] in ("completed", "failed"))
     done = [r for r in records if r["type"] == "epoch_completed"]
     samples = next(r for r in records if r["type"] == "run_started")["train_samples"]
     # all-in: from the end of one epoch to the end of the next, evaluation excluded
     wall = [samples / (ts(b) - ts(a) - b["eval_time"]) for a, b in zip(done, done[1:])]
-    return wall, [samples / r["cpu_time"] for r in done[1:]]
+    return wall, [samples / r["cpu_time"] for r in done[1:]], max(r["memory_usage"] for r in done)
+
+
+def epochd_loop(spool: Path, train: Path, val: Path, batch: int, epochs: int, tag: str,
+                framework: str = "pytorch") -> tuple[list[float], list[float]]:
+    wall, cpu, _ = epochd_run(spool, train, val, batch, epochs, tag, framework)
+    return wall, cpu
+
+
+# Every loop of the peers table: (label, script and its arguments) or an epochd engine.
+PEERS = [("hand-optimised PyTorch", ("handwritten.py",)),
+         ("PyTorch with DataLoader", ("handwritten.py", "dataloader")),
+         ("Lightning, in-memory batches", ("lightning_fit.py", "inmemory")),
+         ("Lightning defaults", ("lightning_fit.py", "defaults")),
+         ("Keras fit defaults", ("keras_fit.py", "1")),
+         ("Keras fit, steps_per_execution=64", ("keras_fit.py", "64"))]
+ENGINES = [("epochd, PyTorch engine (all-in)", "pytorch"), ("epochd, TensorFlow engine (all-in)", "tensorflow")]
+
+
+def peers_rounds(spool: Path, train: Path, val: Path, args) -> dict:
+    """Every peer and both engines, one after another per batch size: (label, batch) -> lists
+    of per-round median samples/s and peak RSS."""
+    results: dict = {}
+    for r in range(args.peer_rounds):
+        for batch in (32, 256):
+            for label, (script, *extra) in PEERS:
+                wall, _, rss = peer_run(script, train, batch, args.peer_epochs, *extra)
+                results.setdefault((label, batch), ([], []))[0].append(statistics.median(wall))
+                results[(label, batch)][1].append(rss)
+            for label, framework in ENGINES:
+                wall, _, rss = epochd_run(spool, train, val, batch, args.peer_epochs,
+                                          f"peers-{framework}-b{batch}-r{r}", framework)
+                results.setdefault((label, batch), ([], []))[0].append(statistics.median(wall))
+                results[(label, batch)][1].append(rss)
+            print(f"peers round {r + 1}/{args.peer_rounds}, batch {batch} done", file=sys.stderr)
+    return results
+
+
+def report_peers(args, results: dict) -> None:
+    if not args.peer_rounds:
+        return
+    print(f"\nEvery peer and both engines ({args.peer_rounds} round(s), {args.peer_epochs - 1} timed "
+          "epoch(s) each, one after another on the same core; ratio: epochd's faster engine over "
+          "the loop)\n")
+    print("| loop | batch 32 (samples/s) | epochd / it | batch 256 (samples/s) | epochd / it | peak RSS (MB) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    speed = {key: statistics.median(v[0]) for key, v in results.items()}
+    best = {b: max(speed[(label, b)] for label, _ in ENGINES) for b in (32, 256)}
+    for label in [p[0] for p in PEERS] + [e[0] for e in ENGINES]:
+        cells = []
+        for b in (32, 256):
+            cells += [f"{speed[(label, b)]:,.0f}", f"{best[b] / speed[(label, b)]:.2f}x"]
+        rss = max(max(results[(label, b)][1]) for b in (32, 256))
+        print(f"| {label} | {' | '.join(cells)} | {rss:,.0f} |")
+    for b in (32, 256):
+        fastest = max((speed[(p[0], b)], p[0]) for p in PEERS)
+        for label, _ in ENGINES:
+            print(f"\nbatch {b}: {label} / fastest peer ({fastest[1]}) = "
+                  f"{speed[(label, b)] / fastest[0]:.2f}x", end="")
+    print()
 
 
 def pause_latencies(spool: Path, train: Path, val: Path, trials: int) -> list[float]:
@@ -197,6 +275,9 @@ def main() -> None:
     ap.add_argument("--keras-spe", default="1,64",
                     help="steps_per_execution values Keras fit runs with, comma-separated")
     ap.add_argument("--epochs", type=int, default=4, help="per run; the first is warm-up")
+    ap.add_argument("--peer-rounds", type=int, default=1,
+                    help="rounds of the every-peer table (Lightning needs the bench extra; 0: skip)")
+    ap.add_argument("--peer-epochs", type=int, default=3, help="per peer run; the first is warm-up")
     ap.add_argument("--pauses", type=int, default=8)
     ap.add_argument("--cost-trials", type=int, default=10,
                     help="jobs for the pickup and start-up timings (0: skip bench/daemon_costs.py)")
@@ -222,12 +303,14 @@ def main() -> None:
                     print(f"round {r + 1}/{args.rounds}, batch {batch}: hand {statistics.median(hand):,.0f}, "
                           f"epochd {statistics.median(ours):,.0f} samples/s", file=sys.stderr)
             tf_results = tensorflow_rounds(spool, train, val, args, spes)
+            peer_results = peers_rounds(spool, train, val, args)
             pauses = pause_latencies(spool, train, val, args.pauses)
         finally:
             daemon.stop()
         ckpt_s, append_s = checkpoint_and_append_costs(train, val, folder)
     report(args, results, pauses, ckpt_s, append_s)
     report_tensorflow(args, spes, tf_results)
+    report_peers(args, peer_results)
     if args.cost_trials:
         sys.path.insert(0, str(ROOT / "bench"))
         import daemon_costs
@@ -259,6 +342,8 @@ def tensorflow_rounds(spool: Path, train: Path, val: Path, args, spes: list[int]
 
 
 def report(args, results, pauses, ckpt_s, append_s) -> None:
+    if not args.rounds:  # the costs below are shares of a batch-32 epoch these rounds time
+        return
     print(f"\n`make bench` ({args.rows:,} rows x 20 features, seed MLP 128-64-32, {args.rounds} rounds "
           f"interleaved, {args.epochs - 1} timed epochs per run, measured processes on CPU {MEASURED_CPU}; {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
           f"torch {__import__('torch').__version__})\n")
@@ -272,16 +357,16 @@ def report(args, results, pauses, ckpt_s, append_s) -> None:
         print(f"| {batch} | {hand:,.0f} | {ours:,.0f} | {statistics.median(r['pairs']):.2f}x | "
               f"{min(r['pairs']):.2f}-{max(r['pairs']):.2f} | {statistics.median(r['cpu_pairs']):.2f}x | "
               f"{min(r['cpu_pairs']):.2f}-{max(r['cpu_pairs']):.2f} |")
-    pauses = sorted(pauses)
-    p99 = pauses[min(len(pauses) - 1, int(round(0.99 * (len(pauses) - 1))))]
     print("\n| daemon cost | value |\n| --- | --- |")
-    print(f"| pause latency, control file to `paused`, mid-epoch ({len(pauses)} trials) | "
-          f"median {statistics.median(pauses) * 1000:.0f} ms, max {p99 * 1000:.0f} ms |")
+    if pauses:
+        pauses = sorted(pauses)
+        p99 = pauses[min(len(pauses) - 1, int(round(0.99 * (len(pauses) - 1))))]
+        print(f"| pause latency, control file to `paused`, mid-epoch ({len(pauses)} trials) | "
+              f"median {statistics.median(pauses) * 1000:.0f} ms, max {p99 * 1000:.0f} ms |")
     print(f"| checkpoint (write, fsync, rename, sha256) | {ckpt_s * 1000:.1f} ms = "
           f"{ckpt_s / epoch32 * 100:.2f}% of a batch-32 epoch |")
     print(f"| event append + fsync | {append_s * 1e6:.0f} us; ~{epoch32 + 3:.0f} events per batch-32 epoch "
           f"= {(epoch32 + 3) * append_s / epoch32 * 100:.2f}% |")
-
 
 
 def report_tensorflow(args, spes: list[int], results: dict) -> None:
