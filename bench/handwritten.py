@@ -14,24 +14,25 @@ import json
 import sys
 import time
 
-import numpy as np
-import pandas as pd
 import torch
+
+from peer_data import load
+
+
+def seed_mlp(d_in: int) -> torch.nn.Sequential:
+    return torch.nn.Sequential(
+        torch.nn.Linear(d_in, 128), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+        torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+        torch.nn.Linear(32, 1))
 
 
 def main(csv: str, batch: int, epochs: int, dataloader: bool = False) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    table = pd.read_csv(csv, engine="pyarrow")
-    x = table.drop(columns=["target"]).to_numpy(np.float32)
-    x = (x - x.mean(0)) / x.std(0)
-    X = torch.from_numpy(np.ascontiguousarray(x))
-    Y = torch.from_numpy(table["target"].to_numpy(np.float32)).reshape(-1, 1)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(X.shape[1], 128), torch.nn.ReLU(), torch.nn.Dropout(0.2),
-        torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Dropout(0.2),
-        torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2),
-        torch.nn.Linear(32, 1))
+    x, y = load(csv)
+    X, Y = torch.from_numpy(x), torch.from_numpy(y)
+    model = seed_mlp(X.shape[1])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     n = len(X)

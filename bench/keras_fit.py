@@ -16,10 +16,10 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
+
+from peer_data import load  # noqa: E402
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -40,10 +40,7 @@ def main(csv: str, batch: int, epochs: int, steps_per_execution: int) -> None:
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     keras.utils.set_random_seed(0)
-    table = pd.read_csv(csv, engine="pyarrow")
-    x = table.drop(columns=["target"]).to_numpy(np.float32)
-    x = (x - x.mean(0)) / x.std(0)
-    y = table["target"].to_numpy(np.float32).reshape(-1, 1)
+    x, y = load(csv)
     model = keras.Sequential([
         keras.Input((x.shape[1],)),
         keras.layers.Dense(128, activation="relu"), keras.layers.Dropout(0.2),

@@ -15,8 +15,6 @@ import sys
 import time
 import warnings
 
-import numpy as np
-import pandas as pd
 import torch
 
 warnings.filterwarnings("ignore")  # Lightning's advice about workers and logging, every run
@@ -24,15 +22,14 @@ warnings.filterwarnings("ignore")  # Lightning's advice about workers and loggin
 import lightning as L  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset  # noqa: E402
 
+from handwritten import seed_mlp  # noqa: E402
+from peer_data import load  # noqa: E402
+
 
 class SeedMLP(L.LightningModule):
     def __init__(self, d_in: int):
         super().__init__()
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(d_in, 128), torch.nn.ReLU(), torch.nn.Dropout(0.2),
-            torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Dropout(0.2),
-            torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2),
-            torch.nn.Linear(32, 1))
+        self.net = seed_mlp(d_in)
         self.loss = torch.nn.BCEWithLogitsLoss()
 
     def training_step(self, batch, batch_idx):
@@ -70,11 +67,8 @@ class EpochTimer(L.Callback):
 def main(csv: str, batch: int, epochs: int, mode: str) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    table = pd.read_csv(csv, engine="pyarrow")
-    x = table.drop(columns=["target"]).to_numpy(np.float32)
-    x = (x - x.mean(0)) / x.std(0)
-    X = torch.from_numpy(np.ascontiguousarray(x))
-    Y = torch.from_numpy(table["target"].to_numpy(np.float32)).reshape(-1, 1)
+    x, y = load(csv)
+    X, Y = torch.from_numpy(x), torch.from_numpy(y)
     if mode == "inmemory":
         loader = DataLoader(ShuffledSlices(X, Y, batch), batch_size=None)
     else:
