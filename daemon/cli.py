@@ -69,7 +69,7 @@ def echo_json(value) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="epochd")
 def cli():
-    """epochd trains PyTorch models epoch by epoch from job files dropped into a spool.
+    """epochd trains PyTorch and TensorFlow models epoch by epoch from job files dropped into a spool.
 
     Every fact about a job is appended to jobs/<id>/events.jsonl; pause, resume and cancel are
     files dropped into control/. Run `epochd serve` (systemd does), then `epochd submit`.

@@ -64,13 +64,13 @@ def test_the_seed_job_trains_end_to_end(tmp_path, spool, daemon_factory, framewo
 
 
 def long_job(data, out, framework, **overrides):
-    """About 4,000 steps an epoch: long enough for a pause or a kill to land mid-epoch."""
+    """On 20,000 rows 8,000 steps an epoch, seconds long: a pause or a kill lands mid-epoch."""
     return seed_job(data, out, framework=framework, epochs=2, batch_size=2,
                     algorithm_params={"hidden_units": [16]}, **overrides)
 
 
 def test_pause_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_path, spool, daemon_factory, framework):
-    data = classification_csv(tmp_path / "train.csv", rows=10000)
+    data = classification_csv(tmp_path / "train.csv", rows=20000)
     daemon_factory(spool, "--max-jobs", "2")
     drop_job(spool, "ref.json", long_job(data, tmp_path / "ref", framework))
     drop_job(spool, "p.json", long_job(data, tmp_path / "p", framework))
@@ -95,7 +95,7 @@ def test_kill_9_mid_epoch_resumes_from_the_last_checkpoint_to_the_uninterrupted_
     """kill -9 of the worker after a timed mid-epoch checkpoint: `interrupted` (SIGKILL, a crash),
     a second run resumes from that checkpoint, history holds each epoch once, and the final
     weights equal a run that never stopped."""
-    data = classification_csv(tmp_path / "train.csv", rows=10000)
+    data = classification_csv(tmp_path / "train.csv", rows=20000)
     daemon_factory(spool, "--max-jobs", "2")
     timed = {"checkpoint": {"every_seconds": 0.3}}
     drop_job(spool, "ref.json", long_job(data, tmp_path / "ref", framework))

@@ -26,9 +26,9 @@ def same_weights(a, b) -> bool:
     return wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
 
 
-def job(data, out):
-    """Four epochs of about a second each."""
-    return seed_job(data, out, epochs=4, batch_size=2, algorithm_params={"hidden_units": [16]})
+def job(data, out, epochs=4):
+    """Epochs of thousands of single-pair steps: on 8,000 rows about a second each."""
+    return seed_job(data, out, epochs=epochs, batch_size=2, algorithm_params={"hidden_units": [16]})
 
 
 def alive(pid: int) -> bool:
@@ -62,7 +62,7 @@ def test_kill_9_of_daemon_and_workers_at_random_moments(tmp_path, spool, daemon_
     """Three kills at seeded random moments, a restart after each: epochs 1..4 exactly once in
     the history and the final weights of a run that was never touched."""
     rng = random.Random(seed)
-    data = classification_csv(tmp_path / "train.csv", rows=4000)
+    data = classification_csv(tmp_path / "train.csv", rows=8000)
     reference_spool = tmp_path / "reference"
     Spool(reference_spool).ensure()
     daemon_factory(reference_spool)
@@ -88,7 +88,7 @@ def test_kill_9_of_daemon_and_workers_at_random_moments(tmp_path, spool, daemon_
 
 
 def test_a_worker_that_outlives_the_daemon_is_not_started_twice(tmp_path, spool, daemon_factory):
-    data = classification_csv(tmp_path / "train.csv", rows=3000)
+    data = classification_csv(tmp_path / "train.csv", rows=8000)
     d = daemon_factory(spool)
     drop_job(spool, "j.json", job(data, tmp_path / "out"))
     records = wait_for_event(spool, "j", "progress")
@@ -103,10 +103,13 @@ def test_a_worker_that_outlives_the_daemon_is_not_started_twice(tmp_path, spool,
 
 
 def test_paused_jobs_stay_paused_across_a_restart(tmp_path, spool, daemon_factory):
-    data = classification_csv(tmp_path / "train.csv", rows=3000)
+    """j is paused and stays so; k, running when the daemon stops, resumes and finishes. j has
+    far more epochs than the test can wait for and k some ten seconds of them, so neither ends
+    before the daemon stops, however fast the machine."""
+    data = classification_csv(tmp_path / "train.csv", rows=8000)
     d = daemon_factory(spool, "--max-jobs", "2")
-    drop_job(spool, "j.json", job(data, tmp_path / "out"))
-    drop_job(spool, "k.json", job(data, tmp_path / "out2"))
+    drop_job(spool, "j.json", job(data, tmp_path / "out", epochs=1000))
+    drop_job(spool, "k.json", job(data, tmp_path / "out2", epochs=10))
     wait_for_event(spool, "j", "progress")
     wait_for_event(spool, "k", "progress")
     control.drop(Spool(spool), "j", "pause")
