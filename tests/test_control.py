@@ -65,7 +65,7 @@ def test_pause_lands_mid_epoch_and_resume_reproduces_the_weights_exactly(tmp_pat
 
 
 def test_cancel_a_running_a_queued_and_a_paused_job(tmp_path, spool, daemon_factory):
-    data = classification_csv(tmp_path / "train.csv", rows=5000)
+    data = classification_csv(tmp_path / "train.csv", rows=40000)  # seconds an epoch: cancelled long before the end
     daemon_factory(spool, "--max-jobs", "1")
     drop_job(spool, "run.json", long_epochs_job(data, tmp_path / "run"))
     wait_for_event(spool, "run", "progress")
@@ -86,8 +86,9 @@ def test_cancel_a_running_a_queued_and_a_paused_job(tmp_path, spool, daemon_fact
 
 def test_repeats_are_harmless_and_nonsense_is_rejected(tmp_path, spool, daemon_factory):
     data = classification_csv(tmp_path / "train.csv", rows=5000)
+    big = classification_csv(tmp_path / "big.csv", rows=40000)  # busy outlasts everything before its cancel
     daemon_factory(spool, "--max-jobs", "1")
-    drop_job(spool, "busy.json", long_epochs_job(data, tmp_path / "busy"))
+    drop_job(spool, "busy.json", long_epochs_job(big, tmp_path / "busy"))
     wait_for_event(spool, "busy", "progress")
     drop_job(spool, "j.json", seed_job(data, epochs=1))
     wait_until(lambda: Spool(spool).events_path("j").exists(), 30, what="j accepted")

@@ -150,9 +150,9 @@ def test_a_worker_that_keeps_dying_ends_failed_after_the_retry_limit(tmp_path, s
 
 
 def test_shutdown_interrupts_running_jobs_and_the_next_start_continues_them(tmp_path, spool, daemon_factory):
-    data = classification_csv(tmp_path / "train.csv", rows=3000)
+    data = classification_csv(tmp_path / "train.csv", rows=12000)  # epochs of 4,800 steps, seconds
     d = daemon_factory(spool)
-    drop_job(spool, "s.json", seed_job(data, epochs=4, batch_size=4))
+    drop_job(spool, "s.json", seed_job(data, epochs=4, batch_size=2, algorithm_params={"hidden_units": [16]}))
     wait_for_event(spool, "s", "progress")
     assert d.stop() == 0
     state = fold(events_of(spool, "s"))

@@ -38,7 +38,7 @@ def test_checkpoint_policy_every_n_epochs_keep_last_and_keep_best(tmp_path, spoo
 def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(tmp_path, spool, daemon_factory):
     """Pause mid-epoch, flip a byte in that checkpoint, resume: sha256 catches it, the run
     resumes from the checkpoint before, and the final weights still equal an uninterrupted run's."""
-    data = classification_csv(tmp_path / "train.csv", rows=10000)
+    data = classification_csv(tmp_path / "train.csv", rows=20000)  # 8,000 steps an epoch
     job = lambda out: seed_job(data, out, epochs=3, batch_size=2, algorithm_params={"hidden_units": [16]})
     daemon_factory(spool, "--max-jobs", "2")
     drop_job(spool, "ref.json", job(tmp_path / "ref"))
