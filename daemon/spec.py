@@ -227,8 +227,9 @@ class JobSpec(Strict):
     learning_rate_scheduler: Schedule | None = Field(None, description=SCHEDULE_HELP)
     mixed_precision: Literal["no", "bf16"] = Field(
         "no", description='"no" or "bf16" (fp16 is not available yet)')
-    gradient_accumulation_steps: Literal[1] = Field(
-        1, description="1 (accumulation is not available yet)")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=4096, description="a whole number in [1, 4096]: micro-batches of batch_size "
+                                      "rows per optimizer step")
     checkpoint: CheckpointPolicy = Field(CheckpointPolicy(), description="an object")
     devices: Literal["auto", "cpu", "cuda"] | Annotated[int, Field(ge=0, le=1)] | list[
         Annotated[int, Field(ge=0)]] = Field(

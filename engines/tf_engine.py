@@ -162,7 +162,10 @@ class TensorFlowEngine(Engine):
         tf.config.experimental.enable_op_determinism()
         keras.utils.set_random_seed(spec["seed"])  # weights' init, then the dropout seeds
         self.spec, self.task = spec, data.task
-        self.batch_size = spec["batch_size"]
+        # a step is one optimizer update: with accumulation, over `accumulation` micro-batches
+        self.micro_batch = spec["batch_size"]
+        self.accumulation = spec["gradient_accumulation_steps"]
+        self.batch_size = self.micro_batch * self.accumulation
         self.y_scale = regression_scale(data.preprocess)
         self.binary = data.task == "classification" and data.n_outputs == 1
         self.multiclass = data.task == "classification" and not self.binary
@@ -240,15 +243,38 @@ class TensorFlowEngine(Engine):
             start = step * bs
             xb, yb = xs[start:start + bs], ys[start:start + bs]
             opt.learning_rate.assign(lrs[i])
-            with tf.GradientTape() as tape:
-                out = model(xb, training=True)
-                loss = self._loss(out, yb)
-            grads = tape.gradient(loss, variables)
+            if self.accumulation > 1:
+                grads, loss = self._accumulated_grads(xb, yb, start)
+            else:
+                with tf.GradientTape() as tape:
+                    out = model(xb, training=True)
+                    loss = self._loss(out, yb)
+                grads = tape.gradient(loss, variables)
+                self.sample_hits[start:start + tf.shape(xb)[0]].assign(self._hits(out, yb))
             if l2:
                 grads = [g + l2 * v for g, v in zip(grads, variables)]
             opt.apply(grads, variables)
             self.step_losses[step].assign(loss)
-            self.sample_hits[start:start + tf.shape(xb)[0]].assign(self._hits(out, yb))
+
+    def _accumulated_grads(self, xb, yb, start):
+        """The step's gradient from micro-batches taken one after the other, each weighted by
+        its share of the rows: the whole batch's mean-loss gradient (a short last batch
+        included), with one micro-batch's activations alive at a time."""
+        variables = self.model.trainable_variables
+        rows, micro = tf.shape(xb)[0], self.micro_batch
+        total = tf.zeros_like(self.step_losses[0])
+        grads = [tf.zeros_like(v) for v in variables]
+        for j in tf.range((rows + micro - 1) // micro):
+            a = j * micro
+            xm, ym = xb[a:a + micro], yb[a:a + micro]
+            share = tf.cast(tf.shape(xm)[0], tf.float32) / tf.cast(rows, tf.float32)
+            with tf.GradientTape() as tape:
+                out = self.model(xm, training=True)
+                loss = self._loss(out, ym)
+            grads = [s + g * share for s, g in zip(grads, tape.gradient(loss, variables))]
+            total += loss * share
+            self.sample_hits[start + a:start + a + tf.shape(xm)[0]].assign(self._hits(out, ym))
+        return grads, total
 
     def train_steps(self, lrs: Sequence[float]) -> None:
         if not lrs:

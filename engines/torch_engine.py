@@ -110,7 +110,10 @@ class TorchEngine(Engine):
         self.devices = [str(self.device) if self.device.type != "cuda" else
                         f"{self.device} ({torch.cuda.get_device_name(self.device)})"]
         self.spec, self.task = spec, data.task
-        self.batch_size = spec["batch_size"]
+        # a step is one optimizer update: with accumulation, over `accumulation` micro-batches
+        self.micro_batch = spec["batch_size"]
+        self.accumulation = spec["gradient_accumulation_steps"]
+        self.batch_size = self.micro_batch * self.accumulation
         self.y_scale = regression_scale(data.preprocess)
         self.model = build_model(architecture(spec, data)).to(self.device)
         self.optimizer = make_optimizer(self.model.parameters(), spec["optimizer"],
@@ -193,7 +196,9 @@ class TorchEngine(Engine):
                 self.lr = lr
             xb = self.xs[start + i * bs:start + (i + 1) * bs]
             yb = self.ys[start + i * bs:start + (i + 1) * bs]
-            if self.fast is not None:
+            if self.accumulation > 1:
+                loss, out = self._accumulated_step(first + i, xb, yb)
+            elif self.fast is not None:
                 loss, out = self._fast_step(first + i, xb, yb)
             else:
                 with self.autocast:
@@ -209,6 +214,36 @@ class TorchEngine(Engine):
             self.step_losses[first:self.step] = torch.stack(losses)
             end = min(self.step * bs, self.n)
             self.sample_hits[start:end] = self._hits(torch.cat(outputs), self.ys[start:end])
+
+    def _accumulated_step(self, step: int, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update from micro-batches of the step's rows, taken one after the other: each
+        micro-batch's mean loss weighted by its share of the rows, so the gradient is the
+        whole batch's mean-loss gradient, as if it had been one batch (a short last batch
+        included). Only one micro-batch's activations are alive at a time."""
+        rows, micro = len(xb), self.micro_batch
+        self.optimizer.zero_grad(set_to_none=True)
+        masks = self._step_masks(step, rows) if self.fast is not None and self.dropout > 0 else None
+        loss, outs = torch.zeros((), device=self.device), []
+        for a in range(0, rows, micro):
+            xm, ym, share = xb[a:a + micro], yb[a:a + micro], min(micro, rows - a) / rows
+            if self.fast is not None:
+                with torch.no_grad():
+                    m_loss, out, grads = self.fast_grads(
+                        xm, ym, None if masks is None else [m[a:a + micro] for m in masks])
+                    for layer, (gw, gb) in zip(self.fast, grads):
+                        if layer.weight.grad is None:
+                            layer.weight.grad, layer.bias.grad = gw.mul_(share), gb.mul_(share)
+                        else:
+                            layer.weight.grad.add_(gw, alpha=share)
+                            layer.bias.grad.add_(gb, alpha=share)
+            else:
+                with self.autocast:
+                    out = self.model(xm)
+                    m_loss = self.loss_fn(out, ym)
+                (m_loss * share).backward()
+            loss = loss + m_loss.detach().float() * share
+            outs.append(out.detach())
+        return loss, torch.cat(outs)
 
     # ---------------------------------------------------------------- the fast path
 

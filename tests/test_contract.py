@@ -154,7 +154,7 @@ def test_schedule_and_early_stopping_decide_from_the_history_alone(tmp_path, spo
 def test_a_worker_loads_only_its_own_framework(tmp_path, spool, daemon_factory, framework):
     """A PyTorch worker never maps TensorFlow's libraries and a TensorFlow worker never maps
     libtorch (read from the running worker's /proc/<pid>/maps)."""
-    data = classification_csv(tmp_path / "train.csv", rows=10000)
+    data = classification_csv(tmp_path / "train.csv", rows=20000)
     daemon_factory(spool)
     drop_job(spool, "w.json", long_job(data, tmp_path / "w", framework))
     records = wait_for_event(spool, "w", "progress")
@@ -164,3 +164,17 @@ def test_a_worker_loads_only_its_own_framework(tmp_path, spool, daemon_factory, 
     assert own in maps and other not in maps
     control.drop(Spool(spool), "w", "cancel")
     wait_for_status(spool, "w", "cancelled")
+
+
+def test_gradient_accumulation_through_the_daemon(tmp_path, spool, daemon_factory, framework):
+    """batch_size 8 accumulated 4 times: a step is one update over 32 rows, and the log says so."""
+    data = classification_csv(tmp_path / "train.csv", rows=400)
+    daemon_factory(spool)
+    drop_job(spool, "acc.json", seed_job(data, tmp_path / "acc", framework=framework, epochs=2,
+                                         batch_size=8, gradient_accumulation_steps=4))
+    state = wait_for_status(spool, "acc", "completed")
+    run = next(r for r in events_of(spool, "acc") if r["type"] == "run_started")
+    assert run["steps_per_epoch"] == -(-run["train_samples"] // 32)
+    assert [h["steps"] for h in state.history] == [run["steps_per_epoch"]] * 2
+    assert state.spec["gradient_accumulation_steps"] == 4
+    assert state.history[1]["train_loss"] < state.history[0]["train_loss"]
