@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 ## make test: the default suite (all that runs on a CPU), in minutes
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 ## make test-slow: the long trials too
 test-slow: $(STAMP)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import orjson
 
+from . import faults
 from .errors import BadJobFile
 from .events import Cancelled, ControlReceived, Event, Paused, Resumed
 from .fsutil import atomic_write_bytes
@@ -93,10 +94,13 @@ def read_reason(request: Request) -> str | None:
     return None
 
 
-def decide(status: Status | None, action: str) -> Decision:
-    """What a request means for a job in `status` (pure)."""
+def decide(status: Status | None, action: str, retryable: bool = False) -> Decision:
+    """What a request means for a job in `status` (pure). `retryable`: the job failed for a
+    cause outside it (a full disk, an I/O error, memory): resume continues it."""
     if status is None:
         return Decision("reject", "the job has not been accepted yet")
+    if status == Status.FAILED and retryable and action in ("resume", "cancel"):
+        return Decision("act")
     if status in (Status.COMPLETED, Status.FAILED) or (
             status == Status.CANCELLED and action != "cancel"):
         return Decision("reject", f"the job is {status}; there is nothing to {action}. "
@@ -110,7 +114,7 @@ def decide(status: Status | None, action: str) -> Decision:
 
 
 def consume(spool: Spool, request: Request, status: Status | None,
-            record: Callable[[Event], object]) -> tuple[Decision, str | None] | None:
+            record: Callable[[Event], object], retryable: bool = False) -> tuple[Decision, str | None] | None:
     """Put a request on record (`control_received`) and remove its file, or move it to rejected/
     with the reason. Returns (decision, the user's reason) when it went on record. The caller
     holds the job's lock and acts on an "act" decision."""
@@ -119,13 +123,15 @@ def consume(spool: Spool, request: Request, status: Status | None,
     except BadJobFile as e:
         reject(spool, spool.control, request.path.name, e.errors, kind="control file")
         return None
-    decision = decide(status, request.action)
+    decision = decide(status, request.action, retryable)
     if decision.kind == "reject":
         reject(spool, spool.control, request.path.name, [decision.why], kind="control file",
                what_next=f'check "epochd status {request.job_id}"')
         return None
     record(received(request, reason, decision))
+    faults.point("control.unconsumed")
     request.path.unlink(missing_ok=True)
+    faults.point("control.unacted")
     return decision, reason
 
 

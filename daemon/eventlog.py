@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import orjson
 
+from . import faults
 from .errors import LogCorrupt
 from .events import Event, LogRepaired, upcast
 
@@ -57,41 +58,84 @@ class LogContents:
     good_bytes: int       # length of the valid prefix
     torn_bytes: int       # bytes after it: a torn tail, cut by the next writer
     torn_preview: bytes
+    last_seq: int = 0     # seq of the last valid record (records may leave progress out)
 
 
-def read_log(path: Path) -> LogContents:
-    """All valid records of a log, upcast to current versions. Raises LogCorrupt."""
+def read_log(path: Path, foldable: bool = False) -> LogContents:
+    """All valid records of a log, upcast to current versions. Raises LogCorrupt.
+
+    `foldable`: leave out each `progress` record that the very next record, also a `progress`,
+    supersedes. `fold` keeps only the latest position, so its result is the same, and a long
+    log is mostly progress: the left-out lines are checked (checksum, seq) but not parsed.
+    """
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return LogContents([], 0, 0, b"")
-    return parse_log(data, path)
+    return parse_log(data, path, foldable)
 
 
-def parse_log(data: bytes, path="<log>") -> LogContents:
+PROGRESS_TYPE = b'"type":"progress"'  # `encode` writes seq, ts, type first: within 80 bytes
+
+
+def _checked_seq(line: bytes) -> int | None:
+    """The seq of a line whose checksum checks out, read without parsing the JSON; else None."""
+    if len(line) < CRC_SUFFIX_LEN or line[-CRC_SUFFIX_LEN:-10] != CRC_PREFIX or not line.startswith(b'{"seq":'):
+        return None
+    try:
+        if int(line[-10:-2], 16) != zlib.crc32(line[:-CRC_SUFFIX_LEN] + b"}"):
+            return None
+        return int(line[7:line.index(b",", 7)])
+    except ValueError:
+        return None
+
+
+def parse_log(data: bytes, path="<log>", foldable: bool = False, first_seq: int = 1) -> LogContents:
+    """`data` is a whole log, or the rest of one from the start of the line with `first_seq`."""
     records: list[dict] = []
     good_end = offset = 0
     first_bad: tuple[int, str] | None = None
+    due = first_seq  # the seq the next valid line must carry
+    held = None      # foldable: the latest checked progress line, parsed once it is not superseded
     lines = data.split(b"\n")
     # the piece after the last newline is unterminated: at best a torn append
     for line_no, line in enumerate(lines[:-1], start=1):
-        record = decode(line)
         offset += len(line) + 1
+        if foldable and line.find(PROGRESS_TYPE, 0, 80) > 0:
+            seq = _checked_seq(line)
+            if seq is not None:
+                if first_bad is not None:
+                    raise LogCorrupt(path, first_bad[0], first_bad[1])
+                if seq != due:
+                    raise LogCorrupt(path, line_no, f"seq {seq} where {due} was due (lost or repeated events)")
+                held, due, good_end = line, due + 1, offset
+                continue
+        if held is not None:
+            records.append(upcast(decode(held)))
+            held = None
+        record = decode(line)
         if record is None:
             first_bad = first_bad or (line_no, "checksum or JSON does not check out")
             continue
         if first_bad is not None:
             raise LogCorrupt(path, first_bad[0], first_bad[1])
-        if record.get("seq") != len(records) + 1:
+        if record.get("seq") != due:
             raise LogCorrupt(path, line_no, f"seq {record.get('seq')!r} where "
-                                            f"{len(records) + 1} was due (lost or repeated events)")
+                                            f"{due} was due (lost or repeated events)")
         records.append(upcast(record))
-        good_end = offset
-    return LogContents(records, good_end, len(data) - good_end, data[good_end:good_end + 64])
+        due, good_end = due + 1, offset
+    if held is not None:
+        records.append(upcast(decode(held)))
+    return LogContents(records, good_end, len(data) - good_end, data[good_end:good_end + 64], due - 1)
 
 
 def read_records(path: Path) -> list[dict]:
     return read_log(path).records
+
+
+def read_foldable(path: Path) -> list[dict]:
+    """What `fold` needs of a log (see `read_log`): the daemon's and the CLI's replay."""
+    return read_log(path, foldable=True).records
 
 
 class EventLog:
@@ -103,8 +147,9 @@ class EventLog:
     def __init__(self, path: Path, clock: Callable[[], str] = utc_now):
         self.path = Path(path)
         self.clock = clock
-        contents = read_log(self.path)
-        self.records = contents.records
+        contents = read_log(self.path, foldable=True)
+        self.records = contents.records   # foldable: superseded progress records left out
+        self.last_seq = contents.last_seq
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         if contents.torn_bytes:
             self._cut_torn_tail(contents)
@@ -119,17 +164,22 @@ class EventLog:
 
     @property
     def next_seq(self) -> int:
-        return len(self.records) + 1
+        return self.last_seq + 1
 
     def append(self, event: Event) -> dict:
         line = encode(self.next_seq, self.clock(), event)
+        if faults.armed("append.torn"):
+            os.write(self.fd, line[:len(line) // 2])
+            faults.die()
         written = os.write(self.fd, line)
         if written != len(line):
             # a short write leaves a torn tail: the next writer cuts it; this one stops here
             raise OSError(f"short write to {self.path}: {written} of {len(line)} bytes")
+        faults.point("append.unsynced")
         os.fsync(self.fd)
         record = decode(line[:-1])
         self.records.append(record)
+        self.last_seq += 1
         return record
 
     def close(self) -> None:

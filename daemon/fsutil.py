@@ -11,6 +11,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from . import faults
+
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 try:
@@ -43,11 +45,56 @@ def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        faults.point("file.unrenamed")
         os.replace(tmp, path)
+    except Exception as e:
+        # libraries that write for us (torch.save, h5py) may turn ENOSPC into their own error
+        # ("unexpected pos 5440 vs 5332"): say what happened if the disk is in fact full
+        full = not (isinstance(e, OSError) and e.errno) and _nearly_full(path.parent)
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def _nearly_full(folder: Path, margin: int = 1 << 20) -> bool:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < margin
+
+
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Delete the temp files (`temp_path_for`) in `folder` whose writer is dead: the leftovers of
+    a crash between writing a file and renaming it. Returns their names."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        head, _, pid = name.removesuffix(".tmp").rpartition(".")
+        if not (name.startswith(".") and name.endswith(".tmp") and head and pid.isdigit()):
+            continue
+        if int(pid) != os.getpid() and not _alive(int(pid)):
+            Path(folder, name).unlink(missing_ok=True)
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -45,6 +45,7 @@ class JobState:
     stop_reason: str | None = None
     outputs: dict | None = None
     controls: list[dict] = field(default_factory=list)    # control_received payloads
+    pending_control: dict | None = None  # a request accepted but not yet carried out
     repairs: int = 0
     last_progress: dict | None = None
     updated_at: str | None = None
@@ -123,10 +124,13 @@ def apply(s: JobState, r: dict) -> JobState:
             s.stop_reason = "early_stopping"
         case "control_received":
             s.controls.append(_payload(r))
+            if r["outcome"] == "accepted":
+                s.pending_control = s.controls[-1]
         case "paused":
             s.status, s.position = Status.PAUSED, (r["epoch"], r["step"])
+            s.pending_control = None
         case "resumed":
-            s.status = Status.PENDING
+            s.status, s.pending_control = Status.PENDING, None
         case "interrupted":
             s.status = Status.INTERRUPTED
             if r.get("crash"):
@@ -134,10 +138,11 @@ def apply(s: JobState, r: dict) -> JobState:
                 s.last_crash_at = r["ts"]
         case "completed":
             s.status, s.stop_reason, s.outputs = Status.COMPLETED, r["stop_reason"], r["outputs"]
+            s.pending_control = None
         case "failed":
-            s.status, s.last_error = Status.FAILED, _payload(r)
+            s.status, s.last_error, s.pending_control = Status.FAILED, _payload(r), None
         case "cancelled":
-            s.status = Status.CANCELLED
+            s.status, s.pending_control = Status.CANCELLED, None
         case "log_repaired":
             s.repairs += 1
     return s

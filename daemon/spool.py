@@ -27,12 +27,13 @@ from pathlib import Path
 
 import orjson
 
+from . import faults, foldcache
 from . import spec as specs
-from .errors import BadJobFile, SpoolLocked
-from .eventlog import EventLog, read_records, utc_now
+from .errors import BadJobFile, LogCorrupt, SpoolLocked
+from .eventlog import EventLog, read_log, utc_now
 from .events import JobAccepted
-from .fsutil import atomic_write_bytes, fsync_dir
-from .replay import JobState, fold
+from .fsutil import atomic_write_bytes, fsync_dir, remove_stale_temps
+from .replay import JobState
 
 VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 ACCEPTING_MARKER = ".accepting"      # holds the source file name while a claim is under way
@@ -79,7 +80,7 @@ class Spool:
         return sorted(n for n in names if VALID_ID.match(n) and (self.jobs / n).is_dir())
 
     def state(self, job_id: str) -> JobState:
-        return fold(read_records(self.events_path(job_id)))
+        return foldcache.replay(self.events_path(job_id))
 
 
 # ------------------------------------------------------------------ locks
@@ -228,6 +229,7 @@ def accept(spool: Spool, name: str, settings: Settings) -> str:
     os.rename(path, job_dir / "job.json")
     fsync_dir(spool.incoming)
     fsync_dir(job_dir)
+    faults.point("accept.claimed")
     if (job_dir / "job.json").read_bytes() != data:  # rewritten between our read and the rename
         _unclaim(spool, job_id, name)
         raise BadJobFile(["the file changed while it was being accepted. Expected: a complete "
@@ -253,6 +255,7 @@ def record_acceptance(spool: Spool, job_id: str, source: str | None, data: bytes
         log.append(JobAccepted(job_id=job_id, source_file=source, spec=normalised,
                                spec_sha256=specs.spec_sha256(normalised),
                                file_sha256=hashlib.sha256(data).hexdigest(), recovered=recovered))
+        faults.point("accept.recorded")
     (job_dir / ACCEPTING_MARKER).unlink(missing_ok=True)
     daemon_log(spool, "accepted", job_id=job_id, source_file=source, recovered=recovered)
 
@@ -287,13 +290,28 @@ def _free_name(folder: Path, name: str) -> Path:
 
 
 def recover_acceptances(spool: Spool, settings: Settings) -> list[str]:
-    """Finish claims a crash interrupted: a job folder with job.json but no events."""
+    """Finish claims a crash interrupted: a job folder with job.json but no events, or with only
+    the torn first line of a `job_accepted` that never reached the disk whole."""
     finished = []
     for job_id in spool.job_ids():
         job_dir = spool.job_dir(job_id)
-        if spool.events_path(job_id).exists() and spool.events_path(job_id).stat().st_size:
-            continue
         marker = job_dir / ACCEPTING_MARKER
+        events = spool.events_path(job_id)
+        has_bytes = events.exists() and events.stat().st_size > 0
+        if has_bytes and not marker.exists():
+            continue  # the common case: accepted long ago
+        if has_bytes:
+            try:
+                contents = read_log(events)
+            except LogCorrupt:
+                continue  # on record, damaged: the daemon quarantines it and says why
+            if contents.records:  # accepted; the crash came before the marker was removed
+                marker.unlink(missing_ok=True)
+                continue
+            # half a job_accepted, never acknowledged: nothing on record to keep
+            daemon_log(spool, "acceptance_log_reset", job_id=job_id, torn_bytes=contents.torn_bytes,
+                       preview=repr(contents.torn_preview))
+            os.truncate(events, 0)
         source = marker.read_text() if marker.exists() else None
         if not (job_dir / "job.json").exists():
             marker.unlink(missing_ok=True)  # crashed before the rename: the file is still in incoming/
@@ -319,6 +337,7 @@ def _finish_claim(spool: Spool, job_id: str, source: str | None, settings: Setti
 
 
 def _remove_if_empty(folder: Path) -> None:
+    remove_stale_temps(folder)  # the acceptance marker's, if the crash came mid-write
     for leftover in ("events.jsonl", "lock"):
         p = folder / leftover
         if p.exists() and p.stat().st_size == 0:

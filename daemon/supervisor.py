@@ -25,9 +25,9 @@ from typing import IO
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
-from . import __version__, control, scheduler
+from . import __version__, control, faults, foldcache, scheduler
 from .errors import BadJobFile, LogCorrupt
-from .eventlog import EventLog, read_records
+from .eventlog import EventLog
 from .events import Failed, Interrupted
 from .notify import Notifier
 from .replay import RUNNABLE, TERMINAL, Status, fold
@@ -120,6 +120,7 @@ class Daemon:
     # ---------------------------------------------------------------- the loop
 
     def serve(self) -> int:
+        faults.role = "daemon"
         self.spool.ensure()
         lock = lock_spool(self.spool)
         observer = None
@@ -214,6 +215,8 @@ class Daemon:
                 with EventLog(self.spool.events_path(job_id)) as events:
                     events.append(Interrupted(reason="crash detected at startup",
                                               epoch=state.position[0], step=state.position[1]))
+            if state is not None and state.pending_control:
+                self.carry_out_pending(job_id)
         self.refresh(job_id)
 
     def stop_workers(self, now: float) -> None:
@@ -325,7 +328,8 @@ class Daemon:
             return  # a worker we do not know yet holds it; it will consume the request
         with lock, EventLog(self.spool.events_path(job_id)) as events:
             state = fold(events.records)
-            outcome = control.consume(self.spool, request, state.status, events.append)
+            retryable = state.status == Status.FAILED and bool((state.last_error or {}).get("retryable"))
+            outcome = control.consume(self.spool, request, state.status, events.append, retryable)
             if outcome and outcome[0].kind == "act":
                 events.append(control.idle_outcome(state, request.action, outcome[1]))
         log.info("job %s: %s request %s", job_id, request.action, outcome[0].kind if outcome else "rejected")
@@ -399,7 +403,22 @@ class Daemon:
             # running: it died mid-run; runnable with an error code: it died before run_started
             if state.status == Status.RUNNING or (state.status in RUNNABLE and code not in (0, None)):
                 self.record_crash(job_id, state, code)
+            if state.pending_control:
+                self.carry_out_pending(job_id)
         self.refresh(job_id)
+
+    def carry_out_pending(self, job_id: str) -> None:
+        """A request went on record (`control_received`, accepted) but its process died before
+        carrying it out: with no worker holding the job, the daemon does it now, so a pause,
+        resume or cancel that was acknowledged is never lost. The caller holds the job's lock."""
+        with EventLog(self.spool.events_path(job_id)) as events:
+            state = fold(events.records)
+            pending = state.pending_control
+            if pending is None or state.status not in RUNNABLE | {Status.PAUSED}:
+                return
+            events.append(control.idle_outcome(state, pending["action"], pending.get("reason")))
+        log.info("job %s: carried out the %s request its worker acknowledged before it died",
+                 job_id, pending["action"])
 
     def record_crash(self, job_id: str, state, code: int | None) -> None:
         if code is None:
@@ -426,7 +445,7 @@ class Daemon:
 
     def fold_or_quarantine(self, job_id: str):
         try:
-            return fold(read_records(self.spool.events_path(job_id)))
+            return foldcache.replay(self.spool.events_path(job_id))
         except LogCorrupt as e:
             if job_id not in self.quarantined:
                 self.quarantined[job_id] = str(e)

@@ -25,14 +25,15 @@ from pathlib import Path
 
 import orjson
 
-from . import control, policies
+from . import control, faults, policies
 from .errors import (CheckpointInvalid, DataError, DeviceUnavailable, Diverged, EngineUnavailable,
                      PathNotAllowed)
 from .eventlog import EventLog
 from .events import (BestModelSaved, Cancelled, CheckpointRejected, CheckpointRemoved,
                      CheckpointSaved, Completed, EarlyStopped, EpochCompleted, Event, Failed,
                      Interrupted, LrChanged, Paused, Progress, RunStarted)
-from .fsutil import atomic_write_bytes, atomic_write_with, relative_to_or_absolute, sha256_file
+from .fsutil import (atomic_write_bytes, atomic_write_with, relative_to_or_absolute,
+                     remove_stale_temps, sha256_file)
 from .replay import RUNNABLE, apply, fold, resume_point
 from .spec import path_allowed
 from .spool import Spool, job_lock
@@ -114,6 +115,9 @@ class Worker:
         self.engine_cls = load_engine(spec["framework"])
         self.engine = self.engine_cls(spec, self.data, self.cpu_share)
         self.gpu = GpuMonitor(self.engine.gpu_index)
+        for folder in (self.job_dir, self.job_dir / "checkpoints", self.out_dir):
+            for name in remove_stale_temps(folder):  # a crash mid-write left it; its file never was
+                log.info("job %s: removed %s, left by a write a crash interrupted", self.job_id, folder / name)
         checkpoint = self.restore()
         self.epoch, self.step = resume_point(checkpoint, self.engine.steps_per_epoch)
         self.record(RunStarted(
@@ -174,6 +178,7 @@ class Worker:
                            "check the data for extreme values, or add batch_norm.")
         util, gpu_mb = self.gpu.epoch_readings()
         samples = len(self.data.x_train)
+        faults.point("epoch.unrecorded")
         self.record(EpochCompleted(
             epoch=self.epoch, train_loss=metrics["train_loss"],
             train_accuracy=metrics.get("train_accuracy"), val_loss=metrics.get("val_loss"),
@@ -256,7 +261,7 @@ class Worker:
         raise StopRun
 
     def report_progress(self) -> None:
-        spe, bs = self.engine.steps_per_epoch, self.spec["batch_size"]
+        spe, bs = self.engine.steps_per_epoch, self.engine.batch_size  # rows per step
         speed = self.step / self.timers.compute if self.timers.compute > 0 else 0.0
         remaining = (self.spec["epochs"] - self.epoch) * spe + (spe - self.step)
         self.record(Progress(epoch=self.epoch, step=self.step, steps_per_epoch=spe,
@@ -286,6 +291,7 @@ class Worker:
         folder.mkdir(exist_ok=True)
         path = folder / f"e{epoch:05d}-s{step:07d}{self.engine_cls.checkpoint_suffix}"
         atomic_write_with(path, self.engine.save_checkpoint)
+        faults.point("checkpoint.unrecorded")
         rel = relative_to_or_absolute(path, self.job_dir)
         mid_epoch = step < self.engine.steps_per_epoch
         self.record(CheckpointSaved(
@@ -430,6 +436,7 @@ class Worker:
         files |= self.engine.export(out)
         if best_path.exists():
             files["best"] = best_path
+        faults.point("finish.unrecorded")
         self.record_completed(files)
 
     def record_completed(self, files: dict) -> None:
@@ -450,7 +457,13 @@ class Worker:
             isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EIO, errno.ENOMEM))
         log.error("job %s: failed: %s: %s", self.job_id, type(e).__name__, e,
                   exc_info=not expected)
-        self.record(Failed(error=type(e).__name__, message=str(e) or repr(e),
+        message = str(e) or repr(e)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EIO):
+            what = "the disk is full" if e.errno == errno.ENOSPC else "the disk reported an I/O error"
+            message = (f"{what} while writing {e.filename or 'a file'} ({e.strerror}). Expected: room "
+                       "for checkpoints and outputs on a working disk. Free space or fix the disk, "
+                       f'then "epochd resume {self.job_id}" continues from the last checkpoint.')
+        self.record(Failed(error=type(e).__name__, message=message,
                            traceback=None if expected else traceback.format_exc(),
                            retryable=retryable))
 
@@ -474,6 +487,7 @@ def _fmt(value) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    faults.role = "worker"
     flags = Flags()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, flags.handle)  # first thing: a shutdown may come during imports

@@ -117,6 +117,14 @@ def test_decisions(status, action, kind):
     assert control.decide(status, action).kind == kind
 
 
+def test_a_failure_from_outside_the_job_can_be_resumed_or_cancelled():
+    """A full disk or an I/O error fails the job as retryable: after the fix, resume continues."""
+    assert control.decide(Status.FAILED, "resume", retryable=True).kind == "act"
+    assert control.decide(Status.FAILED, "cancel", retryable=True).kind == "act"
+    assert control.decide(Status.FAILED, "pause", retryable=True).kind == "reject"
+    assert control.decide(Status.FAILED, "resume", retryable=False).kind == "reject"
+
+
 def test_control_file_names():
     assert control.parse_name("exp.1.pause") == ("exp.1", "pause")
     assert control.parse_name("exp.stop") is None and control.parse_name(".x.pause") is None

@@ -3,10 +3,12 @@ reported, never guessed."""
 import orjson
 import pytest
 
+from daemon import foldcache
 from daemon.errors import LogCorrupt
 from daemon.eventlog import EventLog, LogFollower, decode, encode, read_log, read_records
 from daemon.events import (EVENT_TYPES, Cancelled, ControlReceived, EpochCompleted, JobAccepted,
-                           LrChanged, Paused)
+                           LrChanged, Paused, Progress)
+from daemon.replay import fold
 
 
 def fill(path, n=5):
@@ -129,3 +131,70 @@ def test_follower_reads_only_what_is_new_and_survives_a_cut_tail(tmp_path):
     with EventLog(path) as log:  # cuts the torn tail, then appends
         log.append(Cancelled(epoch=1, step=0))
     assert [r["type"] for r in follower.poll()] == ["log_repaired", "cancelled"]
+
+
+def progress_log(path, epochs=4, per_epoch=6):
+    """A log shaped like a real one: runs of progress, then the epoch's other events."""
+    with EventLog(path) as log:
+        log.append(JobAccepted(job_id="j", source_file="j.json", spec={"epochs": epochs},
+                               spec_sha256="a", file_sha256="b"))
+        for e in range(1, epochs + 1):
+            for s in range(1, per_epoch + 1):
+                log.append(Progress(epoch=e, step=s, steps_per_epoch=per_epoch, samples_per_sec=1.0,
+                                    loss=1.0 / s, eta_seconds=1.0))
+            log.append(ControlReceived(action="pause", source_file="control/j.pause",
+                                       outcome="already paused"))
+    return path.read_bytes()
+
+
+def test_the_foldable_read_leaves_out_superseded_progress_and_folds_the_same_at_every_cut(tmp_path):
+    path = tmp_path / "events.jsonl"
+    full = progress_log(path)
+    starts = [0] + [i + 1 for i, b in enumerate(full) if b == ord("\n")]
+    cuts = sorted(set(starts) | {s + 9 for s in starts[:-1]})  # every line end, and torn lines
+    for cut in cuts:
+        path.write_bytes(full[:cut])
+        every, foldable = read_log(path), read_log(path, foldable=True)
+        assert fold(foldable.records) == fold(every.records)
+        assert (foldable.good_bytes, foldable.torn_bytes) == (every.good_bytes, every.torn_bytes)
+        assert foldable.last_seq == len(every.records)
+    assert len(read_log(path, foldable=True).records) == 1 + 4 * 2  # one progress per run kept
+
+
+def test_damage_in_a_left_out_progress_line_is_still_corruption(tmp_path):
+    path = tmp_path / "events.jsonl"
+    lines = progress_log(path).splitlines(keepends=True)
+    damaged = lines[2].replace(b'"step":2', b'"step":7')
+    path.write_bytes(b"".join(lines[:2] + [damaged] + lines[3:]))
+    with pytest.raises(LogCorrupt) as err:
+        read_log(path, foldable=True)
+    assert err.value.line_no == 3
+    path.write_bytes(b"".join(lines[:2] + lines[3:]))  # a progress line lost
+    with pytest.raises(LogCorrupt, match="seq 4 where 3 was due"):
+        read_log(path, foldable=True)
+
+
+def test_the_fold_cache_is_used_while_the_prefix_is_unchanged_and_never_trusted_after(tmp_path, monkeypatch):
+    monkeypatch.setattr(foldcache, "MIN_CACHED_BYTES", 1000)
+    path = tmp_path / "events.jsonl"
+    progress_log(path, epochs=8)
+    cache = tmp_path / foldcache.CACHE_NAME
+    assert foldcache.replay(path) == fold(read_records(path)) and cache.exists()
+    # white box: a state the log could never give shows the cached fold is what was used
+    body = orjson.loads(cache.read_bytes())
+    body["state"]["source_file"] = "from-the-cache.json"
+    cache.write_bytes(orjson.dumps(body))
+    assert foldcache.replay(path).source_file == "from-the-cache.json"
+    with EventLog(path) as log:  # appended after the cached prefix: applied on top of it
+        log.append(Cancelled(epoch=3, step=1))
+    state = foldcache.replay(path)
+    assert state.status == "cancelled" and state.last_seq == len(read_records(path))
+    data = bytearray(path.read_bytes())  # a flipped byte inside the cached prefix
+    data[len(data) // 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(LogCorrupt):
+        foldcache.replay(path)
+    path.unlink()
+    progress_log(path)
+    cache.write_bytes(b"\x00garbage")  # a torn or foreign cache: replayed in full, never an error
+    assert foldcache.replay(path) == fold(read_records(path))

@@ -118,3 +118,18 @@ def test_training_history_has_the_seeds_shape():
 def test_fold_is_pure():
     events = numbered([accepted(), started(), epoch(1, 0.5)])
     assert fold(events) == fold(events)
+
+
+def test_an_accepted_request_is_pending_until_carried_out():
+    """What the daemon carries out itself when the process that acknowledged a request died."""
+    pause = ev("control_received", action="pause", source_file="control/j.pause", reason="GPU",
+               outcome="accepted")
+    repeat = ev("control_received", action="pause", source_file="control/j.pause", reason=None,
+                outcome="already paused")
+    state = fold(numbered([accepted(), started(), pause]))
+    assert state.pending_control["action"] == "pause" and state.pending_control["reason"] == "GPU"
+    state = fold(numbered([accepted(), started(), pause, ev("interrupted", reason="x", crash=True)]))
+    assert state.pending_control is not None  # a crash does not carry it out
+    paused = ev("paused", epoch=1, step=3, checkpoint=None)
+    assert fold(numbered([accepted(), started(), pause, paused])).pending_control is None
+    assert fold(numbered([accepted(), started(), pause, paused, repeat])).pending_control is None
