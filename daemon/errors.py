@@ -56,3 +56,10 @@ class Diverged(EpochdError):
 
 class EngineUnavailable(EpochdError):
     """The job's framework is not installed where the worker runs. Retrying cannot fix it."""
+
+
+def memory_limit_message(rss: float, limit: float) -> str:
+    return (f"the worker's memory (RSS) reached {rss:.0f} MB, past the job's limits.memory_mb of "
+            f"{limit:g}. Expected: a job that fits its limit; lower batch_size (keep the update "
+            "size with gradient_accumulation_steps), use a smaller network, or raise "
+            "limits.memory_mb, then submit again.")

@@ -6,6 +6,7 @@ the lineage to it: history, checkpoints and best-model records after that point 
 run that was lost, so a re-run epoch is never counted twice.
 """
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 
 from . import policies
@@ -51,6 +52,8 @@ class JobState:
     updated_at: str | None = None
     last_seq: int = 0
     run: dict | None = None             # the latest run_started payload
+    running_seconds: float = 0.0        # time spent in finished runs (for limits.wall_seconds)
+    run_since: str | None = None        # ts of the run_started of the run in progress
 
     @property
     def epochs_done(self) -> int:
@@ -92,15 +95,24 @@ def fold(records: list[dict]) -> JobState:
     return state
 
 
+RUN_ENDS = frozenset({"interrupted", "paused", "cancelled", "completed", "failed"})
+
+
 def apply(s: JobState, r: dict) -> JobState:
     """Mutate `s` by one event record. One flat match over the event types."""
+    if s.run_since is not None and r["type"] in RUN_ENDS:
+        # the worker's own final word ends its run; an `interrupted` the daemon wrote (a crash,
+        # found maybe much later) ends it at its last sign of life
+        by_daemon = r["type"] == "interrupted" and r.get("reason") != "shutdown"
+        s.running_seconds += _seconds(s.run_since, s.updated_at if by_daemon else r["ts"])
+        s.run_since = None
     s.last_seq, s.updated_at = r["seq"], r["ts"]
     match r["type"]:
         case "job_accepted":
             s.job_id, s.spec, s.source_file = r["job_id"], r["spec"], r["source_file"]
             s.status, s.accepted_at = Status.PENDING, r["ts"]
         case "run_started":
-            s.status, s.run = Status.RUNNING, _payload(r)
+            s.status, s.run, s.run_since = Status.RUNNING, _payload(r), r["ts"]
             s.attempts += 1
             s.steps_per_epoch = r["steps_per_epoch"]
             _rewind(s, r["resumed_from"])
@@ -161,6 +173,10 @@ def _rewind(s: JobState, resumed_from: dict | None) -> None:
     if s.best_saved and s.best_saved["epoch"] > done:
         s.best_saved = None
     s.position = (done + 1, 0) if done == point[0] else point
+
+
+def _seconds(a: str, b: str) -> float:
+    return max((datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds(), 0.0)
 
 
 def _payload(r: dict) -> dict:

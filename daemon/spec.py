@@ -186,6 +186,13 @@ class CheckpointPolicy(Strict):
     keep_best: bool = Field(True, description="true or false")
 
 
+class Limits(Strict):
+    memory_mb: int | None = Field(None, ge=64, le=16 * 1024 * 1024,
+                                  description="megabytes >= 64 of worker memory (RSS), or null")
+    wall_seconds: float | None = Field(None, ge=1, allow_inf_nan=False,
+                                       description="seconds >= 1 of training, all runs together, or null")
+
+
 class DataOptions(Strict):
     format: Literal["auto", "csv", "parquet"] = Field("auto", description='"auto", "csv" or "parquet"')
     delimiter: str = Field(",", min_length=1, max_length=1, description='one character, e.g. ","')
@@ -237,6 +244,7 @@ class JobSpec(Strict):
                             "(several GPUs are not available yet)")
     distributed: None = Field(None, description="null (distributed training is not available yet)")
     data: DataOptions = Field(DataOptions(), description="an object")
+    limits: Limits = Field(Limits(), description='an object: {"memory_mb": ..., "wall_seconds": ...}')
     priority: int = Field(0, ge=-1000, le=1000, description="a whole number in [-1000, 1000]; higher runs first")
     threads: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = Field(
         "auto", description='"auto" or a whole number >= 1 of CPU threads')

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import psutil
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
 from . import __version__, control, faults, foldcache, scheduler
-from .errors import BadJobFile, LogCorrupt
+from .errors import BadJobFile, LogCorrupt, memory_limit_message
 from .eventlog import EventLog
 from .events import Failed, Interrupted
 from .notify import Notifier
@@ -38,6 +39,7 @@ from .sysinfo import gpu_count
 log = logging.getLogger("epochd.daemon")
 
 EXIT_LOCKED = 75
+MEMORY_BACKSTOP = 1.25  # the daemon kills a worker past this multiple of limits.memory_mb
 
 
 @dataclass
@@ -46,6 +48,8 @@ class Child:
     log_file: IO
     gpu: int | None
     term_sent: bool = False
+    memory_mb: float | None = None   # the job's limits.memory_mb
+    killed_for: str | None = None    # why the daemon killed it, for the job's `failed` event
 
 
 @dataclass
@@ -142,6 +146,7 @@ class Daemon:
 
     def tick(self, now: float) -> None:
         """One step of the loop; tests may call it directly with their own `now`."""
+        self.enforce_memory_limits()
         self.reap()
         if self.signals:
             self.stop_workers(now)
@@ -367,9 +372,25 @@ class Daemon:
             [sys.executable, "-m", "daemon.worker", "--spool", str(self.spool.root), "--job", job_id],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)  # a terminal's Ctrl-C reaches the daemon, which asks workers
-        self.children[job_id] = Child(popen, log_file, gpu)
+        limits = state.spec.get("limits") or {}
+        self.children[job_id] = Child(popen, log_file, gpu, memory_mb=limits.get("memory_mb"))
         self.entries[job_id] = scheduler.entry(state)
         daemon_log(self.spool, "worker_started", job_id=job_id, pid=popen.pid, gpu=gpu)
+
+    def enforce_memory_limits(self) -> None:
+        """The backstop for limits.memory_mb: a worker checks its own memory between engine
+        calls and stops at the limit; one that jumps past 1.25x of it (inside a call, or while
+        it loads the data) is killed here, and its job fails with the numbers."""
+        for child in self.children.values():
+            if child.memory_mb is None or child.killed_for is not None:
+                continue
+            try:
+                rss = psutil.Process(child.popen.pid).memory_info().rss / 2**20
+            except psutil.Error:
+                continue
+            if rss > MEMORY_BACKSTOP * child.memory_mb:
+                child.killed_for = memory_limit_message(rss, child.memory_mb)
+                child.popen.kill()
 
     def reap(self) -> None:
         for job_id, child in list(self.children.items()):
@@ -378,7 +399,7 @@ class Daemon:
                 continue
             del self.children[job_id]
             child.log_file.close()
-            self.settle(job_id, code)
+            self.settle(job_id, code, child.killed_for)
         for job_id in list(self.orphans):
             lock = job_lock(self.spool, job_id)
             if lock.acquire():
@@ -386,7 +407,7 @@ class Daemon:
                 del self.orphans[job_id]
                 self.settle(job_id, None)
 
-    def settle(self, job_id: str, code: int | None) -> None:
+    def settle(self, job_id: str, code: int | None, killed_for: str | None = None) -> None:
         """A worker is gone. If it left no final word, say on its behalf what happened."""
         daemon_log(self.spool, "worker_exited", job_id=job_id, code=code)
         if code == EXIT_LOCKED:  # another worker holds the job: watch that one instead
@@ -401,7 +422,9 @@ class Daemon:
             if state is None:
                 return
             # running: it died mid-run; runnable with an error code: it died before run_started
-            if state.status == Status.RUNNING or (state.status in RUNNABLE and code not in (0, None)):
+            if killed_for and state.status in RUNNABLE | {Status.RUNNING}:
+                self.record_limit_kill(job_id, state, killed_for)
+            elif state.status == Status.RUNNING or (state.status in RUNNABLE and code not in (0, None)):
                 self.record_crash(job_id, state, code)
             if state.pending_control:
                 self.carry_out_pending(job_id)
@@ -419,6 +442,15 @@ class Daemon:
             events.append(control.idle_outcome(state, pending["action"], pending.get("reason")))
         log.info("job %s: carried out the %s request its worker acknowledged before it died",
                  job_id, pending["action"])
+
+    def record_limit_kill(self, job_id: str, state, message: str) -> None:
+        with EventLog(self.spool.events_path(job_id)) as events:
+            if state.status == Status.RUNNING:
+                events.append(Interrupted(reason="killed by the daemon: over its memory limit",
+                                          crash=False, epoch=state.position[0], step=state.position[1]))
+            events.append(Failed(error="MemoryLimitExceeded", message=message, traceback=None,
+                                 retryable=False))
+        log.warning("job %s: %s", job_id, message)
 
     def record_crash(self, job_id: str, state, code: int | None) -> None:
         if code is None:

@@ -27,7 +27,7 @@ import orjson
 
 from . import control, faults, policies
 from .errors import (CheckpointInvalid, DataError, DeviceUnavailable, Diverged, EngineUnavailable,
-                     PathNotAllowed)
+                     PathNotAllowed, memory_limit_message)
 from .eventlog import EventLog
 from .events import (BestModelSaved, Cancelled, CheckpointRejected, CheckpointRemoved,
                      CheckpointSaved, Completed, EarlyStopped, EpochCompleted, Event, Failed,
@@ -81,6 +81,8 @@ class Worker:
         self.epoch, self.step = self.state.position
         self.timers = Timers()
         self.last_checkpoint_at = self.last_progress_at = time.monotonic()
+        self.run_started_at: float | None = None  # monotonic, once run_started is on record
+        self.prior_seconds = 0.0                  # training time of the job's earlier runs
 
     def record(self, event: Event) -> dict:
         record = self.events.append(event)
@@ -130,6 +132,7 @@ class Worker:
             steps_per_epoch=self.engine.steps_per_epoch, task=self.data.task,
             train_samples=len(self.data.x_train),
             val_samples=0 if self.data.x_val is None else len(self.data.x_val)))
+        self.run_started_at, self.prior_seconds = time.monotonic(), self.state.running_seconds
         log.info("job %s: %s run %d on %s from epoch %d step %d (%d threads)", self.job_id,
                  spec["framework"], self.state.attempts, self.engine.devices, self.epoch,
                  self.step, self.engine.threads)
@@ -240,6 +243,30 @@ class Worker:
             log.info("job %s: interrupted by shutdown at epoch %d step %d", self.job_id, epoch, step)
             raise StopRun
         self.check_requests()
+        self.check_limits()
+
+    def check_limits(self) -> None:
+        """limits.wall_seconds (all runs together) and limits.memory_mb (this process's RSS):
+        past either, the job ends `failed` with the numbers. (The daemon kills a worker whose
+        memory jumps past 1.25x its limit inside one engine call.)"""
+        limits = self.spec.get("limits") or {}
+        wall, memory = limits.get("wall_seconds"), limits.get("memory_mb")
+        if self.run_started_at is None or (wall is None and memory is None):
+            return
+        used = self.prior_seconds + time.monotonic() - self.run_started_at
+        if wall is not None and used > wall:
+            self.stop_at_limit("WallTimeExceeded", (
+                f"the job has trained for {used:.0f} s, past its limits.wall_seconds of {wall:g} "
+                f"(stopped in epoch {self.epoch}, step {self.step}). Expected: a run that ends "
+                "within its limit; raise limits.wall_seconds or lower epochs, then submit again."))
+        rss = rss_mb() if memory is not None else 0.0
+        if memory is not None and rss > memory:
+            self.stop_at_limit("MemoryLimitExceeded", memory_limit_message(rss, memory))
+
+    def stop_at_limit(self, error: str, message: str) -> None:
+        log.error("job %s: %s", self.job_id, message)
+        self.record(Failed(error=error, message=message, traceback=None, retryable=False))
+        raise StopRun
 
     def check_requests(self) -> None:
         for request in control.pending_for(self.spool, self.job_id):

@@ -133,3 +133,19 @@ def test_an_accepted_request_is_pending_until_carried_out():
     paused = ev("paused", epoch=1, step=3, checkpoint=None)
     assert fold(numbered([accepted(), started(), pause, paused])).pending_control is None
     assert fold(numbered([accepted(), started(), pause, paused, repeat])).pending_control is None
+
+
+def test_running_seconds_add_up_every_run_to_its_last_sign_of_life():
+    """limits.wall_seconds counts training time, all runs together: a run the worker ended
+    counts to its final event, one a crash ended to its last event before the crash."""
+    def at(e, second):
+        return {**e, "ts": f"2026-01-01T00:00:{second:02d}.000Z"}
+    events = [at(accepted(), 0), at(started(), 1), at(ev("progress", epoch=1, step=3), 5),
+              at(ev("paused", epoch=1, step=3, checkpoint=None), 6),       # run 1: 5 s
+              at(ev("resumed", epoch=1, step=3, checkpoint=None), 20),
+              at(started(2), 21), at(epoch(1, 0.5), 24),
+              at(ev("interrupted", reason="crash detected at startup", crash=False), 50),  # run 2: 3 s
+              at(started(3), 51)]
+    events = [{**e, "seq": i} for i, e in enumerate(events, 1)]
+    state = fold(events)
+    assert state.running_seconds == 8.0 and state.run_since == "2026-01-01T00:00:51.000Z"

@@ -1,0 +1,39 @@
+"""Per-job limits: past limits.wall_seconds or limits.memory_mb a job ends `failed` with the
+numbers, while the daemon and the other jobs carry on."""
+from daemon.replay import fold
+from tests.conftest import (classification_csv, drop_job, events_of, seed_job, wait_for_status)
+
+
+def long_job(data, out, **limits):
+    return seed_job(data, out, epochs=1000, batch_size=2, algorithm_params={"hidden_units": [16]},
+                    limits=limits)
+
+
+def test_a_job_past_its_wall_time_fails_and_the_others_carry_on(tmp_path, spool, daemon_factory):
+    data = classification_csv(tmp_path / "train.csv", rows=8000)
+    small = classification_csv(tmp_path / "small.csv")
+    daemon_factory(spool, "--max-jobs", "2")
+    drop_job(spool, "w.json", long_job(data, tmp_path / "w", wall_seconds=2))
+    drop_job(spool, "ok.json", seed_job(small, tmp_path / "ok", epochs=2))
+    state = wait_for_status(spool, "w", "failed", timeout=60)
+    assert state.last_error["error"] == "WallTimeExceeded" and not state.last_error["retryable"]
+    assert "past its limits.wall_seconds of 2" in state.last_error["message"]
+    assert 2.0 <= state.running_seconds < 30  # from the log: run_started to its last event
+    assert state.epochs_done < 1000
+    wait_for_status(spool, "ok", "completed")
+
+
+def test_a_job_past_its_memory_limit_is_stopped_and_the_others_carry_on(tmp_path, spool, daemon_factory):
+    """64 MB is less than importing torch takes: the daemon kills the worker as it passes 80 MB."""
+    data = classification_csv(tmp_path / "train.csv")
+    d = daemon_factory(spool, "--max-jobs", "2")
+    drop_job(spool, "m.json", long_job(data, tmp_path / "m", memory_mb=64))
+    drop_job(spool, "ok.json", seed_job(data, tmp_path / "ok", epochs=2))
+    state = wait_for_status(spool, "m", "failed", timeout=60)
+    assert state.last_error["error"] == "MemoryLimitExceeded" and not state.last_error["retryable"]
+    assert "past the job's limits.memory_mb of 64" in state.last_error["message"]
+    assert "lower batch_size" in state.last_error["message"]
+    assert state.crashes == 0  # not counted as a crash: it is not retried
+    wait_for_status(spool, "ok", "completed")
+    assert d.proc.poll() is None
+    assert fold(events_of(spool, "m")).status == "failed"  # and it stays so: nothing restarts it
