@@ -32,7 +32,8 @@ def entry(state: JobState) -> Entry:
         not_before = crashed_at + retry_delay_seconds(state.crashes)
     devices = (state.spec or {}).get("devices", "auto")
     return Entry(state.job_id or "", state.status, state.priority, state.accepted_at or "",
-                 not_before, state.crashes, wants_gpu=devices not in ("cpu", 0))
+                 not_before, state.crashes, wants_gpu=devices not in ("cpu", 0)
+                 and not (state.spec or {}).get("distributed"))
 
 
 def pick(entries: list[Entry], free_slots: int, now: float) -> list[str]:

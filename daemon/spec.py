@@ -186,6 +186,13 @@ class CheckpointPolicy(Strict):
     keep_best: bool = Field(True, description="true or false")
 
 
+class Distributed(Strict):
+    strategy: Literal["ddp"] = Field("ddp", description='"ddp" (torch DistributedDataParallel)')
+    processes: int = Field(2, ge=1, le=64, description="a whole number in [1, 64] of ranks on this machine")
+    backend: Literal["auto", "gloo"] = Field(
+        "auto", description='"auto" or "gloo" (CPU ranks; GPU ranks are not available yet)')
+
+
 class Limits(Strict):
     memory_mb: int | None = Field(None, ge=64, le=16 * 1024 * 1024,
                                   description="megabytes >= 64 of worker memory (RSS), or null")
@@ -242,7 +249,8 @@ class JobSpec(Strict):
         Annotated[int, Field(ge=0)]] = Field(
         "auto", description='"auto", "cpu", "cuda", 1, or a list of one GPU index '
                             "(several GPUs are not available yet)")
-    distributed: None = Field(None, description="null (distributed training is not available yet)")
+    distributed: Distributed | None = Field(
+        None, description='null, or {"strategy": "ddp", "processes": N}: N ranks, each batch_size rows a step')
     data: DataOptions = Field(DataOptions(), description="an object")
     limits: Limits = Field(Limits(), description='an object: {"memory_mb": ..., "wall_seconds": ...}')
     priority: int = Field(0, ge=-1000, le=1000, description="a whole number in [-1000, 1000]; higher runs first")
@@ -285,6 +293,12 @@ def _conflicts(s: JobSpec):
     if ap.learning_rate_scheduler is not None and s.learning_rate_scheduler is not None:
         yield ('the learning-rate schedule is given twice (algorithm_params.learning_rate_scheduler '
                'and learning_rate_scheduler); keep one')
+    if s.distributed is not None and s.framework != "pytorch":
+        yield ('distributed training is available for framework "pytorch" only in this version '
+               '(TensorFlow\'s MirroredStrategy is not yet); remove "distributed" or use pytorch')
+    if s.distributed is not None and s.devices not in ("cpu", 0, "auto"):
+        yield ('distributed training runs CPU ranks (gloo) in this version; set "devices": "cpu" '
+               'or "auto" (GPU ranks with NCCL are not available yet)')
     if s.val_data_path is not None and "validation_split" in s.model_fields_set:
         yield "give val_data_path or validation_split, not both"
     features = s.feature_columns or []

@@ -28,13 +28,13 @@ import orjson
 from . import control, faults, policies
 from .errors import (CheckpointInvalid, DataError, DeviceUnavailable, Diverged, EngineUnavailable,
                      PathNotAllowed, memory_limit_message)
-from .eventlog import EventLog
+from .eventlog import EventLog, read_foldable, utc_now
 from .events import (BestModelSaved, Cancelled, CheckpointRejected, CheckpointRemoved,
                      CheckpointSaved, Completed, EarlyStopped, EpochCompleted, Event, Failed,
                      Interrupted, LrChanged, Paused, Progress, RunStarted)
 from .fsutil import (atomic_write_bytes, atomic_write_with, relative_to_or_absolute,
                      remove_stale_temps, sha256_file)
-from .replay import RUNNABLE, apply, fold, resume_point
+from .replay import RUNNABLE, Status, apply, fold, resume_point
 from .spec import path_allowed
 from .spool import Spool, job_lock
 from .sysinfo import GpuMonitor, rss_mb
@@ -71,11 +71,18 @@ class Timers:
 
 
 class Worker:
-    def __init__(self, spool: Spool, job_id: str, events: EventLog, flags: Flags, cpu_share: int):
+    """One job's run. With DDP (`distributed.processes` > 1) one Worker runs in each rank, in
+    lockstep: rank 0 alone reads control files, writes events, checkpoints and outputs, and
+    makes every decision that depends on time or on files (`agree` hands it to the others);
+    the other ranks apply the same events to their own state without writing them, so the
+    decisions taken from the history (schedules, early stopping) are the same everywhere."""
+
+    def __init__(self, spool: Spool, job_id: str, events: EventLog | None, flags: Flags, cpu_share: int,
+                 rank: int = 0, world: int = 1, records: list[dict] | None = None):
         self.spool, self.job_id, self.events, self.flags = spool, job_id, events, flags
-        self.cpu_share = cpu_share
+        self.cpu_share, self.rank, self.world = cpu_share, rank, world
         self.job_dir = spool.job_dir(job_id)
-        self.state = fold(events.records)
+        self.state = fold(events.records if events is not None else records)
         self.spec = self.state.spec
         self.engine = None
         self.epoch, self.step = self.state.position
@@ -85,9 +92,22 @@ class Worker:
         self.prior_seconds = 0.0                  # training time of the job's earlier runs
 
     def record(self, event: Event) -> dict:
-        record = self.events.append(event)
+        if self.events is None:  # a rank other than 0: the same state, nothing written
+            record = {"seq": self.state.last_seq + 1, "ts": utc_now(), "type": event.type,
+                      "v": event.v, **event.payload()}
+        else:
+            record = self.events.append(event)
         apply(self.state, record)
         return record
+
+    def agree(self, value):
+        """Rank 0's `value`, on every rank (one small broadcast); itself without DDP."""
+        if self.world == 1:
+            return value
+        import torch.distributed as tdist
+        box = [value]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
 
     # ---------------------------------------------------------------- the run
 
@@ -96,7 +116,7 @@ class Worker:
             log.warning("job %s is %s, not runnable; nothing to do", self.job_id, self.state.status)
             return
         try:
-            self.check_requests()      # a pause or cancel that came while the job was queued
+            self.check_stop(shutdown=False, limits=False)  # a pause or cancel that came while queued
             self.setup()
             self.check_stop()
             self.train()
@@ -168,7 +188,7 @@ class Worker:
             self.timers.elapsed = time.monotonic() - started
             self.timers.cpu = time.process_time() - cpu_started
             if self.step < spe:
-                self.between_chunks(n)
+                chunk = self.between_chunks(chunk)
         self.record_epoch(time.monotonic() - started, lrs[-1])
 
     def record_epoch(self, elapsed: float, last_lr: float) -> None:
@@ -207,7 +227,8 @@ class Worker:
         best_epoch, best_value = policies.best_epoch(self.state.monitor_values(self.monitor), self.mode)
         if best_epoch == self.epoch:
             path = self.out_dir / self.engine_cls.best_file
-            atomic_write_with(path, self.engine.save_weights)
+            if self.rank == 0:
+                atomic_write_with(path, self.engine.save_weights)
             self.record(BestModelSaved(epoch=self.epoch, monitor=self.monitor, value=best_value,
                                        path=relative_to_or_absolute(path, self.job_dir)))
 
@@ -226,53 +247,72 @@ class Worker:
 
     # ---------------------------------------------------------------- between engine calls
 
-    def between_chunks(self, steps_just_run: int) -> None:
-        self.check_stop()
-        now = time.monotonic()
-        every = self.spec["checkpoint"]["every_seconds"]
-        if every and now - self.last_checkpoint_at >= every:
+    def between_chunks(self, next_chunk: int) -> int:
+        """Between engine calls: stop, timed checkpoint, progress; returns the next call's
+        steps. Rank 0 decides all four (they depend on the clock and on control files)."""
+        plan = None
+        if self.rank == 0:
+            now = time.monotonic()
+            every = self.spec["checkpoint"]["every_seconds"]
+            plan = {"stop": self.stop_decision(), "chunk": next_chunk,
+                    "checkpoint": bool(every and now - self.last_checkpoint_at >= every),
+                    "progress": now - self.last_progress_at >= PROGRESS_SECONDS}
+        plan = self.agree(plan)
+        if plan["stop"] is not None:
+            self.carry_out(plan["stop"])
+        if plan["checkpoint"]:
             self.save_checkpoint(self.epoch, self.step)
-        if now - self.last_progress_at >= PROGRESS_SECONDS:
+        if plan["progress"]:
             self.report_progress()
+        return plan["chunk"]
 
-    def check_stop(self) -> None:
-        if self.flags.shutdown:
+    def check_stop(self, shutdown: bool = True, limits: bool = True) -> None:
+        stop = self.agree(self.stop_decision(shutdown, limits) if self.rank == 0 else None)
+        if stop is not None:
+            self.carry_out(stop)
+
+    def stop_decision(self, shutdown: bool = True, limits: bool = True) -> tuple | None:
+        """Whether the run must stop here, and why (rank 0): a shutdown, a pause or cancel
+        request (put on record here), or a limit passed."""
+        if shutdown and self.flags.shutdown:
+            return ("shutdown",)
+        for request in control.pending_for(self.spool, self.job_id):
+            outcome = control.consume(self.spool, request, self.state.status, self.record)
+            if outcome and outcome[0].kind == "act" and request.action in ("pause", "cancel"):
+                return (request.action, outcome[1])
+        return self.limit_passed() if limits else None
+
+    def carry_out(self, stop: tuple) -> None:
+        if stop[0] == "shutdown":
             checkpoint = self.checkpoint_here()
             epoch, step = self.epoch, self.step
             self.record(Interrupted(reason="shutdown", epoch=epoch, step=step, checkpoint=checkpoint))
             log.info("job %s: interrupted by shutdown at epoch %d step %d", self.job_id, epoch, step)
             raise StopRun
-        self.check_requests()
-        self.check_limits()
+        if stop[0] == "limit":
+            log.error("job %s: %s", self.job_id, stop[2])
+            self.record(Failed(error=stop[1], message=stop[2], traceback=None, retryable=False))
+            raise StopRun
+        self.act(stop[0], stop[1])
 
-    def check_limits(self) -> None:
+    def limit_passed(self) -> tuple | None:
         """limits.wall_seconds (all runs together) and limits.memory_mb (this process's RSS):
         past either, the job ends `failed` with the numbers. (The daemon kills a worker whose
         memory jumps past 1.25x its limit inside one engine call.)"""
         limits = self.spec.get("limits") or {}
         wall, memory = limits.get("wall_seconds"), limits.get("memory_mb")
         if self.run_started_at is None or (wall is None and memory is None):
-            return
+            return None
         used = self.prior_seconds + time.monotonic() - self.run_started_at
         if wall is not None and used > wall:
-            self.stop_at_limit("WallTimeExceeded", (
+            return ("limit", "WallTimeExceeded", (
                 f"the job has trained for {used:.0f} s, past its limits.wall_seconds of {wall:g} "
                 f"(stopped in epoch {self.epoch}, step {self.step}). Expected: a run that ends "
                 "within its limit; raise limits.wall_seconds or lower epochs, then submit again."))
         rss = rss_mb() if memory is not None else 0.0
         if memory is not None and rss > memory:
-            self.stop_at_limit("MemoryLimitExceeded", memory_limit_message(rss, memory))
-
-    def stop_at_limit(self, error: str, message: str) -> None:
-        log.error("job %s: %s", self.job_id, message)
-        self.record(Failed(error=error, message=message, traceback=None, retryable=False))
-        raise StopRun
-
-    def check_requests(self) -> None:
-        for request in control.pending_for(self.spool, self.job_id):
-            outcome = control.consume(self.spool, request, self.state.status, self.record)
-            if outcome and outcome[0].kind == "act":
-                self.act(request.action, outcome[1])
+            return ("limit", "MemoryLimitExceeded", memory_limit_message(rss, memory))
+        return None
 
     def act(self, action: str, reason: str | None) -> None:
         epoch, step = self.epoch, self.step
@@ -317,13 +357,17 @@ class Worker:
         folder = self.job_dir / "checkpoints"
         folder.mkdir(exist_ok=True)
         path = folder / f"e{epoch:05d}-s{step:07d}{self.engine_cls.checkpoint_suffix}"
-        atomic_write_with(path, self.engine.save_checkpoint)
+        if self.rank == 0:
+            atomic_write_with(path, self.engine.save_checkpoint)
+        else:
+            self.engine.checkpoint_state()  # its part of the gathering; rank 0 writes the file
         faults.point("checkpoint.unrecorded")
         rel = relative_to_or_absolute(path, self.job_dir)
         mid_epoch = step < self.engine.steps_per_epoch
+        written = self.rank == 0
         self.record(CheckpointSaved(
             epoch=epoch, step=step, steps_per_epoch=self.engine.steps_per_epoch, path=rel,
-            bytes=path.stat().st_size, sha256=sha256_file(path),
+            bytes=path.stat().st_size if written else 0, sha256=sha256_file(path) if written else "",
             epoch_seconds=self.timers.elapsed if mid_epoch else 0.0,
             compute_seconds=self.timers.compute if mid_epoch else 0.0,
             data_seconds=self.timers.data if mid_epoch else 0.0,
@@ -341,7 +385,8 @@ class Worker:
             keep |= {c["path"] for c in live if c["epoch"] == best and c["step"] == c["steps_per_epoch"]}
         for c in [c for c in live if c["path"] not in keep]:
             self.record(CheckpointRemoved(path=c["path"], reason=f"keep_last {policy['keep_last']}"))
-            (self.job_dir / c["path"]).unlink(missing_ok=True)
+            if self.rank == 0:
+                (self.job_dir / c["path"]).unlink(missing_ok=True)
 
     def restore(self) -> dict | None:
         """Load the newest checkpoint whose bytes match their sha256; older ones if it does not."""
@@ -442,6 +487,8 @@ class Worker:
         return folder
 
     def finish(self) -> None:
+        if self.rank != 0:
+            return  # rank 0 writes the outputs and the final word
         from engines import architecture
         from .plot import plot_history
         out, spec = self.out_dir, self.spec
@@ -482,6 +529,13 @@ class Worker:
         expected = isinstance(e, EXPECTED_ERRORS)
         retryable = isinstance(e, MemoryError) or (
             isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EIO, errno.ENOMEM))
+        if self.world > 1 and not (expected or retryable):
+            # in a DDP rank an unexpected error is most often a peer's death seen through the
+            # transport ("connection reset"): not this job's fault. Dying without a final word
+            # makes it a crash, which the daemon retries from the last checkpoint (and fails
+            # after --max-retries, pointing at worker.log, if it is a real bug).
+            log.error("job %s: rank %d stops on %s: %s", self.job_id, self.rank, type(e).__name__, e)
+            raise e
         log.error("job %s: failed: %s: %s", self.job_id, type(e).__name__, e,
                   exc_info=not expected)
         message = str(e) or repr(e)
@@ -530,9 +584,71 @@ def main(argv: list[str] | None = None) -> int:
         log.error("job %s is held by another live worker; exiting", args.job)
         return EXIT_LOCKED
     cpu_share = int(os.environ.get("EPOCHD_CPU_SHARE", os.cpu_count() or 1))
-    with lock, EventLog(spool.events_path(args.job)) as events:
-        Worker(spool, args.job, events, flags, cpu_share).run()
-    return 0
+    with lock:
+        with EventLog(spool.events_path(args.job)) as events:
+            ranks = ((fold(events.records).spec or {}).get("distributed") or {}).get("processes", 1)
+            if ranks == 1:
+                Worker(spool, args.job, events, flags, cpu_share).run()
+                return 0
+        return launch_ranks(spool, args.job, ranks, cpu_share)
+
+
+def launch_ranks(spool: Spool, job_id: str, ranks: int, cpu_share: int) -> int:
+    """DDP: start `ranks` processes through torch's elastic launcher (a c10d rendezvous on a
+    free loopback port, no restarts: a rank that dies ends the attempt, and the daemon's retry
+    resumes it from the last checkpoint like any crash). This process holds the job's lock
+    while they run and passes a shutdown signal on to them. Exit code 0 when the run ended on
+    record (rank 0's final event), else 1."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=ranks, run_id=f"epochd-{job_id}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0,
+        monitor_interval=0.1, start_method="spawn",
+        logs_specs=DefaultLogsSpecs(log_dir=str(spool.job_dir(job_id) / "ranks"),
+                                    redirects=Std.NONE, tee=Std.NONE))
+    log.info("job %s: starting %d DDP ranks (gloo, rendezvous 127.0.0.1:%d)", job_id, ranks, port)
+    try:
+        elastic_launch(config, rank_main)(str(spool.root), job_id, max(1, cpu_share // ranks))
+    except Exception as e:  # ChildFailedError, SignalException: the log says whether it matters
+        log.error("job %s: the ranks ended with %s: %s", job_id, type(e).__name__, e)
+    state = fold(read_foldable(spool.events_path(job_id)))
+    return 1 if state.status == Status.RUNNING else 0
+
+
+def rank_main(spool_root: str, job_id: str, cpu_share: int) -> None:
+    """One DDP rank (started by `launch_ranks`, which sets RANK, WORLD_SIZE, MASTER_ADDR...)."""
+    import datetime
+    import torch.distributed as tdist
+    faults.role = "worker"
+    flags = Flags()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, flags.handle)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s rank " + os.environ.get("RANK", "?")
+                        + ": %(message)s")
+    tdist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    spool = Spool(Path(spool_root))
+    events = EventLog(spool.events_path(job_id)) if rank == 0 else None
+    records = events.records if events is not None else read_foldable(spool.events_path(job_id))
+    tdist.barrier()  # every rank has read the log before rank 0 appends to it
+    worker = Worker(spool, job_id, events, flags, cpu_share, rank=rank, world=world, records=records)
+    worker.run()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # the run is over: a late signal ends the rank
+        signal.signal(sig, signal.SIG_DFL)
+    if worker.state.status == Status.FAILED:
+        os._exit(1)  # the others may wait in a collective: the launcher stops them
+    if events is not None:
+        events.close()
+    tdist.destroy_process_group()
+    log.info("job %s: rank %d done", job_id, rank)
+    if flags.shutdown:  # the launcher is shutting down and will not collect a return value,
+        sys.stdout.flush()  # for which its wrapper would wait until it is killed
+        os._exit(0)
 
 
 if __name__ == "__main__":

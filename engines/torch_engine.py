@@ -27,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from daemon.errors import CheckpointInvalid, DeviceUnavailable
 
@@ -101,19 +103,22 @@ class TorchEngine(Engine):
     checkpoint_suffix = ".pt"
 
     def __init__(self, spec: dict, data: Prepared, cpu_share: int):
+        # one of `world` data-parallel ranks when the worker started a process group (DDP)
+        distributed = tdist.is_available() and tdist.is_initialized()
+        self.rank, self.world = (tdist.get_rank(), tdist.get_world_size()) if distributed else (0, 1)
         self.threads = job_threads(spec, data.input_dim, cpu_share)
         # set once, before any torch work: changing it later in a process slows what follows
         torch.set_num_threads(self.threads)
         torch.manual_seed(spec["seed"])  # weights' init, then dropout masks, draw from this
-        self.device = pick_device(spec["devices"])
+        self.device = pick_device("cpu" if self.world > 1 else spec["devices"])
         self.gpu_index = self.device.index if self.device.type == "cuda" else None
         self.devices = [str(self.device) if self.device.type != "cuda" else
-                        f"{self.device} ({torch.cuda.get_device_name(self.device)})"]
+                        f"{self.device} ({torch.cuda.get_device_name(self.device)})"] * self.world
         self.spec, self.task = spec, data.task
         # a step is one optimizer update: with accumulation, over `accumulation` micro-batches
         self.micro_batch = spec["batch_size"]
         self.accumulation = spec["gradient_accumulation_steps"]
-        self.batch_size = self.micro_batch * self.accumulation
+        self.batch_size = self.micro_batch * self.accumulation * self.world  # rows per step, all ranks
         self.y_scale = regression_scale(data.preprocess)
         self.model = build_model(architecture(spec, data)).to(self.device)
         self.optimizer = make_optimizer(self.model.parameters(), spec["optimizer"],
@@ -131,7 +136,12 @@ class TorchEngine(Engine):
         self.lr = spec["learning_rate"]
         self.xs = self.ys = None
         self._allocate_epoch_buffers()
-        self.fast = self._fast_layers(spec)
+        self.fast = self._fast_layers(spec) if self.world == 1 else None
+        self.net = self.model
+        if self.world > 1:
+            # DDP all-reduces gradients in backward; each rank then draws its own dropout masks
+            self.net = DistributedDataParallel(self.model)
+            torch.manual_seed(int(np.random.SeedSequence([spec["seed"], self.rank]).generate_state(1)[0]))
         self.dropout = spec["algorithm_params"]["dropout_rate"]
         self._masks: tuple[int, int, list[torch.Tensor]] | None = None  # (epoch, block, masks)
 
@@ -186,6 +196,8 @@ class TorchEngine(Engine):
     def train_steps(self, lrs: Sequence[float]) -> None:
         if not lrs:
             return
+        if self.world > 1:
+            return self._train_steps_ddp(lrs)
         model, opt, loss_fn, bs = self.model, self.optimizer, self.loss_fn, self.batch_size
         first, start = self.step, self.step * bs
         losses, outputs = [], []
@@ -214,6 +226,42 @@ class TorchEngine(Engine):
             self.step_losses[first:self.step] = torch.stack(losses)
             end = min(self.step * bs, self.n)
             self.sample_hits[start:end] = self._hits(torch.cat(outputs), self.ys[start:end])
+
+    def _train_steps_ddp(self, lrs: Sequence[float]) -> None:
+        """This rank's part of each step: its share of the step's rows (the global batch split
+        in `world` nearly equal runs, in rank order), in micro-batches. Each micro-batch's mean
+        loss is weighted by its rows' share of the whole step times `world`, which DDP's
+        averaging undoes: the update is the whole step's mean-loss gradient, as one process
+        would compute it. A rank left without rows still joins the all-reduce."""
+        opt, bs, micro, w = self.optimizer, self.batch_size, self.micro_batch, self.world
+        for lr in lrs:
+            if lr != self.lr:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                self.lr = lr
+            start = self.step * bs
+            rows = min(bs, self.n - start)
+            sizes = [rows // w + (1 if r < rows % w else 0) for r in range(w)]
+            first = start + sum(sizes[:self.rank])
+            mine = sizes[self.rank]
+            xs, ys = self.xs[first:first + mine], self.ys[first:first + mine]
+            opt.zero_grad(set_to_none=True)
+            pieces = list(range(0, mine, micro)) or [0]
+            loss, outs = torch.zeros((), device=self.device), []
+            for j, a in enumerate(pieces):
+                xm, ym = xs[a:a + micro], ys[a:a + micro]
+                with (self.net.no_sync() if j < len(pieces) - 1 else nullcontext()), self.autocast:
+                    out = self.net(xm)
+                    m_loss = self.loss_fn(out, ym) if len(xm) else out.sum() * 0.0
+                (m_loss * (len(xm) * w / rows)).backward()
+                loss = loss + m_loss.detach().float() * (len(xm) / rows)
+                outs.append(out.detach())
+            opt.step()
+            with torch.no_grad():  # this rank's parts; train_metrics sums them over the ranks
+                self.step_losses[self.step] = loss
+                if mine:
+                    self.sample_hits[first:first + mine] = self._hits(torch.cat(outs), ys)
+            self.step += 1
 
     def _accumulated_step(self, step: int, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One update from micro-batches of the step's rows, taken one after the other: each
@@ -313,11 +361,23 @@ class TorchEngine(Engine):
             return ((out > 0) == (y > 0.5)).reshape(-1).float()
         return (out.argmax(1) == y).float()
 
+    def _epoch_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The epoch's step losses and sample hits so far, summed over the ranks (each holds
+        its own parts, zeros elsewhere). A collective: every rank calls it at the same point."""
+        done = min(self.step * self.batch_size, self.n)
+        losses, hits = self.step_losses[:self.step], self.sample_hits[:done]
+        if self.world > 1:
+            losses, hits = losses.clone(), hits.clone()
+            tdist.all_reduce(losses)
+            tdist.all_reduce(hits)
+        return losses, hits
+
     def train_metrics(self) -> dict[str, float]:
         done = min(self.step * self.batch_size, self.n)
         n = max(done, 1)
-        loss_sum = (self.step_losses[:self.step].double() * self.step_sizes[:self.step]).sum().item()
-        hits = self.sample_hits[:done].double().sum().item()
+        step_losses, sample_hits = self._epoch_sums()
+        loss_sum = (step_losses.double() * self.step_sizes[:self.step]).sum().item()
+        hits = sample_hits.double().sum().item()
         if self.task == "regression":
             return {"train_loss": loss_sum / n, "train_mae": hits / n * self.y_scale,
                     "train_rmse": math.sqrt(max(loss_sum / n, 0.0)) * self.y_scale}
@@ -346,17 +406,27 @@ class TorchEngine(Engine):
                 "val_rmse": math.sqrt(sq / n) * self.y_scale,
                 "val_r2": 1 - sq / variance if variance > 0 else 0.0}
 
-    def save_checkpoint(self, path: Path) -> None:
-        torch.save({
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint holds. With DDP a collective (the epoch's sums and every rank's
+        RNG state are gathered): every rank calls it, rank 0 writes it."""
+        step_losses, sample_hits = self._epoch_sums()
+        rng = torch.get_rng_state()
+        ranks = [rng]
+        if self.world > 1:
+            ranks = [None] * self.world
+            tdist.all_gather_object(ranks, rng)
+        return {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
+            "rng_cpu": rng, "rng_ranks": ranks,
             "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             "epoch": self.epoch, "step": self.step, "lr": self.lr,
-            "step_losses": self.step_losses[:self.step].cpu(),
-            "sample_hits": self.sample_hits[:min(self.step * self.batch_size, self.n)].cpu(),
-        }, path)
+            "step_losses": step_losses.cpu(), "sample_hits": sample_hits.cpu(),
+        }
+
+    def save_checkpoint(self, path: Path) -> None:
+        torch.save(self.checkpoint_state(), path)
 
     def load_checkpoint(self, path: Path) -> tuple[int, int]:
         try:
@@ -369,12 +439,17 @@ class TorchEngine(Engine):
             raise
         except Exception as e:  # torch raises many types for damaged or foreign files
             raise CheckpointInvalid(f"{path} does not load: {type(e).__name__}: {e}") from e
-        torch.set_rng_state(state["rng_cpu"])
+        ranks = state.get("rng_ranks") or [state["rng_cpu"]]
+        if len(ranks) != self.world:
+            raise CheckpointInvalid(f"{path} was written by {len(ranks)} rank(s); this run has "
+                                    f"{self.world}. Expected: the same distributed.processes")
+        torch.set_rng_state(ranks[self.rank])
         if state["rng_cuda"]:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self._clear_epoch_buffers()
-        self.step_losses[:len(state["step_losses"])] = state["step_losses"].to(self.device)
-        self.sample_hits[:len(state["sample_hits"])] = state["sample_hits"].to(self.device)
+        if self.rank == 0:  # the epoch's sums so far; the other ranks add only what follows
+            self.step_losses[:len(state["step_losses"])] = state["step_losses"].to(self.device)
+            self.sample_hits[:len(state["sample_hits"])] = state["sample_hits"].to(self.device)
         self.lr = state["lr"]
         self.epoch, self.step = state["epoch"], state["step"]
         return self.epoch, self.step
