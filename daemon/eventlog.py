@@ -98,18 +98,22 @@ def parse_log(data: bytes, path="<log>", foldable: bool = False, first_seq: int 
     due = first_seq  # the seq the next valid line must carry
     held = None      # foldable: the latest checked progress line, parsed once it is not superseded
     lines = data.split(b"\n")
+    crc32, find, suffix = zlib.crc32, PROGRESS_TYPE, CRC_SUFFIX_LEN
     # the piece after the last newline is unterminated: at best a torn append
     for line_no, line in enumerate(lines[:-1], start=1):
         offset += len(line) + 1
-        if foldable and line.find(PROGRESS_TYPE, 0, 80) > 0:
-            seq = _checked_seq(line)
+        if foldable and line.find(find, 0, 80) > 0:
+            # the hot path of a long log, inlined: checksum and seq without parsing the JSON
+            if (first_bad is None and line.startswith(b'{"seq":%d,' % due)
+                    and line[-suffix:-10] == CRC_PREFIX
+                    and line[-10:-2] == b"%08x" % crc32(b"}", crc32(line[:-suffix]))):
+                held, due, good_end = line, due + 1, offset
+                continue
+            seq = _checked_seq(line)  # slow path: say exactly what is wrong
             if seq is not None:
                 if first_bad is not None:
                     raise LogCorrupt(path, first_bad[0], first_bad[1])
-                if seq != due:
-                    raise LogCorrupt(path, line_no, f"seq {seq} where {due} was due (lost or repeated events)")
-                held, due, good_end = line, due + 1, offset
-                continue
+                raise LogCorrupt(path, line_no, f"seq {seq} where {due} was due (lost or repeated events)")
         if held is not None:
             records.append(upcast(decode(held)))
             held = None
@@ -147,9 +151,17 @@ class EventLog:
     def __init__(self, path: Path, clock: Callable[[], str] = utc_now):
         self.path = Path(path)
         self.clock = clock
-        contents = read_log(self.path, foldable=True)
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        contents = parse_log(data, self.path, foldable=True)
         self.records = contents.records   # foldable: superseded progress records left out
         self.last_seq = contents.last_seq
+        # the valid log's length and CRC-32, kept up to date: a fold cache can be written
+        # without reading the file again (see foldcache)
+        self.offset, self.crc = contents.good_bytes, zlib.crc32(memoryview(data)[:contents.good_bytes])
+        del data
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         if contents.torn_bytes:
             self._cut_torn_tail(contents)
@@ -180,6 +192,7 @@ class EventLog:
         record = decode(line[:-1])
         self.records.append(record)
         self.last_seq += 1
+        self.offset, self.crc = self.offset + len(line), zlib.crc32(line, self.crc)
         return record
 
     def close(self) -> None:

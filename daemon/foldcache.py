@@ -42,8 +42,15 @@ def replay(path: Path) -> JobState:
             apply(state, record)
         contents.good_bytes += offset
     if contents.good_bytes - offset >= MIN_CACHED_BYTES:
-        _store(cache_path, state, data, contents.good_bytes)
+        end = contents.good_bytes
+        _store(cache_path, state, end, zlib.crc32(memoryview(data)[:end]))
     return state
+
+
+def store(log_path: Path, state: JobState, offset: int, crc: int) -> None:
+    """Cache `state`, the fold of the log's first `offset` bytes (CRC-32 `crc`): the writer of
+    a long run calls it now and then, so a replay after a crash folds only the rest."""
+    _store(Path(log_path).parent / CACHE_NAME, state, offset, crc)
 
 
 def _load(cache_path: Path, data: bytes) -> tuple[JobState | None, int, int]:
@@ -61,9 +68,9 @@ def _load(cache_path: Path, data: bytes) -> tuple[JobState | None, int, int]:
         return None, 0, 0
 
 
-def _store(cache_path: Path, state: JobState, data: bytes, offset: int) -> None:
+def _store(cache_path: Path, state: JobState, offset: int, crc: int) -> None:
     body = orjson.dumps({"version": __version__, "layout": _LAYOUT, "offset": offset,
-                         "crc": zlib.crc32(memoryview(data)[:offset]), "state": state})
+                         "crc": crc, "state": state})
     tmp = cache_path.with_name(f"{CACHE_NAME}.{os.getpid()}.tmp")
     try:  # no fsync: a cache lost to a power cut costs one full replay
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)

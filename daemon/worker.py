@@ -25,7 +25,7 @@ from pathlib import Path
 
 import orjson
 
-from . import control, faults, policies
+from . import control, faults, foldcache, policies
 from .errors import (CheckpointInvalid, DataError, DeviceUnavailable, Diverged, EngineUnavailable,
                      PathNotAllowed, memory_limit_message)
 from .eventlog import EventLog, read_foldable, utc_now
@@ -44,6 +44,7 @@ log = logging.getLogger("epochd.worker")
 EXIT_LOCKED = 75           # another live worker holds the job (EX_TEMPFAIL)
 CHUNK_SECONDS = 0.2        # engine call length: bounds pause latency and progress granularity
 PROGRESS_SECONDS = 1.0     # at most one progress event a second
+CACHE_EVERY_BYTES = 4 << 20  # refresh the fold cache every 4 MiB of log: a replay folds the rest
 EXPECTED_ERRORS = (DataError, PathNotAllowed, DeviceUnavailable, Diverged, EngineUnavailable)
 
 
@@ -83,6 +84,7 @@ class Worker:
         self.cpu_share, self.rank, self.world = cpu_share, rank, world
         self.job_dir = spool.job_dir(job_id)
         self.state = fold(events.records if events is not None else records)
+        self.cached_at = events.offset if events is not None else 0  # log bytes the fold cache covers
         self.spec = self.state.spec
         self.engine = None
         self.epoch, self.step = self.state.position
@@ -98,6 +100,9 @@ class Worker:
         else:
             record = self.events.append(event)
         apply(self.state, record)
+        if self.events is not None and self.events.offset - self.cached_at >= CACHE_EVERY_BYTES:
+            foldcache.store(self.events.path, self.state, self.events.offset, self.events.crc)
+            self.cached_at = self.events.offset
         return record
 
     def agree(self, value):

@@ -1,5 +1,7 @@
 """The event log: checksummed lines, contiguous seq, torn tails cut and recorded, corruption
 reported, never guessed."""
+import zlib
+
 import orjson
 import pytest
 
@@ -198,3 +200,21 @@ def test_the_fold_cache_is_used_while_the_prefix_is_unchanged_and_never_trusted_
     progress_log(path)
     cache.write_bytes(b"\x00garbage")  # a torn or foreign cache: replayed in full, never an error
     assert foldcache.replay(path) == fold(read_records(path))
+
+
+def test_a_writer_keeps_the_logs_length_and_crc_for_the_fold_cache(tmp_path):
+    """What a long run's worker stores now and then (every 4 MiB of log): a cache a replay after
+    a crash starts from, checked against the log's own bytes."""
+    path = tmp_path / "events.jsonl"
+    data = progress_log(path)
+    path.write_bytes(data + b'{"seq":99,"torn')  # a torn tail: cut, and not counted
+    with EventLog(path) as log:
+        log.append(Cancelled(epoch=1, step=0))
+        assert log.offset == path.stat().st_size and log.crc == zlib.crc32(path.read_bytes())
+        state = fold(read_records(path))
+        state.source_file = "stored-by-the-writer.json"  # shows the cache is what replay used
+        foldcache.store(path, state, log.offset, log.crc)
+    assert foldcache.replay(path).source_file == "stored-by-the-writer.json"
+    with EventLog(path) as log:
+        log.append(Cancelled(epoch=1, step=0))
+    assert foldcache.replay(path).last_seq == len(read_records(path))
