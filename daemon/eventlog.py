@@ -10,6 +10,7 @@ and records that it did (`log_repaired`). A bad line followed by valid ones is c
 One writer at a time: callers hold the job's lock (see `spool.JobLock`) while an `EventLog` is
 open for appending.
 """
+import errno
 import os
 import zlib
 from dataclasses import dataclass
@@ -162,6 +163,7 @@ class EventLog:
         # without reading the file again (see foldcache)
         self.offset, self.crc = contents.good_bytes, zlib.crc32(memoryview(data)[:contents.good_bytes])
         del data
+        self.broken: OSError | None = None
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         if contents.torn_bytes:
             self._cut_torn_tail(contents)
@@ -179,16 +181,26 @@ class EventLog:
         return self.last_seq + 1
 
     def append(self, event: Event) -> dict:
+        if self.broken is not None:
+            raise OSError(errno.EIO, f"{self.path}: an earlier write or fsync failed ({self.broken}); "
+                                     "this writer appends nothing more", str(self.path))
         line = encode(self.next_seq, self.clock(), event)
         if faults.armed("append.torn"):
             os.write(self.fd, line[:len(line) // 2])
             faults.die()
-        written = os.write(self.fd, line)
-        if written != len(line):
-            # a short write leaves a torn tail: the next writer cuts it; this one stops here
-            raise OSError(f"short write to {self.path}: {written} of {len(line)} bytes")
-        faults.point("append.unsynced")
-        os.fsync(self.fd)
+        try:
+            written = os.write(self.fd, line)
+            if written != len(line):
+                # a short write leaves a torn tail: the next writer cuts it
+                raise OSError(errno.EIO, f"short write to {self.path}: {written} of {len(line)} bytes")
+            faults.point("append.unsynced")
+            os.fsync(self.fd)
+        except OSError as e:
+            # after a failed write or fsync the file's state is unknown (the line may be in it
+            # or not, the kernel may have dropped dirty pages): never retry, never go on as if
+            # it were written. The next writer reads what is really there.
+            self.broken = e
+            raise
         record = decode(line[:-1])
         self.records.append(record)
         self.last_seq += 1

@@ -111,6 +111,10 @@ class Daemon:
         self.max_jobs = options.max_jobs or max(1, self.gpus)
         self.children: dict[str, Child] = {}
         self.orphans: dict[str, int | None] = {}    # job -> pid of a worker we did not start
+        # workers gone whose end could not be recorded yet (a full disk): retried every tick
+        self.unsettled: dict[str, tuple[int | None, str | None]] = {}
+        self.unwritable: set[str] = set()  # of those, the ones already reported
+        self.last_disk_error = 0.0
         self.entries: dict[str, scheduler.Entry] = {}
         self.quarantined: dict[str, str] = {}
         self.arrived: set[str] = set()              # names inotify saw renamed in or closed
@@ -132,17 +136,27 @@ class Daemon:
             self.install_signal_handlers()
             observer = self.watch()
             self.startup()
-            self.tick(time.time())
+            self.guarded_tick(time.time())
             self.notifier.ready(self.status_line())
             while not self.finished():
                 self.waker.wait(self.wait_seconds(time.time()))
-                self.tick(time.time())
+                self.guarded_tick(time.time())
         finally:
             if observer is not None:
                 observer.stop()
             self.teardown()
             lock.release()
         return 0
+
+    def guarded_tick(self, now: float) -> None:
+        """A full or failing disk must not end the daemon: every step of a tick is safe to
+        repeat, so say what happened (stderr: the spool's disk may be the full one) and go on."""
+        try:
+            self.tick(now)
+        except OSError as e:
+            if now - self.last_disk_error >= 60:
+                log.error("cannot write to the spool (%s); still serving, retrying every tick", e)
+                self.last_disk_error = now
 
     def tick(self, now: float) -> None:
         """One step of the loop; tests may call it directly with their own `now`."""
@@ -343,7 +357,7 @@ class Daemon:
     # ---------------------------------------------------------------- workers
 
     def runnable(self) -> list[scheduler.Entry]:
-        busy = self.children.keys() | self.orphans.keys()
+        busy = self.children.keys() | self.orphans.keys() | self.unsettled.keys()
         return [e for e in self.entries.values() if e.job_id not in busy]
 
     def start_jobs(self, now: float) -> None:
@@ -399,13 +413,24 @@ class Daemon:
                 continue
             del self.children[job_id]
             child.log_file.close()
-            self.settle(job_id, code, child.killed_for)
+            self.unsettled[job_id] = (code, child.killed_for)
         for job_id in list(self.orphans):
             lock = job_lock(self.spool, job_id)
             if lock.acquire():
                 lock.release()
                 del self.orphans[job_id]
-                self.settle(job_id, None)
+                self.unsettled[job_id] = (None, None)
+        for job_id, (code, killed_for) in list(self.unsettled.items()):
+            try:
+                self.settle(job_id, code, killed_for)
+            except OSError as e:  # ENOSPC, EIO: the job waits, unscheduled, until it can be written
+                if job_id not in self.unwritable:
+                    self.unwritable.add(job_id)
+                    log.error("job %s: cannot record the end of its worker: %s; retrying every tick",
+                              job_id, e)
+                continue
+            del self.unsettled[job_id]
+            self.unwritable.discard(job_id)
 
     def settle(self, job_id: str, code: int | None, killed_for: str | None = None) -> None:
         """A worker is gone. If it left no final word, say on its behalf what happened."""

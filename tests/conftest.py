@@ -105,9 +105,9 @@ def drop_job(spool: Path, name: str, job: dict | bytes) -> Path:
 class DaemonProcess:
     """`epochd serve` in a subprocess, stopped (SIGTERM, then SIGKILL) at teardown."""
 
-    def __init__(self, spool: Path, *args: str, env: dict | None = None):
+    def __init__(self, spool: Path, *args: str, env: dict | None = None, log_dir: Path | None = None):
         self.spool = Path(spool)
-        self.stderr_path = self.spool.parent / f"daemon-{time.monotonic_ns()}.err"
+        self.stderr_path = Path(log_dir or self.spool.parent) / f"daemon-{time.monotonic_ns()}.err"
         self.stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "serve", "--spool", str(spool),

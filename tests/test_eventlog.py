@@ -1,5 +1,6 @@
 """The event log: checksummed lines, contiguous seq, torn tails cut and recorded, corruption
 reported, never guessed."""
+import os
 import zlib
 
 import orjson
@@ -218,3 +219,21 @@ def test_a_writer_keeps_the_logs_length_and_crc_for_the_fold_cache(tmp_path):
     with EventLog(path) as log:
         log.append(Cancelled(epoch=1, step=0))
     assert foldcache.replay(path).last_seq == len(read_records(path))
+
+
+def test_after_a_failed_write_a_writer_appends_nothing_more(tmp_path):
+    """A write or fsync that failed leaves the file's state unknown: no retry, no going on as
+    if it were written (which could also repeat a seq). The next writer reads what is there."""
+    path = tmp_path / "events.jsonl"
+    fill(path, 2)
+    log = EventLog(path)
+    os.close(log.fd)
+    log.fd = os.open(os.devnull, os.O_RDONLY)  # every write now fails (EBADF)
+    with pytest.raises(OSError):
+        log.append(Cancelled(epoch=1, step=0))
+    with pytest.raises(OSError, match="appends nothing more"):
+        log.append(Cancelled(epoch=1, step=0))
+    log.close()
+    with EventLog(path) as fresh:
+        fresh.append(Cancelled(epoch=1, step=0))
+    assert [r["seq"] for r in read_records(path)] == [1, 2, 3]

@@ -131,9 +131,9 @@ def crash_and_recover(tmp_path: Path, reference, case: str) -> None:
     assert same_weights(model_weights(tmp_path / "out" / WEIGHT_FILES["pytorch"][0]), expected)
 
 
-# The default run: the daemon mid-acceptance, a torn append in the worker, a pause acknowledged
-# but not carried out. `-m slow` runs every case.
-QUICK = ["accept.claimed@1", "append.torn@4", "control.unacted@1/worker"]
+# The default run: a torn append in the worker, a pause acknowledged but not carried out.
+# `-m slow` runs every case.
+QUICK = ["append.torn@4", "control.unacted@1/worker"]
 VISITS = {"accept.claimed": [1], "accept.recorded": [1], "append.torn": [1, 2, 3, 5, 8, 13, 21],
           "append.unsynced": [1, 2, 3, 5, 8, 13, 21], "file.unrenamed": [1, 2, 3, 4, 6],
           "checkpoint.unrecorded": [1, 2, 3, 5], "epoch.unrecorded": [1, 2, 3],
@@ -202,5 +202,46 @@ def test_a_full_disk_at_a_checkpoint_fails_clearly_and_resume_continues(tmp_path
                            what="the resumed job to complete")
     finally:
         d.stop()
+    assert [h["epoch"] for h in state.history] == [1, 2, 3]
+    assert same_weights(model_weights(small_disk / "out" / WEIGHT_FILES["pytorch"][0]), expected)
+
+
+def fill(disk: Path) -> Path:
+    """Write until the disk refuses another byte."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_disk_too_full_for_any_event_leaves_the_daemon_serving(tmp_path, small_disk, reference):
+    """Not one more byte: the worker cannot even record its failure and dies; the daemon cannot
+    record that either, and keeps serving. Once space is freed it records the crash, retries,
+    and the job ends with the untouched run's weights, each epoch once."""
+    data, expected = reference
+    spool = small_disk / "spool"
+    Spool(spool).ensure()
+    d = DaemonProcess(spool, log_dir=tmp_path)  # its stderr off the disk that fills up
+    try:
+        drop_job(spool, "j.json", job(data, small_disk / "out"))
+        wait_until(lambda: any(r["type"] == "checkpoint_saved" for r in events_of(spool, "j")), 60,
+                   what="a first checkpoint")
+        worker = next(r["pid"] for r in events_of(spool, "j") if r["type"] == "run_started")
+        filler = fill(small_disk)
+        wait_until(lambda: not alive(worker), 60, what="the worker to die on the full disk")
+        wait_until(lambda: "cannot record the end of its worker" in d.log(), 30,
+                   what="the daemon to say it cannot record")
+        assert d.proc.poll() is None  # still serving (what the worker freed may let it record at once)
+        filler.unlink()
+        state = wait_until(lambda: status(spool) == "completed" and fold(events_of(spool, "j")), 120,
+                           what="the job to complete once space is back")
+    finally:
+        d.stop()
+    crashes = [r for r in events_of(spool, "j") if r["type"] == "interrupted"]
+    assert crashes and crashes[0]["crash"]
     assert [h["epoch"] for h in state.history] == [1, 2, 3]
     assert same_weights(model_weights(small_disk / "out" / WEIGHT_FILES["pytorch"][0]), expected)
