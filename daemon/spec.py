@@ -239,8 +239,8 @@ class JobSpec(Strict):
     optimizer: Optimizer = Field(Optimizer(), description='"adam", "adamw", "sgd", "rmsprop" or an object')
     early_stopping: EarlyStopping | None = Field(None, description="an object, or null")
     learning_rate_scheduler: Schedule | None = Field(None, description=SCHEDULE_HELP)
-    mixed_precision: Literal["no", "bf16"] = Field(
-        "no", description='"no" or "bf16" (fp16 is not available yet)')
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
+        "no", description='"no", "bf16", "fp16" (PyTorch, with a gradient scaler) or "auto"')
     gradient_accumulation_steps: int = Field(
         1, ge=1, le=4096, description="a whole number in [1, 4096]: micro-batches of batch_size "
                                       "rows per optimizer step")
@@ -293,6 +293,9 @@ def _conflicts(s: JobSpec):
     if ap.learning_rate_scheduler is not None and s.learning_rate_scheduler is not None:
         yield ('the learning-rate schedule is given twice (algorithm_params.learning_rate_scheduler '
                'and learning_rate_scheduler); keep one')
+    if s.mixed_precision == "fp16" and s.framework != "pytorch":
+        yield ('mixed_precision "fp16" is available for framework "pytorch" only in this version; '
+               'use "bf16" or "auto" with tensorflow')
     if s.distributed is not None and s.framework != "pytorch":
         yield ('distributed training is available for framework "pytorch" only in this version '
                '(TensorFlow\'s MirroredStrategy is not yet); remove "distributed" or use pytorch')

@@ -170,7 +170,9 @@ class TensorFlowEngine(Engine):
         self.binary = data.task == "classification" and data.n_outputs == 1
         self.multiclass = data.task == "classification" and not self.binary
         self.lr = spec["learning_rate"]
-        dtype = "mixed_bfloat16" if spec["mixed_precision"] == "bf16" else "float32"
+        # "auto": bf16 on a GPU, full precision on the CPU (autocast slows small networks there)
+        bf16 = spec["mixed_precision"] == "bf16" or (spec["mixed_precision"] == "auto" and self.gpu_index is not None)
+        dtype = "mixed_bfloat16" if bf16 else "float32"
         with tf.device(self.device):
             self.model = build_model(architecture(spec, data), dtype)
             self.optimizer, self.l2 = make_optimizer(spec["optimizer"], self.lr)

@@ -130,8 +130,13 @@ class TorchEngine(Engine):
                                   if data.x_val is not None else (None, None))
         self.n = len(self.x)
         self.steps_per_epoch = math.ceil(self.n / self.batch_size)
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                         if spec["mixed_precision"] == "bf16" else nullcontext())
+        self.precision = resolve_precision(spec["mixed_precision"], self.device)
+        self.autocast = (torch.autocast(self.device.type, dtype=AUTOCAST[self.precision])
+                         if self.precision != "no" else nullcontext())
+        # fp16: the loss is scaled up so small gradients survive, and the scale adapts (halves
+        # on an overflow, whose step is skipped; doubles after 2,000 clean steps); its state
+        # is part of every checkpoint
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.epoch = self.step = 0
         self.lr = spec["learning_rate"]
         self.xs = self.ys = None
@@ -150,7 +155,7 @@ class TorchEngine(Engine):
         ap = spec["algorithm_params"]
         plain = (ap["model_type"] == "linear"
                  or (ap["model_type"] == "mlp" and ap["activation"] == "relu" and not ap["batch_norm"]))
-        if not plain or spec["mixed_precision"] != "no":
+        if not plain or self.precision != "no":
             return None
         return [m for m in self.model if isinstance(m, nn.Linear)]
 
@@ -217,8 +222,8 @@ class TorchEngine(Engine):
                     out = model(xb)
                     loss = loss_fn(out, yb)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-            opt.step()
+                self.scaler.scale(loss).backward()
+            self._optimizer_step()
             losses.append(loss.detach())  # detached: each step's graph is freed at once
             outputs.append(out.detach())
         self.step += len(lrs)
@@ -253,15 +258,22 @@ class TorchEngine(Engine):
                 with (self.net.no_sync() if j < len(pieces) - 1 else nullcontext()), self.autocast:
                     out = self.net(xm)
                     m_loss = self.loss_fn(out, ym) if len(xm) else out.sum() * 0.0
-                (m_loss * (len(xm) * w / rows)).backward()
+                self.scaler.scale(m_loss * (len(xm) * w / rows)).backward()
                 loss = loss + m_loss.detach().float() * (len(xm) / rows)
                 outs.append(out.detach())
-            opt.step()
+            self._optimizer_step()
             with torch.no_grad():  # this rank's parts; train_metrics sums them over the ranks
                 self.step_losses[self.step] = loss
                 if mine:
                     self.sample_hits[first:first + mine] = self._hits(torch.cat(outs), ys)
             self.step += 1
+
+    def _optimizer_step(self) -> None:
+        if self.precision == "fp16":
+            self.scaler.step(self.optimizer)  # unscales; skips the step if a gradient overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
 
     def _accumulated_step(self, step: int, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One update from micro-batches of the step's rows, taken one after the other: each
@@ -288,7 +300,7 @@ class TorchEngine(Engine):
                 with self.autocast:
                     out = self.model(xm)
                     m_loss = self.loss_fn(out, ym)
-                (m_loss * share).backward()
+                self.scaler.scale(m_loss * share).backward()
             loss = loss + m_loss.detach().float() * share
             outs.append(out.detach())
         return loss, torch.cat(outs)
@@ -421,6 +433,7 @@ class TorchEngine(Engine):
             "optimizer": self.optimizer.state_dict(),
             "rng_cpu": rng, "rng_ranks": ranks,
             "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "step": self.step, "lr": self.lr,
             "step_losses": step_losses.cpu(), "sample_hits": sample_hits.cpu(),
         }
@@ -435,6 +448,8 @@ class TorchEngine(Engine):
                 raise CheckpointInvalid(f"{path} is not an epochd PyTorch checkpoint")
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
         except CheckpointInvalid:
             raise
         except Exception as e:  # torch raises many types for damaged or foreign files
@@ -475,6 +490,19 @@ class TorchEngine(Engine):
                 return out.numpy()
             return (torch.sigmoid(out) if binary else torch.softmax(out, dim=1)).numpy()
         return predict
+
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(asked: str, device: torch.device) -> str:
+    """"auto": bf16 on a GPU that has it, else fp16 on a GPU; full precision on the CPU, where
+    autocast slows small networks down."""
+    if asked != "auto":
+        return asked
+    if device.type != "cuda":
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def pick_device(devices) -> torch.device:

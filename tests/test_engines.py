@@ -272,6 +272,41 @@ def test_gradient_accumulation_gives_the_larger_batchs_training(tmp_path, framew
     assert not np.allclose(weights(single)[next(iter(wa))], wa[next(iter(wa))], atol=1e-4)  # it matters
 
 
+def test_fp16_with_a_gradient_scaler_trains_and_resumes_bit_for_bit(tmp_path):
+    """PyTorch fp16 autocast with its GradScaler (on the CPU here): it learns, its scale comes
+    back from a checkpoint with everything else, and a resumed run ends bit for bit."""
+    from engines.torch_engine import TorchEngine
+    spec = job(tmp_path, mixed_precision="fp16")
+    data = prepare(spec)
+    straight = run(TorchEngine(spec, data, 1), 3)
+    assert straight.evaluate()["val_accuracy"] > 0.8 and straight.scaler.is_enabled()
+    first = TorchEngine(spec, data, 1)
+    run(first, 1)
+    first.start_epoch(2, 0)
+    first.train_steps([0.01] * 3)
+    first.scaler.update(1024.0)  # a scale no fresh scaler has: it must come back from the file
+    path = tmp_path / "fp16.pt"
+    first.save_checkpoint(path)
+    saved_scaler = first.scaler.state_dict()
+    finish = lambda engine: (engine.train_steps([0.01] * (engine.steps_per_epoch - 3)),
+                             engine.start_epoch(3, 0), engine.train_steps([0.01] * engine.steps_per_epoch))
+    finish(first)  # the run that went on; then one resumed from the file (the RNG is global)
+    second = TorchEngine(spec, data, 1)
+    second.load_checkpoint(path)
+    assert second.scaler.state_dict() == saved_scaler and second.scaler.get_scale() == 1024.0
+    second.start_epoch(2, 3)
+    finish(second)
+    assert same(weights(first), weights(second))
+
+
+def test_auto_precision_is_full_precision_on_the_cpu(tmp_path, framework, Engine):
+    spec = job(tmp_path, framework, mixed_precision="auto")
+    a = run(Engine(spec, prepare(spec), 1), 2)
+    plain = job(tmp_path, framework, mixed_precision="no")
+    b = run(Engine(plain, prepare(plain), 1), 2)
+    assert same(weights(a), weights(b))
+
+
 def test_bf16_mixed_precision_trains(tmp_path, framework, Engine):
     spec = job(tmp_path, framework, mixed_precision="bf16")
     engine = run(Engine(spec, prepare(spec), 1), 5, lr=0.01)
