@@ -204,6 +204,7 @@ class TorchEngine(Engine):
         if self.world > 1:
             return self._train_steps_ddp(lrs)
         model, opt, loss_fn, bs = self.model, self.optimizer, self.loss_fn, self.batch_size
+        optimizer_step = self._optimizer_step if self.precision == "fp16" else opt.step
         first, start = self.step, self.step * bs
         losses, outputs = [], []
         for i, lr in enumerate(lrs):
@@ -223,7 +224,7 @@ class TorchEngine(Engine):
                     loss = loss_fn(out, yb)
                 opt.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
-            self._optimizer_step()
+            optimizer_step()
             losses.append(loss.detach())  # detached: each step's graph is freed at once
             outputs.append(out.detach())
         self.step += len(lrs)

@@ -169,6 +169,15 @@ def daemon_factory():
         kill_workers(d.spool)
 
 
+def alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def kill_workers(spool: Path) -> None:
     """Leave no worker behind: they run in their own sessions."""
     out = subprocess.run(["pgrep", "-f", f"daemon.worker --spool {spool}"], capture_output=True, text=True)

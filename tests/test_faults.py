@@ -21,8 +21,8 @@ from daemon import control, faults
 from daemon.eventlog import read_log
 from daemon.replay import fold
 from daemon.spool import Spool
-from tests.conftest import (WEIGHT_FILES, DaemonProcess, classification_csv, drop_job, events_of,
-                            kill_workers, model_weights, same_weights, seed_job, wait_until)
+from tests.conftest import (WEIGHT_FILES, DaemonProcess, alive, classification_csv, drop_job,
+                            events_of, kill_workers, model_weights, same_weights, seed_job, wait_until)
 
 RUN_ENDS = {"interrupted", "paused", "cancelled", "completed", "failed"}
 
@@ -52,14 +52,6 @@ def reference(tmp_path_factory):
 def status(spool: Path) -> str | None:
     path = Spool(spool).events_path("j")
     return fold(events_of(spool, "j")).status if path.exists() else None
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 class User:
@@ -218,6 +210,7 @@ def fill(disk: Path) -> Path:
     return filler
 
 
+@pytest.mark.slow
 def test_a_disk_too_full_for_any_event_leaves_the_daemon_serving(tmp_path, small_disk, reference):
     """Not one more byte: the worker cannot even record its failure and dies; the daemon cannot
     record that either, and keeps serving. Once space is freed it records the crash, retries,

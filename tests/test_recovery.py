@@ -17,7 +17,7 @@ from daemon.events import JobAccepted
 from daemon.replay import fold
 from daemon.spool import Settings, Spool
 from daemon.supervisor import Daemon, Options
-from tests.conftest import (classification_csv, drop_job, events_of, kill_workers, seed_job,
+from tests.conftest import (alive, classification_csv, drop_job, events_of, kill_workers, seed_job,
                             wait_for_event, wait_for_status, wait_until)
 
 
@@ -29,14 +29,6 @@ def same_weights(a, b) -> bool:
 def job(data, out, epochs=4):
     """Epochs of thousands of single-pair steps: on 8,000 rows about a second each."""
     return seed_job(data, out, epochs=epochs, batch_size=2, algorithm_params={"hidden_units": [16]})
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def kill_everything(d, spool) -> None:
