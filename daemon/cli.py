@@ -225,6 +225,8 @@ def print_one(s: JobState) -> None:
         click.echo(f"  outputs: {', '.join(f'{k}={v}' for k, v in s.outputs.items())}")
     hint = {Status.PAUSED: f'resume it with "epochd resume {s.job_id}"',
             Status.RUNNING: f'follow it with "epochd tail -f {s.job_id}"'}.get(s.status)
+    if control.retryable_failure(s):
+        hint = f'fix the cause, then "epochd resume {s.job_id}" continues from the last checkpoint'
     if hint:
         click.echo(f"  {hint}")
 
@@ -314,7 +316,7 @@ def wait_accepted(spool: Spool, job_id: str) -> bool:
 def request(spool: Path, job_id: str, action: str, reason: str | None) -> None:
     root = Spool(spool)
     state = load_state(root, job_id)
-    decision = control.decide(state.status, action)
+    decision = control.decide(state.status, action, control.retryable_failure(state))
     if decision.kind == "reject":
         raise CliError(f"job {job_id} is {state.status}; nothing to {action}.", Exit.REFUSED)
     control.drop(root, job_id, action, reason)
@@ -334,8 +336,10 @@ def control_command(action: str, doc: str):
 
 control_command("pause", "Pause a job: it checkpoints within about a second and frees its "
                          "device.\n\nExample: epochd pause wine --reason 'need the GPU'")
-control_command("resume", "Queue a paused job again; it continues from the exact step it "
-                          "stopped at.\n\nExample: epochd resume wine")
+control_command("resume", "Queue a paused job again, or one that failed for a cause outside it "
+                          "(a full disk, an I/O error, memory) once that is fixed; it continues "
+                          "from the exact step it stopped at, or its last checkpoint."
+                          "\n\nExample: epochd resume wine")
 control_command("cancel", "Cancel a running, queued or paused job.\n\nExample: epochd cancel wine")
 
 

@@ -94,6 +94,11 @@ def read_reason(request: Request) -> str | None:
     return None
 
 
+def retryable_failure(state: JobState) -> bool:
+    """Failed for a cause outside the job (a full disk, an I/O error, memory): resumable."""
+    return state.status == Status.FAILED and bool((state.last_error or {}).get("retryable"))
+
+
 def decide(status: Status | None, action: str, retryable: bool = False) -> Decision:
     """What a request means for a job in `status` (pure). `retryable`: the job failed for a
     cause outside it (a full disk, an I/O error, memory): resume continues it."""

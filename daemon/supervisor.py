@@ -347,8 +347,8 @@ class Daemon:
             return  # a worker we do not know yet holds it; it will consume the request
         with lock, EventLog(self.spool.events_path(job_id)) as events:
             state = fold(events.records)
-            retryable = state.status == Status.FAILED and bool((state.last_error or {}).get("retryable"))
-            outcome = control.consume(self.spool, request, state.status, events.append, retryable)
+            outcome = control.consume(self.spool, request, state.status, events.append,
+                                      control.retryable_failure(state))
             if outcome and outcome[0].kind == "act":
                 events.append(control.idle_outcome(state, request.action, outcome[1]))
         log.info("job %s: %s request %s", job_id, request.action, outcome[0].kind if outcome else "rejected")

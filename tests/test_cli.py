@@ -127,3 +127,22 @@ def test_rename_noreplace_moves_or_refuses_and_never_overwrites(tmp_path):
     rename_noreplace(tmp_path / "a", tmp_path / "free")
     assert not (tmp_path / "a").exists() and (tmp_path / "free").read_text() == "new"
     assert (tmp_path / "free").stat().st_nlink == 1
+
+
+def test_a_job_that_failed_for_an_outside_cause_can_be_resumed_from_the_cli(tmp_path, spool):
+    """`failed` with retryable (a full disk): `epochd resume` drops the request and status says
+    so; a job's own failure (bad data) stays refused."""
+    from daemon.eventlog import EventLog
+    from daemon.events import Failed, JobAccepted
+    for job_id, retryable in (("disk", True), ("data", False)):
+        Spool(spool).job_dir(job_id).mkdir()
+        with EventLog(Spool(spool).events_path(job_id)) as log:
+            log.append(JobAccepted(job_id=job_id, source_file=f"{job_id}.json", spec={"epochs": 2},
+                                   spec_sha256="a", file_sha256="b"))
+            log.append(Failed(error="OSError", message="the disk is full", traceback=None,
+                              retryable=retryable))
+    assert 'fix the cause, then "epochd resume disk"' in invoke("status", "--spool", spool, "disk").output
+    resumed = invoke("resume", "--spool", spool, "disk")
+    assert resumed.exit_code == Exit.OK and (spool / "control" / "disk.resume").exists()
+    refused = invoke("resume", "--spool", spool, "data")
+    assert refused.exit_code == Exit.REFUSED and not (spool / "control" / "data.resume").exists()
