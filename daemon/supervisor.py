@@ -230,12 +230,12 @@ class Daemon:
             return
         with lock:
             state = self.fold_or_quarantine(job_id)
-            if state is not None and state.status == Status.RUNNING:
+            if state is not None and (state.status == Status.RUNNING or state.pending_control):
                 with EventLog(self.spool.events_path(job_id)) as events:
-                    events.append(Interrupted(reason="crash detected at startup",
-                                              epoch=state.position[0], step=state.position[1]))
-            if state is not None and state.pending_control:
-                self.carry_out_pending(job_id)
+                    if state.status == Status.RUNNING:
+                        events.append(Interrupted(reason="crash detected at startup",
+                                                  epoch=state.position[0], step=state.position[1]))
+                    self.carry_out_pending(events, job_id)
         self.refresh(job_id)
 
     def stop_workers(self, now: float) -> None:
@@ -447,37 +447,39 @@ class Daemon:
             if state is None:
                 return
             # running: it died mid-run; runnable with an error code: it died before run_started
-            if killed_for and state.status in RUNNABLE | {Status.RUNNING}:
-                self.record_limit_kill(job_id, state, killed_for)
-            elif state.status == Status.RUNNING or (state.status in RUNNABLE and code not in (0, None)):
-                self.record_crash(job_id, state, code)
-            if state.pending_control:
-                self.carry_out_pending(job_id)
+            limit_kill = bool(killed_for) and state.status in RUNNABLE | {Status.RUNNING}
+            crashed = not limit_kill and (state.status == Status.RUNNING or (
+                state.status in RUNNABLE and code not in (0, None)))
+            if limit_kill or crashed or state.pending_control:
+                with EventLog(self.spool.events_path(job_id)) as events:  # one read, one writer
+                    if limit_kill:
+                        self.record_limit_kill(events, job_id, state, killed_for)
+                    elif crashed:
+                        self.record_crash(events, job_id, state, code)
+                    self.carry_out_pending(events, job_id)
         self.refresh(job_id)
 
-    def carry_out_pending(self, job_id: str) -> None:
+    def carry_out_pending(self, events: EventLog, job_id: str) -> None:
         """A request went on record (`control_received`, accepted) but its process died before
         carrying it out: with no worker holding the job, the daemon does it now, so a pause,
         resume or cancel that was acknowledged is never lost. The caller holds the job's lock."""
-        with EventLog(self.spool.events_path(job_id)) as events:
-            state = fold(events.records)
-            pending = state.pending_control
-            if pending is None or state.status not in RUNNABLE | {Status.PAUSED}:
-                return
-            events.append(control.idle_outcome(state, pending["action"], pending.get("reason")))
+        state = fold(events.records)  # with whatever the caller has just appended
+        pending = state.pending_control
+        if pending is None or state.status not in RUNNABLE | {Status.PAUSED}:
+            return
+        events.append(control.idle_outcome(state, pending["action"], pending.get("reason")))
         log.info("job %s: carried out the %s request its worker acknowledged before it died",
                  job_id, pending["action"])
 
-    def record_limit_kill(self, job_id: str, state, message: str) -> None:
-        with EventLog(self.spool.events_path(job_id)) as events:
-            if state.status == Status.RUNNING:
-                events.append(Interrupted(reason="killed by the daemon: over its memory limit",
-                                          crash=False, epoch=state.position[0], step=state.position[1]))
-            events.append(Failed(error="MemoryLimitExceeded", message=message, traceback=None,
-                                 retryable=False))
+    def record_limit_kill(self, events: EventLog, job_id: str, state, message: str) -> None:
+        if state.status == Status.RUNNING:
+            events.append(Interrupted(reason="killed by the daemon: over its memory limit",
+                                      crash=False, epoch=state.position[0], step=state.position[1]))
+        events.append(Failed(error="MemoryLimitExceeded", message=message, traceback=None,
+                             retryable=False))
         log.warning("job %s: %s", job_id, message)
 
-    def record_crash(self, job_id: str, state, code: int | None) -> None:
+    def record_crash(self, events: EventLog, job_id: str, state, code: int | None) -> None:
         if code is None:
             reason, crash = "its worker ended while the daemon was away, without a final event", False
         elif self.stopping_since is not None:
@@ -486,16 +488,15 @@ class Daemon:
             reason, crash = f"worker killed by signal {signal.Signals(-code).name}", True
         else:
             reason, crash = f"worker exited with code {code} without a final event", True
-        with EventLog(self.spool.events_path(job_id)) as events:
-            events.append(Interrupted(reason=reason, crash=crash, epoch=state.position[0],
-                                      step=state.position[1]))
-            crashes = state.crashes + (1 if crash else 0)
-            if crash and crashes > self.options.max_retries:
-                events.append(Failed(
-                    error="WorkerCrashed", retryable=False, traceback=None,
-                    message=f"the worker died {crashes} times in a row without finishing an epoch "
-                            f"(last: {reason}). See jobs/{job_id}/worker.log; fix the cause, then "
-                            "submit the job again."))
+        events.append(Interrupted(reason=reason, crash=crash, epoch=state.position[0],
+                                  step=state.position[1]))
+        crashes = state.crashes + (1 if crash else 0)
+        if crash and crashes > self.options.max_retries:
+            events.append(Failed(
+                error="WorkerCrashed", retryable=False, traceback=None,
+                message=f"the worker died {crashes} times in a row without finishing an epoch "
+                        f"(last: {reason}). See jobs/{job_id}/worker.log; fix the cause, then "
+                        "submit the job again."))
         log.warning("job %s: %s", job_id, reason)
 
     # ---------------------------------------------------------------- bookkeeping

@@ -620,8 +620,7 @@ def launch_ranks(spool: Spool, job_id: str, ranks: int, cpu_share: int) -> int:
         elastic_launch(config, rank_main)(str(spool.root), job_id, max(1, cpu_share // ranks))
     except Exception as e:  # ChildFailedError, SignalException: the log says whether it matters
         log.error("job %s: the ranks ended with %s: %s", job_id, type(e).__name__, e)
-    state = fold(read_foldable(spool.events_path(job_id)))
-    return 1 if state.status == Status.RUNNING else 0
+    return 1 if foldcache.replay(spool.events_path(job_id)).status == Status.RUNNING else 0
 
 
 def rank_main(spool_root: str, job_id: str, cpu_share: int) -> None:
