@@ -281,6 +281,8 @@ def main() -> None:
     ap.add_argument("--pauses", type=int, default=8)
     ap.add_argument("--cost-trials", type=int, default=10,
                     help="jobs for the pickup and start-up timings (0: skip bench/daemon_costs.py)")
+    ap.add_argument("--stream-rows", type=int, default=200_000,
+                    help="rows of the 1x file of bench/streaming.py's 1x/4x/16x (0: skip)")
     args = ap.parse_args()
     spes = [int(v) for v in args.keras_spe.split(",")]
     if MEASURED_CPU > 0:
@@ -311,10 +313,13 @@ def main() -> None:
     report(args, results, pauses, ckpt_s, append_s)
     report_tensorflow(args, spes, tf_results)
     report_peers(args, peer_results)
+    sys.path.insert(0, str(ROOT / "bench"))
     if args.cost_trials:
-        sys.path.insert(0, str(ROOT / "bench"))
         import daemon_costs
         daemon_costs.report(daemon_costs.measure(args.cost_trials))
+    if args.stream_rows:
+        import streaming
+        streaming.report(streaming.measure(args.stream_rows, [1, 4, 16]))
 
 
 def tensorflow_rounds(spool: Path, train: Path, val: Path, args, spes: list[int]) -> dict:

@@ -73,7 +73,7 @@ class Progress(Event):
 class EpochCompleted(Event):
     type: ClassVar[str] = "epoch_completed"
     omit_if_none: ClassVar[frozenset[str]] = frozenset(
-        {"train_mae", "train_rmse", "val_mae", "val_rmse", "val_r2"})
+        {"train_mae", "train_rmse", "val_mae", "val_rmse", "val_r2", "memory_peak"})
     epoch: int                     # 1-based
     train_loss: float
     train_accuracy: float | None   # classification only; None for regression
@@ -95,6 +95,7 @@ class EpochCompleted(Event):
     val_mae: float | None = None
     val_rmse: float | None = None
     val_r2: float | None = None
+    memory_peak: float | None = None   # the worker's highest RSS so far (this run), MB
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -203,7 +203,12 @@ class Limits(Strict):
 class DataOptions(Strict):
     format: Literal["auto", "csv", "parquet"] = Field("auto", description='"auto", "csv" or "parquet"')
     delimiter: str = Field(",", min_length=1, max_length=1, description='one character, e.g. ","')
-    streaming: bool = Field(False, description="false (streaming is not available yet)")
+    streaming: bool = Field(False, description="true or false: train from disk in chunks, for "
+                                              "data larger than memory")
+    chunk_rows: int = Field(65_536, ge=1, le=1 << 24,
+                            description="a whole number >= 1: streaming rows per chunk")
+    shuffle_chunks: int = Field(4, ge=1, le=4096,
+                                description="a whole number >= 1: streaming chunks shuffled together")
     max_categories: int = Field(50, ge=2, le=10_000,
                                 description="a whole number >= 2: distinct values a text column may have")
 
@@ -276,13 +281,6 @@ class JobSpec(Strict):
             raise ValueError("a list of exactly one GPU index (several GPUs are not available yet)")
         return v
 
-    @field_validator("data")
-    @classmethod
-    def _no_streaming(cls, v: DataOptions) -> DataOptions:
-        if v.streaming:
-            raise ValueError("streaming data is not available in this epochd version yet")
-        return v
-
 
 
 def _conflicts(s: JobSpec):
@@ -302,6 +300,12 @@ def _conflicts(s: JobSpec):
     if s.distributed is not None and s.devices not in ("cpu", 0, "auto"):
         yield ('distributed training runs CPU ranks (gloo) in this version; set "devices": "cpu" '
                'or "auto" (GPU ranks with NCCL are not available yet)')
+    if s.data.streaming and s.distributed is not None:
+        yield ('streaming data is not available with distributed training in this version; '
+               'remove "distributed" or set data.streaming to false')
+    if s.data.streaming and s.framework != "pytorch":
+        yield ('streaming data is available for framework "pytorch" only in this version; '
+               'use pytorch or set data.streaming to false')
     if s.val_data_path is not None and "validation_split" in s.model_fields_set:
         yield "give val_data_path or validation_split, not both"
     features = s.feature_columns or []

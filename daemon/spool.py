@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import os
 import re
+import shutil
 import socket
 import stat
 from dataclasses import dataclass
@@ -71,6 +72,18 @@ class Spool:
 
     def events_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "events.jsonl"
+
+    def stream_dir(self, job_id: str) -> Path:
+        """A streaming job's encoded rows (a cache: rebuilt from the data when missing)."""
+        return self.job_dir(job_id) / "stream"
+
+    def drop_stream_cache(self, job_id: str) -> bool:
+        """Remove a streaming job's cache (once it has ended: it can be as big as its data)."""
+        folder = self.stream_dir(job_id)
+        if not folder.is_dir():
+            return False
+        shutil.rmtree(folder, ignore_errors=True)
+        return True
 
     def job_ids(self) -> list[str]:
         try:

@@ -516,6 +516,9 @@ class Daemon:
         state = self.fold_or_quarantine(job_id)
         if state is not None and state.status is not None:
             self.entries[job_id] = scheduler.entry(state)
+            if state.status in TERMINAL and not control.retryable_failure(state) \
+                    and job_id not in self.children and self.spool.drop_stream_cache(job_id):
+                log.info("job %s: removed its streaming cache (%s)", job_id, state.status)
 
     def ping_watchdog(self, now: float) -> None:
         interval = self.notifier.watchdog_seconds

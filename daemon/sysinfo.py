@@ -5,6 +5,7 @@ events record as null. Nothing here imports a training framework.
 """
 import logging
 import os
+import sys
 
 import psutil
 
@@ -15,6 +16,16 @@ _process = psutil.Process()  # cached: memory_info() is ~20 us on a cached Proce
 
 def rss_mb() -> float:
     return _process.memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float | None:
+    """The most RSS this process has had so far (getrusage; kilobytes on Linux, bytes on macOS)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 class GpuMonitor:

@@ -37,7 +37,7 @@ from .fsutil import (atomic_write_bytes, atomic_write_with, relative_to_or_absol
 from .replay import RUNNABLE, Status, apply, fold, resume_point
 from .spec import path_allowed
 from .spool import Spool, job_lock
-from .sysinfo import GpuMonitor, rss_mb
+from .sysinfo import GpuMonitor, peak_rss_mb, rss_mb
 
 log = logging.getLogger("epochd.worker")
 
@@ -136,7 +136,7 @@ class Worker:
         from engines.data import prepare
         spec = self.spec
         self.check_paths()
-        self.data = prepare(spec)
+        self.data = prepare(spec, self.spool.stream_dir(self.job_id))
         self.monitor, self.mode = self.choose_monitor()
         self.out_dir = self.output_dir()
         self.engine_cls = load_engine(spec["framework"])
@@ -155,8 +155,7 @@ class Worker:
                 "epoch": checkpoint["epoch"], "step": checkpoint["step"],
                 "checkpoint": checkpoint["path"], "epochs_done": self.epoch - 1},
             steps_per_epoch=self.engine.steps_per_epoch, task=self.data.task,
-            train_samples=len(self.data.x_train),
-            val_samples=0 if self.data.x_val is None else len(self.data.x_val)))
+            train_samples=self.data.n_train, val_samples=self.data.n_val))
         self.run_started_at, self.prior_seconds = time.monotonic(), self.state.running_seconds
         log.info("job %s: %s run %d on %s from epoch %d step %d (%d threads)", self.job_id,
                  spec["framework"], self.state.attempts, self.engine.devices, self.epoch,
@@ -205,7 +204,7 @@ class Worker:
                            f"{self.epoch}. Expected: a finite loss; lower the learning_rate, "
                            "check the data for extreme values, or add batch_norm.")
         util, gpu_mb = self.gpu.epoch_readings()
-        samples = len(self.data.x_train)
+        samples = self.data.n_train
         faults.point("epoch.unrecorded")
         self.record(EpochCompleted(
             epoch=self.epoch, train_loss=metrics["train_loss"],
@@ -218,7 +217,8 @@ class Worker:
             cpu_time=self.timers.cpu,
             steps=self.engine.steps_per_epoch, train_mae=metrics.get("train_mae"),
             train_rmse=metrics.get("train_rmse"), val_mae=metrics.get("val_mae"),
-            val_rmse=metrics.get("val_rmse"), val_r2=metrics.get("val_r2")))
+            val_rmse=metrics.get("val_rmse"), val_r2=metrics.get("val_r2"),
+            memory_peak=peak_rss_mb()))
         self.timers = Timers()
         log.info("job %s: epoch %d/%d train_loss %.4f val_loss %s (%.2fs)", self.job_id,
                  self.epoch, self.spec["epochs"], metrics["train_loss"],
@@ -445,7 +445,7 @@ class Worker:
 
     def choose_monitor(self) -> tuple[str, str]:
         """The metric that picks the best weights (and drives early stopping and plateau)."""
-        has_val = self.data.x_val is not None
+        has_val = self.data.n_val > 0
         es = self.spec["early_stopping"]
         monitor = es["monitor"] if es else ("val_loss" if has_val else "train_loss")
         mode = policies.resolve_mode(monitor, es["mode"] if es else "auto")

@@ -21,11 +21,15 @@ import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from daemon.errors import DataError
+
+if TYPE_CHECKING:
+    from .stream import Stream
 
 MISSING = "<missing>"
 CLASSIFICATION_MAX_INT_CLASSES = 20
@@ -35,16 +39,27 @@ PREPROCESS_VERSION = 1
 @dataclass
 class Prepared:
     task: str                    # "classification" | "regression"
-    x_train: np.ndarray          # float32 (n, input_dim)
-    y_train: np.ndarray          # int64 class indices, or float32 standardised targets
+    x_train: np.ndarray | None   # float32 (n, input_dim); None when streaming
+    y_train: np.ndarray | None   # int64 class indices, or float32 standardised targets
     x_val: np.ndarray | None
     y_val: np.ndarray | None
     n_outputs: int               # 1 for regression and binary classification, else classes
     preprocess: dict             # JSON: everything needed to encode new data and decode outputs
+    stream: "Stream | None" = None  # streaming: the encoded rows on disk (engines/stream.py)
 
     @property
     def input_dim(self) -> int:
-        return self.x_train.shape[1]
+        return self.preprocess["input_dim"]
+
+    @property
+    def n_train(self) -> int:
+        return self.stream.train.n if self.stream else len(self.x_train)
+
+    @property
+    def n_val(self) -> int:
+        if self.stream:
+            return self.stream.val.n if self.stream.val else 0
+        return 0 if self.x_val is None else len(self.x_val)
 
 
 def epoch_order(seed: int, epoch: int, n: int, shuffle: bool = True) -> np.ndarray:
@@ -86,8 +101,14 @@ def check_columns(df: pd.DataFrame, wanted: list[str], what: str, path: str) -> 
                     f"{', '.join(map(str, df.columns[:30]))}. Fix the job's column names.")
 
 
-def prepare(spec: dict) -> Prepared:
-    """Read, check, split, fit the preprocessing on the training rows, and encode both splits."""
+def prepare(spec: dict, stream_folder: Path | None = None) -> Prepared:
+    """Read, check, split, fit the preprocessing on the training rows, and encode both splits.
+    Streaming jobs (`data.streaming`) keep their encoded rows on disk, in `stream_folder`."""
+    if spec["data"].get("streaming"):
+        from .stream import prepare_streaming
+        if stream_folder is None:
+            raise ValueError("a streaming job needs a folder for its encoded rows")
+        return prepare_streaming(spec, stream_folder)
     opts = spec["data"]
     train = read_table(spec["train_data_path"], opts, "train_data_path")
     target = spec["target_column"]

@@ -125,10 +125,16 @@ class TorchEngine(Engine):
                                         spec["learning_rate"], self.device.type)
         self.binary = data.task == "classification" and data.n_outputs == 1
         self.loss_fn = self._loss_fn(data)
-        self.x, self.y = self._tensors(data.x_train, data.y_train)
-        self.x_val, self.y_val = (self._tensors(data.x_val, data.y_val)
-                                  if data.x_val is not None else (None, None))
-        self.n = len(self.x)
+        # streaming: the rows stay on disk and come a window at a time (engines/stream.py)
+        self.stream = data.stream.epoch_rows(spec["seed"], spec["shuffle"]) if data.stream else None
+        self.val_rows = data.stream.val if data.stream else None
+        if self.stream is None:
+            self.x, self.y = self._tensors(data.x_train, data.y_train)
+            self.x_val, self.y_val = (self._tensors(data.x_val, data.y_val)
+                                      if data.x_val is not None else (None, None))
+        else:
+            self.x = self.y = self.x_val = self.y_val = None
+        self.n = data.n_train
         self.steps_per_epoch = math.ceil(self.n / self.batch_size)
         self.precision = resolve_precision(spec["mixed_precision"], self.device)
         self.autocast = (torch.autocast(self.device.type, dtype=AUTOCAST[self.precision])
@@ -176,8 +182,10 @@ class TorchEngine(Engine):
         # step's mean loss, and each sample's hit (correct, or |error| for regression). The hot
         # loop only keeps references; the sums at the end are one reduction over the whole
         # buffer, so they do not depend on how the steps were split into calls (exact resume).
+        # Streaming keeps each step's sum of hits instead, so no buffer grows with the rows.
         self.step_losses = torch.zeros(self.steps_per_epoch, device=self.device)
-        self.sample_hits = torch.zeros(self.n, device=self.device)
+        self.sample_hits = torch.zeros(self.steps_per_epoch if self.stream else self.n,
+                                       device=self.device)
         sizes = torch.full((self.steps_per_epoch,), float(self.batch_size), dtype=torch.float64)
         sizes[-1] = self.n - self.batch_size * (self.steps_per_epoch - 1)
         self.step_sizes = sizes.to(self.device)
@@ -190,9 +198,10 @@ class TorchEngine(Engine):
         return {"torch": torch.__version__, "numpy": np.__version__}
 
     def start_epoch(self, epoch: int, step: int) -> None:
-        order = torch.from_numpy(epoch_order(self.spec["seed"], epoch, self.n, self.spec["shuffle"]))
-        order = order.to(self.device)
-        self.xs, self.ys = self.x.index_select(0, order), self.y.index_select(0, order)
+        if self.stream is None:
+            order = torch.from_numpy(epoch_order(self.spec["seed"], epoch, self.n, self.spec["shuffle"]))
+            order = order.to(self.device)
+            self.xs, self.ys = self.x.index_select(0, order), self.y.index_select(0, order)
         if step == 0:
             self._clear_epoch_buffers()
         self.epoch, self.step = epoch, step
@@ -203,17 +212,27 @@ class TorchEngine(Engine):
             return
         if self.world > 1:
             return self._train_steps_ddp(lrs)
+        if self.stream is not None:  # at most a window's rows at a time: memory holds one window
+            per_call = max(1, self.stream.window_rows // self.batch_size)
+            if len(lrs) > per_call:
+                for a in range(0, len(lrs), per_call):
+                    self.train_steps(lrs[a:a + per_call])
+                return
         model, opt, loss_fn, bs = self.model, self.optimizer, self.loss_fn, self.batch_size
         optimizer_step = self._optimizer_step if self.precision == "fp16" else opt.step
         first, start = self.step, self.step * bs
+        xs, ys, base = self.xs, self.ys, start
+        if self.stream is not None:  # this call's rows, from the window(s) they lie in
+            xs, ys = self._span(start, (first + len(lrs)) * bs)
+            base = 0
         losses, outputs = [], []
         for i, lr in enumerate(lrs):
             if lr != self.lr:
                 for group in opt.param_groups:
                     group["lr"] = lr
                 self.lr = lr
-            xb = self.xs[start + i * bs:start + (i + 1) * bs]
-            yb = self.ys[start + i * bs:start + (i + 1) * bs]
+            xb = xs[base + i * bs:base + (i + 1) * bs]
+            yb = ys[base + i * bs:base + (i + 1) * bs]
             if self.accumulation > 1:
                 loss, out = self._accumulated_step(first + i, xb, yb)
             elif self.fast is not None:
@@ -231,7 +250,19 @@ class TorchEngine(Engine):
         with torch.no_grad():  # the bookkeeping of the whole call, in a handful of ops
             self.step_losses[first:self.step] = torch.stack(losses)
             end = min(self.step * bs, self.n)
-            self.sample_hits[start:end] = self._hits(torch.cat(outputs), self.ys[start:end])
+            hits = self._hits(torch.cat(outputs), ys[base:base + end - start])
+            if self.stream is None:
+                self.sample_hits[start:end] = hits
+            else:  # each step's own sum, the same however the steps were split into calls
+                full = len(hits) // bs
+                sums = hits[:full * bs].view(full, bs).sum(1)
+                if full * bs < len(hits):  # the epoch's short last step
+                    sums = torch.cat([sums, hits[full * bs:].sum().reshape(1)])
+                self.sample_hits[first:self.step] = sums
+
+    def _span(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows a..b-1 of the epoch's order, from the streaming cache, as tensors."""
+        return self._tensors(*self.stream.span(self.epoch, a, b))
 
     def _train_steps_ddp(self, lrs: Sequence[float]) -> None:
         """This rank's part of each step: its share of the step's rows (the global batch split
@@ -377,7 +408,7 @@ class TorchEngine(Engine):
     def _epoch_sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The epoch's step losses and sample hits so far, summed over the ranks (each holds
         its own parts, zeros elsewhere). A collective: every rank calls it at the same point."""
-        done = min(self.step * self.batch_size, self.n)
+        done = self.step if self.stream is not None else min(self.step * self.batch_size, self.n)
         losses, hits = self.step_losses[:self.step], self.sample_hits[:done]
         if self.world > 1:
             losses, hits = losses.clone(), hits.clone()
@@ -396,25 +427,38 @@ class TorchEngine(Engine):
                     "train_rmse": math.sqrt(max(loss_sum / n, 0.0)) * self.y_scale}
         return {"train_loss": loss_sum / n, "train_accuracy": hits / n}
 
+    def _val_batches(self):
+        if self.val_rows is not None:
+            for x, y in self.val_rows.blocks(min(EVAL_BATCH, self.stream.window_rows)):  # a window
+                yield self._tensors(x, y)
+            return
+        for a in range(0, len(self.x_val), EVAL_BATCH):
+            yield self.x_val[a:a + EVAL_BATCH], self.y_val[a:a + EVAL_BATCH]
+
     @torch.inference_mode()
     def evaluate(self) -> dict[str, float]:
-        if self.x_val is None:
+        if self.x_val is None and self.val_rows is None:
             return {}
         self.model.eval()
         loss_sum = hits = sq = 0.0
-        for a in range(0, len(self.x_val), EVAL_BATCH):
-            xb, yb = self.x_val[a:a + EVAL_BATCH], self.y_val[a:a + EVAL_BATCH]
+        n = y_sum = y_sq = 0.0
+        for xb, yb in self._val_batches():
             with self.autocast:
                 out = self.model(xb).float()
             loss_sum += self.loss_fn(out, yb).item() * len(xb)
             hits += self._hits(out, yb).sum().item()
+            n += len(xb)
             if self.task == "regression":
                 sq += ((out - yb) ** 2).sum().item()
+                y_sum += yb.double().sum().item()
+                y_sq += (yb.double() ** 2).sum().item()
         self.model.train()
-        n = len(self.x_val)
         if self.task != "regression":
             return {"val_loss": loss_sum / n, "val_accuracy": hits / n}
-        variance = float(((self.y_val - self.y_val.mean()) ** 2).sum())
+        if self.y_val is not None:
+            variance = float(((self.y_val - self.y_val.mean()) ** 2).sum())
+        else:  # streaming: from the sums, in float64
+            variance = max(y_sq - y_sum * y_sum / n, 0.0)
         return {"val_loss": loss_sum / n, "val_mae": hits / n * self.y_scale,
                 "val_rmse": math.sqrt(sq / n) * self.y_scale,
                 "val_r2": 1 - sq / variance if variance > 0 else 0.0}

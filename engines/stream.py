@@ -1,0 +1,569 @@
+"""Streaming data: tables larger than memory, read a block at a time and trained from disk.
+
+`"data": {"streaming": true}` changes how the rows reach the engine, not what they mean: the
+same recipe format (scaling, encodings, label map), the same encoded values, the same models.
+
+Decisions (the README repeats them):
+- Two passes over the source, each holding one block of it at a time (pyarrow's streaming CSV
+  reader, block by block; Parquet batch by batch). The first fits the recipe on the training
+  rows: numbers by count, mean and sum of squared deviations merged block by block (Chan et
+  al.), text by value counts; the second encodes every row to float32 and appends it to the
+  job's cache, `jobs/<id>/stream/` (`train.x`, `train.y`, `val.x`, `val.y`, and `manifest.json`
+  written last). A run finds the cache by its manifest (the source files' sizes and times and
+  the data keys of the job) and reuses it; anything else rebuilds it. It is removed when the
+  job ends.
+- CSV column types come from the file's first block, with whole numbers read as floats so a
+  later "1.5" is not an error; text in a column that started as numbers is a data error that
+  says where, unless the column is listed in `categorical_columns`.
+- `validation_split`: each row goes to validation with probability `validation_split`, drawn in
+  file order from a generator seeded by the job's seed: the same rows in every run, and a count
+  near the share rather than exactly it.
+- Order: the training rows are cut, in file order, into chunks of `data.chunk_rows` rows. Epoch
+  e permutes the chunks (seeded by (seed, e)) and takes them `data.shuffle_chunks` at a time;
+  the rows of each such window are shuffled together (seeded by (seed, e, window)), and the
+  batches run through the windows in turn. Like `epoch_order`, a pure function of (seed, epoch),
+  so a resumed epoch sees the batches it would have. Memory holds one window, never the data.
+  With `shuffle: false` the rows come in file order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from daemon.errors import DataError
+
+from . import data as D
+
+STREAM_VERSION = 1
+READ_BLOCK_BYTES = 256 << 10    # CSV bytes pyarrow parses at a time (it reads 32 blocks ahead)
+FRAME_BYTES = 4 << 20           # parsed blocks are handed on in frames of about this size
+PARQUET_BATCH_ROWS = 65_536
+MAX_DISTINCT = 100_000          # distinct values a categorical column or class label may reach
+
+
+@dataclass
+class DiskRows:
+    """Encoded rows in two flat files: x (float32, n x dim) and y (int64 or float32)."""
+    folder: Path
+    prefix: str
+    n: int
+    dim: int
+    y_dtype: str
+
+    @property
+    def x_path(self) -> Path:
+        return self.folder / f"{self.prefix}.x"
+
+    @property
+    def y_path(self) -> Path:
+        return self.folder / f"{self.prefix}.y"
+
+    def read(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows a..b-1, read from disk (through the page cache, not mapped into the process)."""
+        count = max(0, min(b, self.n) - a)
+        x = np.fromfile(self.x_path, np.float32, count * self.dim, offset=a * self.dim * 4)
+        y_type = np.dtype(self.y_dtype)
+        y = np.fromfile(self.y_path, y_type, count, offset=a * y_type.itemsize)
+        if len(y) != count or len(x) != count * self.dim:
+            raise DataError(f"the streaming cache {self.folder} is shorter than its manifest says "
+                            f"(rows {a}..{b} of {self.n}). Expected: intact files; delete the "
+                            "folder and the next run rebuilds it.")
+        return x.reshape(count, self.dim), y
+
+    def blocks(self, rows: int):
+        """(x, y) of consecutive runs of `rows` rows, in file order."""
+        for a in range(0, self.n, rows):
+            yield self.read(a, a + rows)
+
+
+class EpochRows:
+    """The training rows in epoch order, fetched a window of chunks at a time into two buffers
+    allocated once (one read, one shuffled): memory holds a window, never the data, and does
+    not creep up from allocations of ever new sizes."""
+
+    def __init__(self, rows: DiskRows, seed: int, chunk_rows: int, shuffle_chunks: int, shuffle: bool):
+        self.rows, self.seed, self.shuffle = rows, seed, shuffle
+        self.chunk_rows, self.window_chunks = chunk_rows, shuffle_chunks
+        self.n = rows.n
+        self.n_chunks = max(1, math.ceil(self.n / chunk_rows))
+        self._plan: tuple[int, list[np.ndarray], np.ndarray] | None = None
+        self._loaded: tuple[int, int, int] | None = None  # (epoch, window, rows)
+        cap = self.window_rows = min(self.n, chunk_rows * shuffle_chunks)
+        y_type = np.dtype(rows.y_dtype)
+        self._raw = (np.empty((cap, rows.dim), np.float32), np.empty(cap, y_type))
+        self._win = (np.empty((cap, rows.dim), np.float32), np.empty(cap, y_type))
+
+    def plan(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """Epoch `epoch`'s windows (chunk ids each) and the first epoch row of every window."""
+        if self._plan is None or self._plan[0] != epoch:
+            chunks = D.epoch_order(self.seed, epoch, self.n_chunks, self.shuffle)
+            windows = [chunks[i:i + self.window_chunks]
+                       for i in range(0, self.n_chunks, self.window_chunks)]
+            sizes = [sum(self._chunk_size(c) for c in w) for w in windows]
+            self._plan = (epoch, windows, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+        return self._plan[1], self._plan[2]
+
+    def _chunk_size(self, c: int) -> int:
+        return min(self.n, (c + 1) * self.chunk_rows) - c * self.chunk_rows
+
+    def _load(self, epoch: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._loaded is not None and self._loaded[:2] == (epoch, w):
+            m = self._loaded[2]
+            return self._win[0][:m], self._win[1][:m]
+        self._loaded = None
+        windows, _ = self.plan(epoch)
+        raw_x, raw_y = self._raw
+        m = 0
+        with open(self.rows.x_path, "rb") as fx, open(self.rows.y_path, "rb") as fy:
+            for c in windows[w]:
+                k = self._chunk_size(c)
+                a = c * self.chunk_rows
+                _read_into(fx, a * self.rows.dim * 4, raw_x[m:m + k], self.rows)
+                _read_into(fy, a * raw_y.itemsize, raw_y[m:m + k], self.rows)
+                m += k
+        win_x, win_y = self._win
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch, w]).permutation(m)
+            np.take(raw_x[:m], order, axis=0, out=win_x[:m])
+            np.take(raw_y[:m], order, out=win_y[:m])
+        else:
+            win_x[:m], win_y[:m] = raw_x[:m], raw_y[:m]
+        self._loaded = (epoch, w, m)
+        return win_x[:m], win_y[:m]
+
+    def span(self, epoch: int, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows a..b-1 of epoch `epoch`'s order: a view of the window buffer (valid until the
+        next call) when they lie in one window, else a copy."""
+        _, starts = self.plan(epoch)
+        b = min(b, self.n)
+        xs, ys = [], []
+        w = int(np.searchsorted(starts, a, side="right")) - 1
+        while a < b:
+            x, y = self._load(epoch, w)
+            lo, hi = a - starts[w], min(b, starts[w + 1]) - starts[w]
+            if len(xs) == 0 and b <= starts[w + 1]:
+                return x[lo:hi], y[lo:hi]
+            xs.append(x[lo:hi].copy())
+            ys.append(y[lo:hi].copy())
+            a = starts[w + 1]
+            w += 1
+        return np.concatenate(xs), np.concatenate(ys)
+
+
+def _read_into(f, offset: int, out: np.ndarray, rows: DiskRows) -> None:
+    f.seek(offset)
+    view = memoryview(out).cast("B")
+    if f.readinto(view) != len(view):
+        raise DataError(f"the streaming cache {rows.folder} is shorter than its manifest says. "
+                        "Expected: intact files; delete the folder and the next run rebuilds it.")
+
+
+@dataclass
+class Stream:
+    train: DiskRows
+    val: DiskRows | None
+    chunk_rows: int
+    shuffle_chunks: int
+
+    def epoch_rows(self, seed: int, shuffle: bool) -> EpochRows:
+        return EpochRows(self.train, seed, self.chunk_rows, self.shuffle_chunks, shuffle)
+
+
+# ---------------------------------------------------------------- reading blocks
+
+def _format(path: str, options: dict) -> str:
+    fmt = options.get("format", "auto")
+    if fmt == "auto":
+        fmt = "parquet" if Path(path).suffix.lower() in (".parquet", ".pq") else "csv"
+    return fmt
+
+
+def _check_file(path: str, what: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f'{what} "{path}" does not exist. Expected: a CSV or Parquet file; '
+                        "check the path in the job file.")
+    if not p.is_file():
+        raise DataError(f'{what} "{path}" is not a regular file. Expected: a CSV or Parquet file.')
+
+
+def _columns(path: str, options: dict, what: str) -> list[str]:
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+    _check_file(path, what)
+    try:
+        if _format(path, options) == "parquet":
+            return list(pq.ParquetFile(path).schema_arrow.names)
+        with open(path, "rb") as f, pcsv.open_csv(
+                f, read_options=pcsv.ReadOptions(block_size=1 << 20, use_threads=False),
+                parse_options=pcsv.ParseOptions(delimiter=options["delimiter"])) as r:
+            return list(r.schema.names)
+    except Exception as e:
+        raise DataError(f'could not read {what} "{path}" as {_format(path, options).upper()}: '
+                        f"{type(e).__name__}: {e}. Expected: a well-formed file with a header row.") from None
+
+
+def iter_frames(path: str, options: dict, columns: list[str], text_columns: list[str], what: str):
+    """The file's rows as pandas frames of one block each, only `columns`; `text_columns` are
+    read as text whatever they look like."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+    fmt = _format(path, options)
+    row = 0
+    try:
+        if fmt == "parquet":
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+                frame = batch.to_pandas()
+                row += len(frame)
+                yield frame
+            return
+        parse = pcsv.ParseOptions(delimiter=options["delimiter"])
+        read = pcsv.ReadOptions(block_size=READ_BLOCK_BYTES, use_threads=False)
+        text = {c: pa.string() for c in text_columns}
+        # (a Python file object: given a path, pyarrow reads far ahead of the parser, which
+        # holds much of the file in memory at once)
+        with open(path, "rb") as f, pcsv.open_csv(
+                f, read_options=read, parse_options=parse,
+                convert_options=pcsv.ConvertOptions(include_columns=columns, column_types=text,
+                                                    strings_can_be_null=True)) as probe:
+            schema = probe.schema
+        # whole numbers are read as floats: the first block's "1" must not refuse a later "1.5"
+        # (a column empty in its first block is taken for numbers)
+        types = {f.name: (pa.float64() if pa.types.is_integer(f.type) or pa.types.is_null(f.type)
+                          else f.type) for f in schema}
+        types.update(text)
+        with open(path, "rb") as f, pcsv.open_csv(
+                f, read_options=read, parse_options=parse,
+                convert_options=pcsv.ConvertOptions(include_columns=columns, column_types=types,
+                                                    strings_can_be_null=True)) as reader:
+            batches, size = [], 0
+            for batch in reader:
+                batches.append(batch)
+                size += batch.nbytes
+                if size >= FRAME_BYTES:
+                    frame = pa.Table.from_batches(batches).to_pandas()
+                    batches, size = [], 0
+                    row += len(frame)
+                    yield frame
+            if batches:
+                frame = pa.Table.from_batches(batches).to_pandas()
+                row += len(frame)
+                yield frame
+    except DataError:
+        raise
+    except Exception as e:
+        hint = ""
+        if "conversion" in str(e).lower():
+            found = re.search(r"CSV column #(\d+)", str(e))
+            header = _columns(path, options, what) if found else []
+            column = (f'"{header[int(found[1])]}"' if found and int(found[1]) < len(header)
+                      else "A column")
+            hint = (f" {column} began with numbers and holds text further down: list it in "
+                    "categorical_columns to read it as text, or fix the value.")
+        raise DataError(f'could not read {what} "{path}" as {fmt.upper()} after row {row}: '
+                        f"{type(e).__name__}: {e}.{hint} Expected: a well-formed {fmt.upper()} "
+                        "file with a header row.") from None
+
+
+def _split_masks(share: float, seed: int, has_val_file: bool):
+    """A callable giving, block by block, which rows go to validation (True)."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    def masks(n: int) -> np.ndarray:
+        if has_val_file or share <= 0:
+            return np.zeros(n, dtype=bool)
+        return rng.random(n) < share
+    return masks
+
+
+# ---------------------------------------------------------------- pass 1: the recipe
+
+class NumberStats:
+    def __init__(self):
+        self.count = self.rows = self.missing = 0
+        self.mean = self.m2 = 0.0
+
+    def add(self, values: np.ndarray, name: str) -> None:
+        ok = values[~np.isnan(values)]
+        if not np.isfinite(ok).all():
+            raise DataError(f'feature column "{name}" holds infinite values. Expected: finite numbers.')
+        self.rows += len(values)
+        self.missing += len(values) - len(ok)
+        if not len(ok):
+            return
+        n_b, mean_b = len(ok), float(ok.mean())
+        m2_b = float(((ok - mean_b) ** 2).sum())
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta * delta * self.count * n_b / n
+        self.count = n
+
+
+class TextStats:
+    def __init__(self, name: str, explicit: bool, max_categories: int):
+        self.name, self.explicit, self.max_categories = name, explicit, max_categories
+        self.counts: Counter = Counter()
+        self.rows = self.numeric = 0
+        self.first_text: tuple[int, object] | None = None  # (row, value) of the first non-number
+
+    def add(self, col: pd.Series) -> None:
+        self.counts.update(D._as_text(col).value_counts().to_dict())
+        if not self.explicit:
+            numbers = pd.to_numeric(col, errors="coerce")
+            self.numeric += int(numbers.notna().sum())
+            text = np.flatnonzero((col.notna() & numbers.isna()).to_numpy())
+            if self.first_text is None and len(text):
+                self.first_text = (self.rows + int(text[0]), col.iloc[int(text[0])])
+        self.rows += len(col)
+        if not self.explicit and len(self.counts) > self.max_categories:
+            self.check()
+        elif len(self.counts) > MAX_DISTINCT:
+            raise DataError(f'categorical column "{self.name}" has more than {MAX_DISTINCT:,} '
+                            "distinct values. Expected: a column with a bounded set of values; "
+                            "drop it from categorical_columns and feature_columns.")
+
+    def check(self) -> None:
+        if self.explicit:
+            return
+        if self.rows and self.numeric / self.rows >= 0.9 and self.first_text is not None:
+            row, value = self.first_text  # mostly numbers: stray text is a data error
+            raise DataError(f'feature column "{self.name}" is not numeric: training row {row} '
+                            f"holds {value!r}. Expected: numbers; fix the value, or list the "
+                            "column in categorical_columns to one-hot encode it.")
+        if len(self.counts) > self.max_categories:
+            examples = ", ".join(repr(v) for v, _ in self.counts.most_common(3))
+            raise DataError(f'feature column "{self.name}" is not numeric: it holds text with '
+                            f"more than {self.max_categories} distinct values (e.g. {examples}). "
+                            "Expected: numbers, or a categorical column with at most "
+                            f"{self.max_categories} distinct values; list it in "
+                            "categorical_columns (keeps the most frequent), raise "
+                            "data.max_categories, or drop it from feature_columns.")
+
+    def recipe(self) -> dict:
+        ranked = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:self.max_categories]
+        return {"name": self.name, "kind": "categorical", "categories": [k for k, _ in ranked]}
+
+
+class TargetStats:
+    def __init__(self, name: str):
+        self.name = name
+        self.text = False
+        self.values: set = set()
+        self.many = False  # more distinct values than MAX_DISTINCT
+        self.whole = True
+        self.numbers = NumberStats()
+        self.rows = 0
+
+    def add(self, y: pd.Series, text: bool) -> None:
+        if y.isna().any():
+            rows = [self.rows + int(i) for i in np.flatnonzero(y.isna().to_numpy())[:5]]
+            raise DataError(f'the target column "{y.name}" has missing values (rows {rows}...). '
+                            "Expected: a value in every row; drop or fill those rows.")
+        self.rows += len(y)
+        self.text = self.text or text
+        if not text:
+            v = D._numeric(y)
+            self.numbers.add(v, self.name)
+            self.whole = self.whole and bool(np.all(v == np.round(v)))
+        if not self.many:
+            self.values.update(pd.unique(y).tolist())
+            if len(self.values) > MAX_DISTINCT:
+                self.many, self.values = True, set()
+
+    def task(self, asked: str) -> str:
+        if asked != "auto":
+            return asked
+        if self.text:
+            return "classification"
+        return "classification" if self.whole and not self.many and len(self.values) <= \
+            D.CLASSIFICATION_MAX_INT_CLASSES else "regression"
+
+    def recipe(self, task: str, int_like: bool) -> dict:
+        if task == "regression":
+            if self.text:
+                raise DataError(f'the target column "{self.name}" holds text, which cannot be '
+                                'regressed. Expected: numbers, or "task": "classification".')
+            std = math.sqrt(self.numbers.m2 / max(self.numbers.count, 1))
+            return {"name": self.name, "task": task, "mean": self.numbers.mean,
+                    "std": std if std > 0 else 1.0}
+        if self.many:
+            raise DataError(f'the target column "{self.name}" has more than {MAX_DISTINCT:,} '
+                            'distinct values. Expected: class labels; or "task": "regression".')
+        values = [int(v) if int_like and not self.text else v for v in self.values]
+        classes = sorted(values, key=lambda v: (str(type(v)), v))
+        if len(classes) < 2:
+            raise DataError(f'the target column "{self.name}" has a single class ({classes[0]!r}) '
+                            "in the training rows. Expected: at least two classes for "
+                            'classification; check the data, or set "task": "regression".')
+        return {"name": self.name, "task": task, "classes": [D._plain(c) for c in classes]}
+
+
+def fit_streaming(spec: dict, features: list[str], val_masks) -> tuple[dict, str, int]:
+    """Pass 1: the recipe, the task and the number of training rows."""
+    opts, target = spec["data"], spec["target_column"]
+    cats = spec["categorical_columns"]
+    explicit = isinstance(cats, list)
+    text_cols = list(cats) if explicit else []
+    stats: dict[str, NumberStats | TextStats] = {}
+    target_stats = TargetStats(target)
+    int_target = None
+    n_train = 0
+    for frame in iter_frames(spec["train_data_path"], opts, features + [target], text_cols,
+                             "train_data_path"):
+        keep = ~val_masks(len(frame))
+        train = frame[keep] if not keep.all() else frame
+        n_train += len(train)
+        if int_target is None and len(frame):
+            int_target = not D._is_text(frame[target])
+        for c in features:
+            col = train[c]
+            if c not in stats:
+                categorical = (c in cats) if explicit else D._is_text(col)
+                stats[c] = (TextStats(c, explicit, opts["max_categories"]) if categorical
+                            else NumberStats())
+            s = stats[c]
+            if isinstance(s, TextStats):
+                s.add(col)
+            else:
+                if D._is_text(col):  # a column that looked numeric turned out to hold text
+                    D._numeric(col)
+                s.add(D._numeric(col), c)
+        if len(train):
+            target_stats.add(train[target], D._is_text(train[target]) or
+                             pd.api.types.is_bool_dtype(train[target]))
+    if n_train == 0:
+        raise DataError(f'train_data_path "{spec["train_data_path"]}" has no training rows. '
+                        "Expected: a header and at least one row.")
+    columns = []
+    for c in features:
+        s = stats[c]
+        if isinstance(s, TextStats):
+            s.check()
+            columns.append(s.recipe())
+            continue
+        if s.count == 0:
+            raise DataError(f'feature column "{c}" has no values at all in the training rows. '
+                            "Expected: numbers; drop the column from feature_columns.")
+        std = math.sqrt(s.m2 / s.rows)
+        columns.append({"name": c, "kind": "numeric", "mean": s.mean, "std": std if std > 0 else 1.0,
+                        "fill": s.mean, "missing_in_train": s.missing})
+    task = target_stats.task(spec["task"])
+    recipe = {"version": D.PREPROCESS_VERSION, "features": columns,
+              "input_dim": sum(1 if c["kind"] == "numeric" else len(c["categories"]) for c in columns),
+              "target": target_stats.recipe(task, bool(int_target) and target_stats.whole)}
+    return recipe, task, n_train
+
+
+# ---------------------------------------------------------------- pass 2: the cache
+
+def _fingerprint(spec: dict) -> dict:
+    files = {}
+    for key in ("train_data_path", "val_data_path"):
+        if spec[key]:
+            st = os.stat(spec[key])
+            files[key] = [str(Path(spec[key]).resolve()), st.st_size, st.st_mtime_ns]
+    keys = {k: spec[k] for k in ("feature_columns", "target_column", "categorical_columns",
+                                 "validation_split", "seed", "task", "data")}
+    digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
+    return {"version": STREAM_VERSION, "files": files, "keys": digest}
+
+
+def prepare_streaming(spec: dict, folder: Path) -> D.Prepared:
+    """Fit, encode and cache the job's data under `folder` (or reuse a cache that matches)."""
+    opts = spec["data"]
+    target = spec["target_column"]
+    train_cols = _columns(spec["train_data_path"], opts, "train_data_path")
+    features = spec["feature_columns"] or [c for c in train_cols if c != target]
+    _check_names(train_cols, features + [target], "train_data_path", spec["train_data_path"])
+    if spec["val_data_path"]:
+        val_cols = _columns(spec["val_data_path"], opts, "val_data_path")
+        _check_names(val_cols, features + [target], "val_data_path", spec["val_data_path"])
+    fingerprint = _fingerprint(spec)
+    manifest_path = folder / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not manifest or manifest.get("fingerprint") != fingerprint:
+        manifest = _build_cache(spec, features, folder, fingerprint)
+    return _prepared(manifest, folder, opts)
+
+
+def _check_names(found: list[str], wanted: list[str], what: str, path: str) -> None:
+    D.check_columns(pd.DataFrame(columns=found), wanted, what, path)
+
+
+def _build_cache(spec: dict, features: list[str], folder: Path, fingerprint: dict) -> dict:
+    from daemon.fsutil import atomic_write_bytes
+    opts, target = spec["data"], spec["target_column"]
+    has_val_file = bool(spec["val_data_path"])
+    recipe, task, n_train = fit_streaming(spec, features, _split_masks(
+        spec["validation_split"], spec["seed"], has_val_file))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").unlink(missing_ok=True)
+    text_cols = [c["name"] for c in recipe["features"] if c["kind"] == "categorical"]
+    y_dtype = "float32" if task == "regression" else "int64"
+    counts = {"train": 0, "val": 0}
+    files = {name: open(folder / name, "wb") for name in ("train.x", "train.y", "val.x", "val.y")}
+    try:
+        def write(which: str, frame: pd.DataFrame, label: str) -> None:
+            if not len(frame):
+                return
+            x = D.encode(frame, recipe)
+            y = np.asarray(D.encode_target(frame[target], recipe, label), dtype=y_dtype)
+            files[f"{which}.x"].write(x.tobytes())
+            files[f"{which}.y"].write(y.tobytes())
+            counts[which] += len(frame)
+
+        masks = _split_masks(spec["validation_split"], spec["seed"], has_val_file)
+        for frame in iter_frames(spec["train_data_path"], opts, features + [target], text_cols,
+                                 "train_data_path"):
+            to_val = masks(len(frame))
+            write("train", frame[~to_val] if to_val.any() else frame, "training")
+            if to_val.any():
+                write("val", frame[to_val], "validation")
+        if has_val_file:
+            for frame in iter_frames(spec["val_data_path"], opts, features + [target], text_cols,
+                                     "val_data_path"):
+                write("val", frame, "validation")
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for f in files.values():
+            f.close()
+    if counts["train"] != n_train:
+        raise DataError(f'train_data_path "{spec["train_data_path"]}" changed while it was read '
+                        f"({n_train} training rows, then {counts['train']}). Expected: a file "
+                        "that stays put while the job prepares it.")
+    recipe["rows"] = dict(counts)
+    n_outputs = 1 if task == "regression" or len(recipe["target"]["classes"]) == 2 \
+        else len(recipe["target"]["classes"])
+    manifest = {"fingerprint": fingerprint, "task": task, "n_outputs": n_outputs,
+                "input_dim": recipe["input_dim"], "y_dtype": y_dtype, "rows": counts,
+                "recipe": recipe}
+    atomic_write_bytes(folder / "manifest.json", json.dumps(manifest).encode())
+    return manifest
+
+
+def _prepared(manifest: dict, folder: Path, opts: dict) -> D.Prepared:
+    rows, dim, y_dtype = manifest["rows"], manifest["input_dim"], manifest["y_dtype"]
+    train = DiskRows(folder, "train", rows["train"], dim, y_dtype)
+    val = DiskRows(folder, "val", rows["val"], dim, y_dtype) if rows["val"] else None
+    for r in (train, val):
+        if r is not None and (not r.x_path.exists() or r.x_path.stat().st_size != r.n * dim * 4):
+            raise DataError(f"the streaming cache {folder} does not match its manifest. "
+                            "Expected: intact files; delete the folder and the next run rebuilds it.")
+    stream = Stream(train, val, opts["chunk_rows"], opts["shuffle_chunks"])
+    return D.Prepared(manifest["task"], None, None, None, None, manifest["n_outputs"],
+                      manifest["recipe"], stream=stream)
