@@ -43,6 +43,10 @@ def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
+        except OSError as e:
+            # never retried: after a failed fsync the kernel may have dropped the data and a
+            # second fsync can report success. The file is abandoned, and the error names it.
+            raise OSError(e.errno, e.strerror, str(path)) from e
         finally:
             os.close(fd)
         faults.point("file.unrenamed")

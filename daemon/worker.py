@@ -533,7 +533,7 @@ class Worker:
     def fail(self, e: Exception) -> None:
         expected = isinstance(e, EXPECTED_ERRORS)
         retryable = isinstance(e, MemoryError) or (
-            isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EIO, errno.ENOMEM))
+            isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EIO, errno.EROFS, errno.ENOMEM))
         if self.world > 1 and not (expected or retryable):
             # in a DDP rank an unexpected error is most often a peer's death seen through the
             # transport ("connection reset"): not this job's fault. Dying without a final word
@@ -544,8 +544,10 @@ class Worker:
         log.error("job %s: failed: %s: %s", self.job_id, type(e).__name__, e,
                   exc_info=not expected)
         message = str(e) or repr(e)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EIO):
-            what = "the disk is full" if e.errno == errno.ENOSPC else "the disk reported an I/O error"
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EIO, errno.EROFS):
+            what = {errno.ENOSPC: "the disk is full", errno.EIO: "the disk reported an I/O error",
+                    errno.EROFS: "the filesystem is read-only (a disk error makes ext4 and others "
+                                 "remount so)"}[e.errno]
             message = (f"{what} while writing {e.filename or 'a file'} ({e.strerror}). Expected: room "
                        "for checkpoints and outputs on a working disk. Free space or fix the disk, "
                        f'then "epochd resume {self.job_id}" continues from the last checkpoint.')

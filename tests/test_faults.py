@@ -238,3 +238,65 @@ def test_a_disk_too_full_for_any_event_leaves_the_daemon_serving(tmp_path, small
     assert crashes and crashes[0]["crash"]
     assert [h["epoch"] for h in state.history] == [1, 2, 3]
     assert same_weights(model_weights(small_disk / "out" / WEIGHT_FILES["pytorch"][0]), expected)
+
+
+@pytest.fixture
+def lying_disk(tmp_path):
+    """An ext4 filesystem on a loop device whose backing file lies on a tmpfs that is full:
+    write() succeeds (into the page cache) and the error comes at fsync, from the block device
+    below the filesystem, as it does from a failing disk. Needs the right to mount and a loop
+    device (root in CI's container)."""
+    backing, disk = tmp_path / "backing", tmp_path / "lying"
+    backing.mkdir()
+    disk.mkdir()
+    def run(*cmd):
+        return subprocess.run(list(cmd), capture_output=True, text=True)
+    mounted = run("mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(backing))
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        image = backing / "disk.img"
+        with open(image, "wb") as f:
+            f.truncate(64 << 20)
+        # metadata written out now, so that only new data blocks need room on the backing
+        made = run("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image))
+        if made.returncode:
+            pytest.skip(f"cannot make an ext4 filesystem here: {made.stderr.strip()}")
+        looped = run("mount", "-o", "loop", str(image), str(disk))
+        if looped.returncode:
+            pytest.skip(f"cannot mount a loop device here: {looped.stderr.strip()}")
+        (disk / "out").mkdir()
+        os.sync()
+        fill(backing)  # now every new data block the filesystem writes back fails below it
+        yield disk
+    finally:
+        kill_workers(tmp_path / "spool")
+        run("umount", "-l", str(disk))
+        run("umount", "-l", str(backing))
+
+
+def test_an_fsync_error_from_below_the_filesystem_fails_the_job_and_is_never_ignored(tmp_path, lying_disk):
+    """The outputs' disk accepts the writes and fails the fsync. The worker must not retry the
+    fsync (a second one can report success for data the kernel already dropped) nor rename the
+    file into place: the job fails at once, retryable, saying the disk failed, and no output
+    file claims to be there."""
+    data = classification_csv(tmp_path / "train.csv", rows=2000)
+    spool = tmp_path / "spool"
+    Spool(spool).ensure()
+    out = lying_disk / "out"
+    d = DaemonProcess(spool)
+    try:
+        drop_job(spool, "j.json", seed_job(data, out, epochs=2, algorithm_params={"hidden_units": [64, 64]}))
+        state = wait_until(lambda: status(spool) in ("failed", "completed") and fold(events_of(spool, "j")),
+                           120, what="the job to end")
+    finally:
+        d.stop()
+    assert state.status == "failed", state.status
+    error = state.last_error
+    assert error["retryable"] and error["error"] == "OSError", error
+    assert ("the disk is full" in error["message"] or "I/O error" in error["message"]), error
+    assert '"epochd resume j"' in error["message"] and str(out) in error["message"]
+    records = events_of(spool, "j")
+    assert records[-1]["type"] == "failed"
+    assert not any(r["type"] in ("best_model_saved", "completed") for r in records)
+    assert [p.name for p in out.iterdir()] == []  # nothing renamed into place, no temp left
