@@ -187,8 +187,12 @@ class CheckpointPolicy(Strict):
 
 
 class Distributed(Strict):
-    strategy: Literal["ddp"] = Field("ddp", description='"ddp" (torch DistributedDataParallel)')
+    strategy: Literal["ddp", "mirrored"] = Field(
+        "ddp", description='"ddp" (PyTorch DistributedDataParallel) or "mirrored" (TensorFlow '
+                           "MirroredStrategy)")
     processes: int = Field(2, ge=1, le=64, description="a whole number in [1, 64] of ranks on this machine")
+    replicas: int = Field(2, ge=1, le=64,
+                          description="a whole number in [1, 64] of MirroredStrategy replicas (devices)")
     backend: Literal["auto", "gloo"] = Field(
         "auto", description='"auto" or "gloo" (CPU ranks; GPU ranks are not available yet)')
 
@@ -255,7 +259,9 @@ class JobSpec(Strict):
         "auto", description='"auto", "cpu", "cuda", 1, or a list of one GPU index '
                             "(several GPUs are not available yet)")
     distributed: Distributed | None = Field(
-        None, description='null, or {"strategy": "ddp", "processes": N}: N ranks, each batch_size rows a step')
+        None, description='null, {"strategy": "ddp", "processes": N} (pytorch) or {"strategy": '
+                          '"mirrored", "replicas": N} (tensorflow): N ranks or replicas, each '
+                          'batch_size rows a step')
     data: DataOptions = Field(DataOptions(), description="an object")
     limits: Limits = Field(Limits(), description='an object: {"memory_mb": ..., "wall_seconds": ...}')
     priority: int = Field(0, ge=-1000, le=1000, description="a whole number in [-1000, 1000]; higher runs first")
@@ -294,12 +300,22 @@ def _conflicts(s: JobSpec):
     if s.mixed_precision == "fp16" and s.framework != "pytorch":
         yield ('mixed_precision "fp16" is available for framework "pytorch" only in this version; '
                'use "bf16" or "auto" with tensorflow')
-    if s.distributed is not None and s.framework != "pytorch":
-        yield ('distributed training is available for framework "pytorch" only in this version '
-               '(TensorFlow\'s MirroredStrategy is not yet); remove "distributed" or use pytorch')
+    d = s.distributed
+    if d is not None and s.framework == "tensorflow" and d.strategy != "mirrored":
+        yield ('distributed.strategy "ddp" is PyTorch\'s; a tensorflow job uses '
+               '{"strategy": "mirrored", "replicas": N}')
+    if d is not None and s.framework == "pytorch" and d.strategy != "ddp":
+        yield ('distributed.strategy "mirrored" is TensorFlow\'s; a pytorch job uses '
+               '{"strategy": "ddp", "processes": N}')
+    if d is not None and d.strategy == "mirrored" and "processes" in d.model_fields_set:
+        yield ('distributed.processes is for "ddp"; MirroredStrategy runs in one process: give '
+               '"replicas"')
+    if d is not None and d.strategy == "ddp" and "replicas" in d.model_fields_set:
+        yield 'distributed.replicas is for "mirrored"; DDP gives "processes"'
     if s.distributed is not None and s.devices not in ("cpu", 0, "auto"):
-        yield ('distributed training runs CPU ranks (gloo) in this version; set "devices": "cpu" '
-               'or "auto" (GPU ranks with NCCL are not available yet)')
+        yield ('distributed training runs on the CPU in this version (DDP ranks over gloo, or '
+               'MirroredStrategy replicas on logical CPU devices); set "devices": "cpu" or "auto" '
+               '(several GPUs per job are not available yet)')
     if s.data.streaming and s.distributed is not None:
         yield ('streaming data is not available with distributed training in this version; '
                'remove "distributed" or set data.streaming to false')

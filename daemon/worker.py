@@ -593,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu_share = int(os.environ.get("EPOCHD_CPU_SHARE", os.cpu_count() or 1))
     with lock:
         with EventLog(spool.events_path(args.job)) as events:
-            ranks = ((fold(events.records).spec or {}).get("distributed") or {}).get("processes", 1)
+            dist = (fold(events.records).spec or {}).get("distributed") or {}
+            ranks = dist.get("processes", 1) if dist.get("strategy", "ddp") == "ddp" else 1
             if ranks == 1:
                 Worker(spool, args.job, events, flags, cpu_share).run()
                 return 0

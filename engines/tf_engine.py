@@ -11,6 +11,10 @@ how the steps were split into calls (exact resume).
 Determinism: `keras.utils.set_random_seed(seed)` and `enable_op_determinism`; the dropout layers'
 seed-generator states are model variables, so a checkpoint carries them.
 
+Data parallelism (`distributed.strategy` "mirrored"): MirroredStrategy over logical CPU devices;
+the model and optimiser are mirrored variables, each step runs on every replica through
+`strategy.run` with its share of the step's rows, and the optimiser sums their gradients.
+
 Files, none of them loaded by unpickling or by `keras.models.load_model`:
 - checkpoints: one HDF5 file (h5py) holding every model and optimiser variable, the epoch
   buffers and a JSON header (format, epoch, step, learning rate, the variables' paths and shapes,
@@ -26,6 +30,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before the import: no banner per worker
@@ -145,15 +150,21 @@ class TensorFlowEngine(Engine):
     checkpoint_suffix = ".h5"
 
     def __init__(self, spec: dict, data: Prepared, cpu_share: int):
+        dist = spec.get("distributed") or {}
+        self.replicas = dist.get("replicas", 1) if dist.get("strategy") == "mirrored" else 1
+        # MirroredStrategy on the CPU: one logical device per replica, set before the runtime
+        # starts (a fresh worker process; a test process that already started one cannot)
+        self.strategy = _mirrored_cpus(self.replicas) if self.replicas > 1 else None
         self.threads = job_threads(spec, data.input_dim, cpu_share)
         try:  # only before the runtime starts: a second engine in one process keeps the first's
             tf.config.threading.set_intra_op_parallelism_threads(self.threads)
-            tf.config.threading.set_inter_op_parallelism_threads(1 if self.threads == 1 else 2)
+            tf.config.threading.set_inter_op_parallelism_threads(
+                max(self.replicas, 1 if self.threads == 1 else 2))  # replicas run side by side
         except RuntimeError:
             pass
-        self.device = pick_device(spec["devices"])
+        self.device = pick_device("cpu" if self.strategy else spec["devices"])
         self.gpu_index = None
-        self.devices = ["cpu"]
+        self.devices = ["cpu"] * self.replicas
         if self.device.startswith("/GPU"):
             visible = tf.config.get_visible_devices("GPU")[0]
             details = tf.config.experimental.get_device_details(visible)
@@ -165,7 +176,7 @@ class TensorFlowEngine(Engine):
         # a step is one optimizer update: with accumulation, over `accumulation` micro-batches
         self.micro_batch = spec["batch_size"]
         self.accumulation = spec["gradient_accumulation_steps"]
-        self.batch_size = self.micro_batch * self.accumulation
+        self.batch_size = self.micro_batch * self.accumulation * self.replicas  # rows per step
         self.y_scale = regression_scale(data.preprocess)
         self.binary = data.task == "classification" and data.n_outputs == 1
         self.multiclass = data.task == "classification" and not self.binary
@@ -174,9 +185,10 @@ class TensorFlowEngine(Engine):
         bf16 = spec["mixed_precision"] == "bf16" or (spec["mixed_precision"] == "auto" and self.gpu_index is not None)
         dtype = "mixed_bfloat16" if bf16 else "float32"
         with tf.device(self.device):
-            self.model = build_model(architecture(spec, data), dtype)
-            self.optimizer, self.l2 = make_optimizer(spec["optimizer"], self.lr)
-            self.optimizer.build(self.model.trainable_variables)
+            with self.strategy.scope() if self.strategy else nullcontext():  # mirrored variables
+                self.model = build_model(architecture(spec, data), dtype)
+                self.optimizer, self.l2 = make_optimizer(spec["optimizer"], self.lr)
+                self.optimizer.build(self.model.trainable_variables)
             self.x, self.y = self._tensors(data.x_train, data.y_train)
             self.x_val, self.y_val = (self._tensors(data.x_val, data.y_val)
                                       if data.x_val is not None else (None, None))
@@ -191,7 +203,8 @@ class TensorFlowEngine(Engine):
         self.xs = self.ys = None
         y_spec = (tf.TensorSpec([None], tf.int64) if self.multiclass
                   else tf.TensorSpec([None, 1], tf.float32))
-        self._train = tf.function(self._train_loop, input_signature=[
+        loop = self._train_loop if self.strategy is None else self._train_loop_mirrored
+        self._train = tf.function(loop, input_signature=[
             tf.TensorSpec([None, data.input_dim], tf.float32), y_spec,
             tf.TensorSpec([], tf.int32), tf.TensorSpec([None], tf.float32)])
         self._forward = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
@@ -257,6 +270,55 @@ class TensorFlowEngine(Engine):
                 grads = [g + l2 * v for g, v in zip(grads, variables)]
             opt.apply(grads, variables)
             self.step_losses[step].assign(loss)
+
+    def _losses(self, out, y):
+        """Per-sample losses (their mean is `_loss`)."""
+        out = tf.cast(out, tf.float32)
+        if self.task == "regression":
+            return tf.reshape(tf.square(out - y), [-1])
+        if self.binary:
+            return tf.reshape(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=out), [-1])
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out)
+
+    def _train_loop_mirrored(self, xs, ys, first, lrs):
+        """The same steps with MirroredStrategy: a step's rows are split between the replicas
+        in replica order (as the DDP ranks split them), each replica's loss is its rows' summed
+        loss over the step's rows, and the optimizer sums the replicas' gradients: the update
+        of the whole step's mean loss, as one device would make it."""
+        bs, strategy = self.batch_size, self.strategy
+        for i in tf.range(tf.shape(lrs)[0]):
+            step = first + i
+            start = step * bs
+            rows = tf.minimum(bs, self.n - start)
+            self.optimizer.learning_rate.assign(lrs[i])
+            per_replica = strategy.run(self._replica_step, args=(xs, ys, start, rows))
+            self.step_losses[step].assign(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
+
+    def _replica_step(self, xs, ys, start, rows):
+        ctx = tf.distribute.get_replica_context()
+        r, w = ctx.replica_id_in_sync_group, ctx.num_replicas_in_sync
+        base, extra = rows // w, rows % w
+        mine = base + tf.cast(r < extra, tf.int32)
+        first = start + r * base + tf.minimum(r, extra)
+        variables = self.model.trainable_variables
+        micro = self.micro_batch
+        total = tf.zeros([], tf.float32)
+        grads = [tf.zeros_like(v) for v in variables]
+        denominator = tf.cast(rows, tf.float32)
+        for j in tf.range((mine + micro - 1) // micro):  # micro-batches of this replica's rows
+            a = first + j * micro
+            b = tf.minimum(a + micro, first + mine)
+            xm, ym = xs[a:b], ys[a:b]
+            with tf.GradientTape() as tape:
+                out = self.model(xm, training=True)
+                loss = tf.reduce_sum(self._losses(out, ym)) / denominator
+            grads = [s + g for s, g in zip(grads, tape.gradient(loss, variables))]
+            total += loss
+            self.sample_hits[a:b].assign(self._hits(out, ym))
+        if self.l2:  # summed over the replicas: each adds its share
+            grads = [g + (self.l2 / tf.cast(w, tf.float32)) * v for g, v in zip(grads, variables)]
+        self.optimizer.apply(grads, variables)
+        return total
 
     def _accumulated_grads(self, xb, yb, start):
         """The step's gradient from micro-batches taken one after the other, each weighted by
@@ -397,6 +459,18 @@ class TensorFlowEngine(Engine):
                 return out.numpy()
             return (tf.sigmoid(out) if binary else tf.nn.softmax(out, axis=1)).numpy()
         return predict
+
+
+def _mirrored_cpus(replicas: int) -> tf.distribute.MirroredStrategy:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+    except RuntimeError as e:  # the runtime started already (several engines in one process)
+        if len(tf.config.list_logical_devices("CPU")) < replicas:
+            raise RuntimeError(f"MirroredStrategy needs {replicas} logical CPU devices, set before "
+                               "TensorFlow starts; this process started it already") from e
+    return tf.distribute.MirroredStrategy([f"/CPU:{i}" for i in range(replicas)])
 
 
 def _save_with_suffix(path: Path, suffix: str, save: Callable[[str], None]) -> None:
