@@ -319,9 +319,6 @@ def _conflicts(s: JobSpec):
     if s.data.streaming and s.distributed is not None:
         yield ('streaming data is not available with distributed training in this version; '
                'remove "distributed" or set data.streaming to false')
-    if s.data.streaming and s.framework != "pytorch":
-        yield ('streaming data is available for framework "pytorch" only in this version; '
-               'use pytorch or set data.streaming to false')
     if s.val_data_path is not None and "validation_split" in s.model_fields_set:
         yield "give val_data_path or validation_split, not both"
     features = s.feature_columns or []

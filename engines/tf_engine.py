@@ -189,13 +189,21 @@ class TensorFlowEngine(Engine):
                 self.model = build_model(architecture(spec, data), dtype)
                 self.optimizer, self.l2 = make_optimizer(spec["optimizer"], self.lr)
                 self.optimizer.build(self.model.trainable_variables)
-            self.x, self.y = self._tensors(data.x_train, data.y_train)
-            self.x_val, self.y_val = (self._tensors(data.x_val, data.y_val)
-                                      if data.x_val is not None else (None, None))
-            self.n = int(self.x.shape[0])
+            # streaming: the rows stay on disk and come a window at a time (engines/stream.py)
+            self.stream = data.stream.epoch_rows(spec["seed"], spec["shuffle"]) if data.stream else None
+            self.val_rows = data.stream.val if data.stream else None
+            if self.stream is None:
+                self.x, self.y = self._tensors(data.x_train, data.y_train)
+                self.x_val, self.y_val = (self._tensors(data.x_val, data.y_val)
+                                          if data.x_val is not None else (None, None))
+            else:
+                self.x = self.y = self.x_val = self.y_val = None
+            self.n = data.n_train
             self.steps_per_epoch = math.ceil(self.n / self.batch_size)
             self.step_losses = tf.Variable(tf.zeros([self.steps_per_epoch]), trainable=False)
-            self.sample_hits = tf.Variable(tf.zeros([self.n]), trainable=False)
+            # each sample's hit; streaming keeps each step's sum instead (nothing grows with rows)
+            self.sample_hits = tf.Variable(
+                tf.zeros([self.steps_per_epoch if self.stream else self.n]), trainable=False)
         sizes = np.full(self.steps_per_epoch, float(self.batch_size))
         sizes[-1] = self.n - self.batch_size * (self.steps_per_epoch - 1)
         self.step_sizes = sizes
@@ -206,7 +214,7 @@ class TensorFlowEngine(Engine):
         loop = self._train_loop if self.strategy is None else self._train_loop_mirrored
         self._train = tf.function(loop, input_signature=[
             tf.TensorSpec([None, data.input_dim], tf.float32), y_spec,
-            tf.TensorSpec([], tf.int32), tf.TensorSpec([None], tf.float32)])
+            tf.TensorSpec([], tf.int32), tf.TensorSpec([None], tf.float32), tf.TensorSpec([], tf.int32)])
         self._forward = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
 
     def _tensors(self, x: np.ndarray, y: np.ndarray) -> tuple[tf.Tensor, tf.Tensor]:
@@ -219,9 +227,10 @@ class TensorFlowEngine(Engine):
         return {"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__}
 
     def start_epoch(self, epoch: int, step: int) -> None:
-        order = tf.constant(epoch_order(self.spec["seed"], epoch, self.n, self.spec["shuffle"]))
-        with tf.device(self.device):
-            self.xs, self.ys = tf.gather(self.x, order), tf.gather(self.y, order)
+        if self.stream is None:
+            order = tf.constant(epoch_order(self.spec["seed"], epoch, self.n, self.spec["shuffle"]))
+            with tf.device(self.device):
+                self.xs, self.ys = tf.gather(self.x, order), tf.gather(self.y, order)
         if step == 0:
             self._clear_epoch_buffers()
         self.epoch, self.step = epoch, step
@@ -249,27 +258,35 @@ class TensorFlowEngine(Engine):
             return tf.cast(tf.reshape(tf.equal(out > 0, y > 0.5), [-1]), tf.float32)
         return tf.cast(tf.equal(tf.argmax(out, 1), y), tf.float32)
 
-    def _train_loop(self, xs, ys, first, lrs):
-        """Steps first .. first+len(lrs)-1 of the epoch, in one graph call."""
+    def _train_loop(self, xs, ys, first, lrs, row0):
+        """Steps first .. first+len(lrs)-1 of the epoch, in one graph call. `xs` holds the
+        epoch's rows from `row0` on (all of them, or a streaming call's span)."""
         model, opt, bs, l2 = self.model, self.optimizer, self.batch_size, self.l2
         variables = model.trainable_variables
         for i in tf.range(tf.shape(lrs)[0]):
             step = first + i
             start = step * bs
-            xb, yb = xs[start:start + bs], ys[start:start + bs]
+            xb, yb = xs[start - row0:start - row0 + bs], ys[start - row0:start - row0 + bs]
             opt.learning_rate.assign(lrs[i])
             if self.accumulation > 1:
-                grads, loss = self._accumulated_grads(xb, yb, start)
+                grads, loss = self._accumulated_grads(xb, yb, step, start)
             else:
                 with tf.GradientTape() as tape:
                     out = model(xb, training=True)
                     loss = self._loss(out, yb)
                 grads = tape.gradient(loss, variables)
-                self.sample_hits[start:start + tf.shape(xb)[0]].assign(self._hits(out, yb))
+                self._record_hits(step, start, self._hits(out, yb))
             if l2:
                 grads = [g + l2 * v for g, v in zip(grads, variables)]
             opt.apply(grads, variables)
             self.step_losses[step].assign(loss)
+
+    def _record_hits(self, step, start, hits):
+        """A step's (or a micro-batch's) hits: per sample at `start`, or into the step's sum."""
+        if self.stream is not None:
+            self.sample_hits[step].assign(self.sample_hits[step] + tf.reduce_sum(hits))
+        else:
+            self.sample_hits[start:start + tf.shape(hits)[0]].assign(hits)
 
     def _losses(self, out, y):
         """Per-sample losses (their mean is `_loss`)."""
@@ -280,7 +297,7 @@ class TensorFlowEngine(Engine):
             return tf.reshape(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=out), [-1])
         return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out)
 
-    def _train_loop_mirrored(self, xs, ys, first, lrs):
+    def _train_loop_mirrored(self, xs, ys, first, lrs, row0):
         """The same steps with MirroredStrategy: a step's rows are split between the replicas
         in replica order (as the DDP ranks split them), each replica's loss is its rows' summed
         loss over the step's rows, and the optimizer sums the replicas' gradients: the update
@@ -320,7 +337,7 @@ class TensorFlowEngine(Engine):
         self.optimizer.apply(grads, variables)
         return total
 
-    def _accumulated_grads(self, xb, yb, start):
+    def _accumulated_grads(self, xb, yb, step, start):
         """The step's gradient from micro-batches taken one after the other, each weighted by
         its share of the rows: the whole batch's mean-loss gradient (a short last batch
         included), with one micro-batch's activations alive at a time."""
@@ -337,49 +354,75 @@ class TensorFlowEngine(Engine):
                 loss = self._loss(out, ym)
             grads = [s + g * share for s, g in zip(grads, tape.gradient(loss, variables))]
             total += loss * share
-            self.sample_hits[start + a:start + a + tf.shape(xm)[0]].assign(self._hits(out, ym))
+            self._record_hits(step, start + a, self._hits(out, ym))
         return grads, total
 
     def train_steps(self, lrs: Sequence[float]) -> None:
         if not lrs:
             return
+        xs, ys, row0 = self.xs, self.ys, 0
+        if self.stream is not None:  # at most a window's rows a call: memory holds one window
+            per_call = max(1, self.stream.window_rows // self.batch_size)
+            if len(lrs) > per_call:
+                for a in range(0, len(lrs), per_call):
+                    self.train_steps(lrs[a:a + per_call])
+                return
+            row0 = self.step * self.batch_size
+            with tf.device(self.device):
+                xs, ys = self._tensors(*self.stream.span(self.epoch, row0, row0 + len(lrs) * self.batch_size))
         with tf.device(self.device):
-            self._train(self.xs, self.ys, tf.constant(self.step, tf.int32),
-                        tf.constant(lrs, tf.float32))
+            self._train(xs, ys, tf.constant(self.step, tf.int32), tf.constant(lrs, tf.float32),
+                        tf.constant(row0, tf.int32))
         self.step += len(lrs)
         self.lr = lrs[-1]
+
+    def _done(self) -> int:
+        """Entries of the hit buffer the epoch has filled so far."""
+        return self.step if self.stream is not None else min(self.step * self.batch_size, self.n)
 
     # ---------------------------------------------------------------- metrics
 
     def train_metrics(self) -> dict[str, float]:
-        done = min(self.step * self.batch_size, self.n)
-        n = max(done, 1)
+        n = max(min(self.step * self.batch_size, self.n), 1)
         losses = self.step_losses.numpy()[:self.step].astype(np.float64)
         loss_sum = float((losses * self.step_sizes[:self.step]).sum())
-        hits = float(self.sample_hits.numpy()[:done].astype(np.float64).sum())
+        hits = float(self.sample_hits.numpy()[:self._done()].astype(np.float64).sum())
         if self.task == "regression":
             return {"train_loss": loss_sum / n, "train_mae": hits / n * self.y_scale,
                     "train_rmse": math.sqrt(max(loss_sum / n, 0.0)) * self.y_scale}
         return {"train_loss": loss_sum / n, "train_accuracy": hits / n}
 
+    def _val_batches(self):
+        if self.val_rows is not None:  # streaming: a window's rows at a time, from disk
+            for x, y in self.val_rows.blocks(min(EVAL_BATCH, self.stream.window_rows)):
+                yield self._tensors(x, y)
+            return
+        for a in range(0, int(self.x_val.shape[0]), EVAL_BATCH):
+            yield self.x_val[a:a + EVAL_BATCH], self.y_val[a:a + EVAL_BATCH]
+
     def evaluate(self) -> dict[str, float]:
-        if self.x_val is None:
+        if self.x_val is None and self.val_rows is None:
             return {}
-        loss_sum = hits = sq = 0.0
-        n = int(self.x_val.shape[0])
+        loss_sum = hits = sq = y_sum = y_sq = 0.0
+        n = 0
         with tf.device(self.device):
-            for a in range(0, n, EVAL_BATCH):
-                xb, yb = self.x_val[a:a + EVAL_BATCH], self.y_val[a:a + EVAL_BATCH]
+            for xb, yb in self._val_batches():
                 out = tf.cast(self._forward(xb), tf.float32)
                 rows = int(xb.shape[0])
+                n += rows
                 loss_sum += float(self._loss(out, yb)) * rows
                 hits += float(tf.reduce_sum(self._hits(out, yb)))
                 if self.task == "regression":
                     sq += float(tf.reduce_sum(tf.square(out - yb)))
+                    y64 = yb.numpy().astype(np.float64)
+                    y_sum, y_sq = y_sum + float(y64.sum()), y_sq + float((y64 ** 2).sum())
         if self.task != "regression":
             return {"val_loss": loss_sum / n, "val_accuracy": hits / n}
-        y = self.y_val.numpy().astype(np.float64)
-        variance = float(((y - y.mean()) ** 2).sum())
+        if self.y_val is not None:
+            y = self.y_val.numpy().astype(np.float64)
+            variance = float(((y - y.mean()) ** 2).sum())
+        else:  # streaming: from the sums
+            variance = max(y_sq - y_sum * y_sum / n, 0.0)
         return {"val_loss": loss_sum / n, "val_mae": hits / n * self.y_scale,
                 "val_rmse": math.sqrt(sq / n) * self.y_scale,
                 "val_r2": 1 - sq / variance if variance > 0 else 0.0}
@@ -391,7 +434,7 @@ class TensorFlowEngine(Engine):
 
     def save_checkpoint(self, path: Path) -> None:
         groups = self._variable_groups()
-        done = min(self.step * self.batch_size, self.n)
+        done = self._done()
         header = {"format": CHECKPOINT_FORMAT, "epoch": self.epoch, "step": self.step,
                   "lr": self.lr, "variables": {g: [[v.path, list(v.shape)] for v in vs]
                                                for g, vs in groups.items()}}

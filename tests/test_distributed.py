@@ -114,6 +114,7 @@ def test_two_mirrored_replicas_train_as_one_device_with_their_global_batch(tmp_p
     assert [h["val_loss"] for h in mir.history] == pytest.approx([h["val_loss"] for h in one.history], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_a_mirrored_job_paused_mid_epoch_resumes_bit_for_bit(tmp_path, spool, daemon_factory):
     """Dropout on: the replicas' seed-generator states come back from the checkpoint too."""
     data = classification_csv(tmp_path / "train.csv", rows=8000)  # 3,200 steps an epoch, seconds

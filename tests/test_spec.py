@@ -77,7 +77,6 @@ def test_defaults_are_filled_and_the_seeds_short_forms_moved(tmp_path):
     (minimal(distributed={"replicas": 2}), ['DDP gives "processes"']),
     (minimal(distributed={"strategy": "mirrored", "replicas": 0}, framework="tf"), ['"distributed.replicas"', "Received: 0"]),
     (minimal(distributed={}, devices="cuda"), ["runs on the CPU in this version"]),
-    (minimal(data={"streaming": True}, framework="tensorflow"), ['streaming data is available for framework "pytorch" only']),
     (minimal(data={"streaming": True}, distributed={}), ["streaming data is not available with distributed"]),
     (minimal(data={"streaming": "yes"}), ['"data.streaming"', 'Received: "yes"']),
     (minimal(data={"chunk_rows": 0}), ['"data.chunk_rows"', "Received: 0"]),

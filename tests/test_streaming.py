@@ -17,9 +17,10 @@ from daemon.spool import Spool
 from engines import load_engine
 from engines.data import prepare
 from engines.stream import DiskRows, EpochRows
-from tests.conftest import (WINE, classification_csv, drop_job, events_of, model_weights,
+from tests.conftest import (WEIGHT_FILES, WINE, classification_csv, drop_job, events_of, model_weights,
                             regression_csv, same_weights, seed_job, wait_for_event,
                             wait_for_status, wait_until)
+from tests.test_engines import weights
 
 
 def normalise(tmp_path, **raw) -> dict:
@@ -45,10 +46,6 @@ def train(engine, epochs, chunks=None, lr=0.01):
         if engine.step < engine.steps_per_epoch:
             engine.train_steps([lr] * (engine.steps_per_epoch - engine.step))
     return engine
-
-
-def weights(engine) -> dict:
-    return {k: v.detach().numpy().copy() for k, v in engine.model.state_dict().items()}
 
 
 def disk_rows(tmp_path, n, dim=2) -> DiskRows:
@@ -92,11 +89,11 @@ def test_without_shuffle_the_rows_come_in_file_order(tmp_path):
 
 # ---------------------------------------------------------------- the engine
 
-def test_streaming_trains_exactly_like_memory_given_the_same_order(tmp_path):
+def test_streaming_trains_exactly_like_memory_given_the_same_order(tmp_path, framework):
     """Without shuffling or a validation split both see the same rows in the same order: the
     recipe is the same (to float rounding) and so are the weights."""
-    Engine = load_engine("pytorch")
-    common = {"shuffle": False, "val_data_path": str(WINE)}
+    Engine = load_engine(framework)
+    common = {"shuffle": False, "val_data_path": str(WINE), "framework": framework}
     memory = normalise(tmp_path, **common)
     stream = streaming(tmp_path, **common)
     a, b = prepare(memory), prepare(stream, tmp_path / "stream")
@@ -115,13 +112,13 @@ def test_streaming_trains_exactly_like_memory_given_the_same_order(tmp_path):
 
 
 @pytest.mark.parametrize("task", ["classification", "regression"])
-def test_streaming_steps_in_any_calls_and_a_checkpoint_anywhere_resume_bit_for_bit(tmp_path, task):
-    Engine = load_engine("pytorch")
+def test_streaming_steps_in_any_calls_and_a_checkpoint_anywhere_resume_bit_for_bit(tmp_path, task, framework):
+    Engine = load_engine(framework)
     if task == "regression":
         spec = streaming(tmp_path, train_data_path=str(regression_csv(tmp_path / "r.csv", rows=300)),
-                         target_column="target", chunk_rows=32, shuffle_chunks=3)
+                         target_column="target", chunk_rows=32, shuffle_chunks=3, framework=framework)
     else:
-        spec = streaming(tmp_path)
+        spec = streaming(tmp_path, framework=framework)
     data = prepare(spec, tmp_path / "stream")
     assert data.stream is not None and data.x_train is None
     a = train(Engine(spec, data, 1), 2)
@@ -132,9 +129,10 @@ def test_streaming_steps_in_any_calls_and_a_checkpoint_anywhere_resume_bit_for_b
     c = train(Engine(spec, data, 1), 1)
     c.start_epoch(2, 0)
     c.train_steps([0.01] * 3)
-    c.save_checkpoint(tmp_path / "mid.pt")
+    checkpoint = tmp_path / f"mid{Engine.checkpoint_suffix}"
+    c.save_checkpoint(checkpoint)
     d = Engine(spec, prepare(spec, tmp_path / "stream"), 1)
-    assert d.load_checkpoint(tmp_path / "mid.pt") == (2, 3)
+    assert d.load_checkpoint(checkpoint) == (2, 3)
     d.start_epoch(2, 3)
     d.train_steps([0.01] * (d.steps_per_epoch - 3))
     assert same_weights(weights(a), weights(d))
@@ -235,10 +233,13 @@ def stream_job(csv, out, data_options=None, **overrides):
     return job
 
 
-def test_a_streaming_job_pauses_mid_epoch_resumes_exactly_and_leaves_no_cache(tmp_path, spool, daemon_factory):
-    data = classification_csv(tmp_path / "train.csv", rows=12000)
+@pytest.mark.parametrize("framework", ["pytorch", pytest.param("tensorflow", marks=pytest.mark.slow)])
+def test_a_streaming_job_pauses_mid_epoch_resumes_exactly_and_leaves_no_cache(tmp_path, spool, daemon_factory,
+                                                                              framework):
+    # epochs of seconds (TensorFlow's steps are faster here)
+    data = classification_csv(tmp_path / "train.csv", rows=12000 if framework == "pytorch" else 60000)
     daemon_factory(spool, "--max-jobs", "2")
-    slow = {"epochs": 2, "batch_size": 2, "algorithm_params": {"hidden_units": [16]}}
+    slow = {"epochs": 2, "batch_size": 2, "algorithm_params": {"hidden_units": [16]}, "framework": framework}
     drop_job(spool, "ref.json", stream_job(data, tmp_path / "ref", **slow))
     drop_job(spool, "p.json", stream_job(data, tmp_path / "p", **slow))
 
@@ -256,8 +257,8 @@ def test_a_streaming_job_pauses_mid_epoch_resumes_exactly_and_leaves_no_cache(tm
     runs = [r for r in events_of(spool, "p") if r["type"] == "run_started"]
     assert runs[1]["resumed_from"]["step"] == paused["step"]
     assert runs[0]["train_samples"] == runs[1]["train_samples"] and runs[0]["val_samples"] > 0
-    assert same_weights(model_weights(tmp_path / "ref" / "model.safetensors"),
-                        model_weights(tmp_path / "p" / "model.safetensors"))
+    weights_file = WEIGHT_FILES[framework][0]
+    assert same_weights(model_weights(tmp_path / "ref" / weights_file), model_weights(tmp_path / "p" / weights_file))
     assert [h["train_loss"] for h in ref.history] == [h["train_loss"] for h in state.history]
     assert [h["val_accuracy"] for h in ref.history] == [h["val_accuracy"] for h in state.history]
     assert all(h["memory_peak"] > 0 for h in state.history)
