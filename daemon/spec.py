@@ -193,6 +193,15 @@ class Distributed(Strict):
     processes: int = Field(2, ge=1, le=64, description="a whole number in [1, 64] of ranks on this machine")
     replicas: int = Field(2, ge=1, le=64,
                           description="a whole number in [1, 64] of MirroredStrategy replicas (devices)")
+    nnodes: int = Field(1, ge=1, le=1024, description="a whole number >= 1 of machines (ddp)")
+    node_rank: int = Field(0, ge=0, le=1023, description="this machine's place, 0 .. nnodes-1")
+    rdzv_endpoint: str | None = Field(
+        None, min_length=3, max_length=300, pattern=r"^[^\s:]+:[0-9]{1,5}$",
+        description='"host:port" where node 0 hosts the rendezvous, e.g. "10.0.0.1:29400"')
+    rdzv_id: str = Field("epochd", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$",
+                         description="letters, digits, . _ -: the same on every node")
+    rdzv_timeout: float = Field(900, ge=10, le=86400, allow_inf_nan=False,
+                                description="seconds in [10, 86400] the nodes wait for each other")
     backend: Literal["auto", "gloo"] = Field(
         "auto", description='"auto" or "gloo" (CPU ranks; GPU ranks are not available yet)')
 
@@ -312,6 +321,16 @@ def _conflicts(s: JobSpec):
                '"replicas"')
     if d is not None and d.strategy == "ddp" and "replicas" in d.model_fields_set:
         yield 'distributed.replicas is for "mirrored"; DDP gives "processes"'
+    if d is not None and d.nnodes > 1 and d.strategy != "ddp":
+        yield 'several machines (distributed.nnodes > 1) are for "ddp" in this version'
+    if d is not None and d.nnodes > 1 and d.rdzv_endpoint is None:
+        yield ('distributed.nnodes > 1 needs distributed.rdzv_endpoint, "host:port" of node 0, '
+               'the same in every node\'s job file')
+    if d is not None and d.node_rank >= d.nnodes:
+        yield (f"distributed.node_rank is {d.node_rank} but nnodes is {d.nnodes}; expected a "
+               f"node_rank in [0, {d.nnodes - 1}], a different one in each node's job file")
+    if d is not None and d.rdzv_endpoint is not None and not 0 < int(d.rdzv_endpoint.rsplit(":", 1)[1]) < 65536:
+        yield f'distributed.rdzv_endpoint "{d.rdzv_endpoint}" has no valid port; expected 1..65535'
     if s.distributed is not None and s.devices not in ("cpu", 0, "auto"):
         yield ('distributed training runs on the CPU in this version (DDP ranks over gloo, or '
                'MirroredStrategy replicas on logical CPU devices); set "devices": "cpu" or "auto" '

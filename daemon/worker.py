@@ -73,15 +73,17 @@ class Timers:
 
 class Worker:
     """One job's run. With DDP (`distributed.processes` > 1) one Worker runs in each rank, in
-    lockstep: rank 0 alone reads control files, writes events, checkpoints and outputs, and
-    makes every decision that depends on time or on files (`agree` hands it to the others);
-    the other ranks apply the same events to their own state without writing them, so the
-    decisions taken from the history (schedules, early stopping) are the same everywhere."""
+    lockstep: rank 0 alone reads control files and makes every decision that depends on time or
+    on files (`agree` hands it to the others); each machine's first rank (its leader: rank 0
+    on one machine) writes that machine's events, checkpoints and outputs; the other ranks
+    apply the same events to their own state without writing them, so the decisions taken
+    from the history (schedules, early stopping) are the same everywhere."""
 
     def __init__(self, spool: Spool, job_id: str, events: EventLog | None, flags: Flags, cpu_share: int,
                  rank: int = 0, world: int = 1, records: list[dict] | None = None):
         self.spool, self.job_id, self.events, self.flags = spool, job_id, events, flags
         self.cpu_share, self.rank, self.world = cpu_share, rank, world
+        self.leader = events is not None  # writes this machine's log and files
         self.job_dir = spool.job_dir(job_id)
         self.state = fold(events.records if events is not None else records)
         self.cached_at = events.offset if events is not None else 0  # log bytes the fold cache covers
@@ -94,7 +96,7 @@ class Worker:
         self.prior_seconds = 0.0                  # training time of the job's earlier runs
 
     def record(self, event: Event) -> dict:
-        if self.events is None:  # a rank other than 0: the same state, nothing written
+        if self.events is None:  # not a machine's leader: the same state, nothing written
             record = {"seq": self.state.last_seq + 1, "ts": utc_now(), "type": event.type,
                       "v": event.v, **event.payload()}
         else:
@@ -145,7 +147,9 @@ class Worker:
         for folder in (self.job_dir, self.job_dir / "checkpoints", self.out_dir):
             for name in remove_stale_temps(folder):  # a crash mid-write left it; its file never was
                 log.info("job %s: removed %s, left by a write a crash interrupted", self.job_id, folder / name)
-        checkpoint = self.restore()
+        checkpoint = self.restore(rebuild=self.world == 1)  # with DDP building is a collective
+        if self.world > 1:
+            checkpoint = self.agree_on_resume(checkpoint)
         self.epoch, self.step = resume_point(checkpoint, self.engine.steps_per_epoch)
         self.record(RunStarted(
             attempt=self.state.attempts + 1, pid=os.getpid(), host=socket.gethostname(),
@@ -232,7 +236,7 @@ class Worker:
         best_epoch, best_value = policies.best_epoch(self.state.monitor_values(self.monitor), self.mode)
         if best_epoch == self.epoch:
             path = self.out_dir / self.engine_cls.best_file
-            if self.rank == 0:
+            if self.leader:
                 atomic_write_with(path, self.engine.save_weights)
             self.record(BestModelSaved(epoch=self.epoch, monitor=self.monitor, value=best_value,
                                        path=relative_to_or_absolute(path, self.job_dir)))
@@ -263,6 +267,8 @@ class Worker:
                     "checkpoint": bool(every and now - self.last_checkpoint_at >= every),
                     "progress": now - self.last_progress_at >= PROGRESS_SECONDS}
         plan = self.agree(plan)
+        if plan["stop"] is None and self.any_machine_stopping():
+            plan["stop"] = ("shutdown",)
         if plan["stop"] is not None:
             self.carry_out(plan["stop"])
         if plan["checkpoint"]:
@@ -273,8 +279,22 @@ class Worker:
 
     def check_stop(self, shutdown: bool = True, limits: bool = True) -> None:
         stop = self.agree(self.stop_decision(shutdown, limits) if self.rank == 0 else None)
+        if stop is None and shutdown and self.any_machine_stopping():
+            stop = ("shutdown",)
         if stop is not None:
             self.carry_out(stop)
+
+    def any_machine_stopping(self) -> bool:
+        """Several machines: whether any rank was told to shut down (its machine's daemon is
+        stopping), so that every machine checkpoints and stops at the same step. One machine's
+        ranks all get the signal, and rank 0 decides for them."""
+        if self.world == 1 or ((self.spec.get("distributed") or {}).get("nnodes") or 1) == 1:
+            return False
+        import torch
+        import torch.distributed as tdist
+        flag = torch.tensor([1 if self.flags.shutdown else 0])
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def stop_decision(self, shutdown: bool = True, limits: bool = True) -> tuple | None:
         """Whether the run must stop here, and why (rank 0): a shutdown, a pause or cancel
@@ -362,14 +382,14 @@ class Worker:
         folder = self.job_dir / "checkpoints"
         folder.mkdir(exist_ok=True)
         path = folder / f"e{epoch:05d}-s{step:07d}{self.engine_cls.checkpoint_suffix}"
-        if self.rank == 0:
+        if self.leader:
             atomic_write_with(path, self.engine.save_checkpoint)
         else:
-            self.engine.checkpoint_state()  # its part of the gathering; rank 0 writes the file
+            self.engine.checkpoint_state()  # its part of the gathering; the leader writes the file
         faults.point("checkpoint.unrecorded")
         rel = relative_to_or_absolute(path, self.job_dir)
         mid_epoch = step < self.engine.steps_per_epoch
-        written = self.rank == 0
+        written = self.leader
         self.record(CheckpointSaved(
             epoch=epoch, step=step, steps_per_epoch=self.engine.steps_per_epoch, path=rel,
             bytes=path.stat().st_size if written else 0, sha256=sha256_file(path) if written else "",
@@ -390,13 +410,46 @@ class Worker:
             keep |= {c["path"] for c in live if c["epoch"] == best and c["step"] == c["steps_per_epoch"]}
         for c in [c for c in live if c["path"] not in keep]:
             self.record(CheckpointRemoved(path=c["path"], reason=f"keep_last {policy['keep_last']}"))
-            if self.rank == 0:
+            if self.leader:
                 (self.job_dir / c["path"]).unlink(missing_ok=True)
 
-    def restore(self) -> dict | None:
-        """Load the newest checkpoint whose bytes match their sha256; older ones if it does not."""
+    def agree_on_resume(self, checkpoint: dict | None) -> dict | None:
+        """Every rank resumes from the same point. Ranks on one machine read one log and agree
+        already; machines can differ when one crashed between writing a checkpoint and the
+        others writing theirs: all go back to the earliest, which each machine still keeps
+        (the last `keep_last` are kept)."""
+        import torch.distributed as tdist
+        mine = (0, 0) if checkpoint is None else (checkpoint["epoch"], checkpoint["step"])
+        every = [None] * self.world
+        tdist.all_gather_object(every, (mine, self.engine_dirty))
+        target = min(position for position, _ in every)
+        if target == (0, 0):  # a fresh start; every rank builds anew if any has loaded something
+            if any(position != target or dirty for position, dirty in every):
+                self.engine = self.engine_cls(self.spec, self.data, self.cpu_share)
+            return None
+        if mine == target:
+            return checkpoint
+        log.warning("job %s: rank %d goes back from checkpoint %s to %s, where another machine's "
+                    "last one is", self.job_id, self.rank, mine, target)
+        checkpoint = self.restore(at_or_before=target, rebuild=False)
+        if checkpoint is None or (checkpoint["epoch"], checkpoint["step"]) != target:
+            raise CheckpointInvalid(
+                f"the machines of this job resume from different points: {sorted(set(every))}, "
+                f"and this one (rank {self.rank}) no longer has a good checkpoint at {target}. "
+                "Expected: the same checkpoints on every machine; delete the job's checkpoints "
+                "on every machine to start over, or raise checkpoint.keep_last.")
+        return checkpoint
+
+    def restore(self, at_or_before: tuple[int, int] | None = None, rebuild: bool = True) -> dict | None:
+        """Load the newest checkpoint whose bytes match their sha256; older ones if it does not.
+        With `at_or_before`, only checkpoints no later than that (epoch, step). A load that
+        failed may have changed some weights: the engine is built anew (`rebuild`), or marked
+        `engine_dirty` for the caller to rebuild."""
         tried_a_load = False
+        self.engine_dirty = False
         for checkpoint in reversed(list(self.state.checkpoints)):
+            if at_or_before is not None and (checkpoint["epoch"], checkpoint["step"]) > at_or_before:
+                continue
             path = self.job_dir / checkpoint["path"]
             problem = _verify(path, checkpoint)
             if problem is None:
@@ -410,8 +463,9 @@ class Worker:
                     problem = str(e)
             self.record(CheckpointRejected(path=checkpoint["path"], reason=problem))
             log.warning("job %s: checkpoint %s rejected: %s", self.job_id, checkpoint["path"], problem)
-        if tried_a_load:  # a failed load may have changed some weights: start clean
+        if tried_a_load and rebuild:  # a failed load may have changed some weights: start clean
             self.engine = self.engine_cls(self.spec, self.data, self.cpu_share)
+        self.engine_dirty = tried_a_load and not rebuild
         return None
 
     def restore_timers(self, checkpoint: dict) -> None:
@@ -492,8 +546,8 @@ class Worker:
         return folder
 
     def finish(self) -> None:
-        if self.rank != 0:
-            return  # rank 0 writes the outputs and the final word
+        if not self.leader:
+            return  # each machine's leader writes the outputs and the final word
         from engines import architecture
         from .plot import plot_history
         out, spec = self.out_dir, self.spec
@@ -594,36 +648,71 @@ def main(argv: list[str] | None = None) -> int:
     with lock:
         with EventLog(spool.events_path(args.job)) as events:
             dist = (fold(events.records).spec or {}).get("distributed") or {}
-            ranks = dist.get("processes", 1) if dist.get("strategy", "ddp") == "ddp" else 1
-            if ranks == 1:
+            ddp = dist.get("strategy", "ddp") == "ddp"
+            if not ddp or (dist.get("processes", 1) == 1 and dist.get("nnodes", 1) == 1):
                 Worker(spool, args.job, events, flags, cpu_share).run()
                 return 0
-        return launch_ranks(spool, args.job, ranks, cpu_share)
+        return launch_ranks(spool, args.job, dist, cpu_share)
 
 
-def launch_ranks(spool: Spool, job_id: str, ranks: int, cpu_share: int) -> int:
-    """DDP: start `ranks` processes through torch's elastic launcher (a c10d rendezvous on a
-    free loopback port, no restarts: a rank that dies ends the attempt, and the daemon's retry
-    resumes it from the last checkpoint like any crash). This process holds the job's lock
-    while they run and passes a shutdown signal on to them. Exit code 0 when the run ended on
-    record (rank 0's final event), else 1."""
+def launch_ranks(spool: Spool, job_id: str, dist: dict, cpu_share: int) -> int:
+    """DDP: start this machine's `processes` ranks through torch's elastic launcher, with no
+    restarts: a rank that dies ends the attempt, and the daemon's retry resumes it from the
+    last checkpoint like any crash. One machine: a c10d rendezvous on a free loopback port.
+    Several (`nnodes`): the static rendezvous at `rdzv_endpoint`, which node 0 hosts, so that
+    machine k's ranks are k * processes onwards and node 0 holds rank 0. This process holds
+    the job's lock while they run and passes a shutdown signal on to them. Exit code 0 when
+    the run ended on record (the leader's final event), else 1."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=ranks, run_id=f"epochd-{job_id}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0,
-        monitor_interval=0.1, start_method="spawn",
-        logs_specs=DefaultLogsSpecs(log_dir=str(spool.job_dir(job_id) / "ranks"),
-                                    redirects=Std.NONE, tee=Std.NONE))
-    log.info("job %s: starting %d DDP ranks (gloo, rendezvous 127.0.0.1:%d)", job_id, ranks, port)
+    _short_exit_barrier()
+    ranks, nnodes = dist.get("processes", 1), dist.get("nnodes", 1)
+    logs = DefaultLogsSpecs(log_dir=str(spool.job_dir(job_id) / "ranks"), redirects=Std.NONE, tee=Std.NONE)
+    if nnodes == 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            endpoint = f"127.0.0.1:{s.getsockname()[1]}"
+        config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=ranks, run_id=f"epochd-{job_id}",
+            rdzv_backend="c10d", rdzv_endpoint=endpoint, max_restarts=0,
+            monitor_interval=0.1, start_method="spawn", logs_specs=logs)
+    else:
+        endpoint = dist["rdzv_endpoint"]
+        config = LaunchConfig(
+            min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=ranks, run_id=dist["rdzv_id"],
+            rdzv_backend="static", rdzv_endpoint=endpoint,
+            rdzv_configs={"rank": dist["node_rank"], "timeout": int(dist["rdzv_timeout"])},
+            max_restarts=0, monitor_interval=0.1, start_method="spawn", logs_specs=logs)
+    log.info("job %s: starting %d DDP ranks on node %d of %d (gloo, rendezvous %s)", job_id, ranks,
+             dist.get("node_rank", 0), nnodes, endpoint)
     try:
         elastic_launch(config, rank_main)(str(spool.root), job_id, max(1, cpu_share // ranks))
     except Exception as e:  # ChildFailedError, SignalException: the log says whether it matters
         log.error("job %s: the ranks ended with %s: %s", job_id, type(e).__name__, e)
     return 1 if foldcache.replay(spool.events_path(job_id)).status == Status.RUNNING else 0
+
+
+EXIT_BARRIER_SECONDS = 2
+
+
+def _short_exit_barrier() -> None:
+    """When its ranks are done, torch's launcher waits up to 300 s (its exit barrier) for the
+    other machines' launchers to be done too. A machine whose daemon stopped never arrives,
+    and the others would hold their jobs that long, node 0 keeping the rendezvous store of a
+    finished attempt open for the next one to stumble on. Each machine's ranks have recorded
+    how their run ended before they exit, so nothing waits on the barrier: 2 s. (The launcher
+    builds its agent from this module attribute, in this process only.)"""
+    import torch.distributed.launcher.api as launcher
+    if getattr(launcher.LocalElasticAgent, "epochd_short_barrier", False):
+        return
+
+    class Agent(launcher.LocalElasticAgent):
+        epochd_short_barrier = True
+
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("exit_barrier_timeout", EXIT_BARRIER_SECONDS)
+            super().__init__(*args, **kwargs)
+    launcher.LocalElasticAgent = Agent
 
 
 def rank_main(spool_root: str, job_id: str, cpu_share: int) -> None:
@@ -640,9 +729,10 @@ def rank_main(spool_root: str, job_id: str, cpu_share: int) -> None:
     tdist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
     rank, world = tdist.get_rank(), tdist.get_world_size()
     spool = Spool(Path(spool_root))
-    events = EventLog(spool.events_path(job_id)) if rank == 0 else None
+    leader = int(os.environ.get("LOCAL_RANK", rank)) == 0  # this machine's first rank
+    events = EventLog(spool.events_path(job_id)) if leader else None
     records = events.records if events is not None else read_foldable(spool.events_path(job_id))
-    tdist.barrier()  # every rank has read the log before rank 0 appends to it
+    tdist.barrier()  # every rank has read the log before its leader appends to it
     worker = Worker(spool, job_id, events, flags, cpu_share, rank=rank, world=world, records=records)
     worker.run()
     for sig in (signal.SIGTERM, signal.SIGINT):  # the run is over: a late signal ends the rank

@@ -2,13 +2,15 @@
 elastic launcher train one job; rank 0 alone writes the log, checkpoints and outputs; pause and
 resume reach every rank and resume bit for bit. TensorFlow MirroredStrategy: two replicas on two
 logical CPU devices in one worker, the same guarantees."""
+import socket
+
 import numpy as np
 import pytest
 
 from daemon import control
 from daemon.spool import Spool
-from tests.conftest import (classification_csv, drop_job, events_of, model_weights, same_weights,
-                            seed_job, wait_for_event, wait_for_status)
+from tests.conftest import (DaemonProcess, classification_csv, drop_job, events_of, model_weights,
+                            same_weights, seed_job, wait_for_event, wait_for_status, wait_until)
 
 DDP = {"distributed": {"processes": 2}, "devices": "cpu"}
 
@@ -135,3 +137,104 @@ def test_a_mirrored_job_paused_mid_epoch_resumes_bit_for_bit(tmp_path, spool, da
     assert same_weights(model_weights(tmp_path / "ref" / "model.weights.h5"),
                         model_weights(tmp_path / "p" / "model.weights.h5"))
     assert [h["train_loss"] for h in ref.history] == [h["train_loss"] for h in state.history]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_node_job(data, out, node_rank: int, port: int, **overrides) -> dict:
+    dist = {"strategy": "ddp", "processes": 1, "nnodes": 2, "node_rank": node_rank,
+            "rdzv_endpoint": f"127.0.0.1:{port}", "rdzv_id": "two-nodes", "rdzv_timeout": 120}
+    return seed_job(data, out, **{"epochs": 2, "batch_size": 16, "devices": "cpu", "distributed": dist,
+                                  "algorithm_params": {"hidden_units": [16], "dropout_rate": 0.0},
+                                  **overrides})
+
+
+def test_one_job_on_two_machines_two_daemons_one_rendezvous(tmp_path):
+    """Two daemons, each on its own spool (two machines), each given the job with its
+    node_rank, meet at node 0's rendezvous on loopback: one DDP job of two ranks. Each machine
+    writes its own log, checkpoints and outputs; both end with the same weights, which are a
+    single process's with the global batch."""
+    data = classification_csv(tmp_path / "train.csv", rows=1000)
+    port = free_port()
+    spools = [tmp_path / "node0" / "spool", tmp_path / "node1" / "spool"]
+    for s in spools:
+        Spool(s).ensure()
+    daemons = [DaemonProcess(s) for s in spools]
+    try:
+        for k, spool in enumerate(spools):
+            drop_job(spool, "j.json", two_node_job(data, tmp_path / f"out{k}", k, port))
+        states = [wait_for_status(spool, "j", "completed", timeout=240) for spool in spools]
+        drop_job(spools[0], "one.json", seed_job(data, tmp_path / "one", epochs=2, batch_size=32, devices="cpu",
+                                                 algorithm_params={"hidden_units": [16], "dropout_rate": 0.0}))
+        wait_for_status(spools[0], "one", "completed", timeout=120)
+    finally:
+        for d in daemons:
+            d.stop()
+    for k, (spool, state) in enumerate(zip(spools, states)):
+        run = next(r for r in events_of(spool, "j") if r["type"] == "run_started")
+        assert run["devices"] == ["cpu", "cpu"] and run["steps_per_epoch"] == 25  # 800 rows / 32
+        assert [h["epoch"] for h in state.history] == [1, 2]
+        assert list((spool / "jobs" / "j" / "checkpoints").glob("*.pt"))  # each machine its own
+        assert (spool / "jobs" / "j" / "ranks").is_dir()
+    a, b = (model_weights(tmp_path / f"out{k}" / "model.safetensors") for k in (0, 1))
+    assert same_weights(a, b)
+    assert [h["train_loss"] for h in states[0].history] == [h["train_loss"] for h in states[1].history]
+    one = model_weights(tmp_path / "one" / "model.safetensors")
+    for k in a:
+        np.testing.assert_allclose(a[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+def test_two_machines_pause_together_stop_together_and_resume_bit_for_bit(tmp_path):
+    """A pause dropped on node 0 pauses both machines at one step (in epoch 2). Node 1's pause
+    checkpoint is then damaged: resumed on each machine, node 1 falls back to its end-of-epoch-1
+    checkpoint and node 0 goes back there with it. Then node 1's daemon is stopped (SIGTERM):
+    both machines checkpoint and stop at one step; node 0's daemon retries at once and waits at
+    the rendezvous until node 1's daemon is back. The weights at the end are an undisturbed
+    run's (one machine, two ranks)."""
+    data = classification_csv(tmp_path / "train.csv", rows=8000)  # 1,600 steps an epoch, seconds
+    port = free_port()
+    spools = [tmp_path / "node0" / "spool", tmp_path / "node1" / "spool"]
+    for s in spools:
+        Spool(s).ensure()
+    params = {"batch_size": 2, "algorithm_params": {"hidden_units": [16]}}
+    daemons = [DaemonProcess(s) for s in spools]
+    try:
+        for k, spool in enumerate(spools):
+            drop_job(spool, "j.json", two_node_job(data, tmp_path / f"out{k}", k, port, **params))
+        wait_until(lambda: any(r["type"] == "progress" and r["epoch"] == 2 for r in events_of(spools[0], "j")),
+                   180, what="node 0 in epoch 2")
+        control.drop(Spool(spools[0]), "j", "pause")
+        paused = [wait_for_event(s, "j", "paused")[-1] for s in spools]
+        assert paused[0]["step"] == paused[1]["step"] > 0 and paused[0]["epoch"] == paused[1]["epoch"] == 2
+        damaged = spools[1] / "jobs" / "j" / paused[1]["checkpoint"]
+        damaged.write_bytes(damaged.read_bytes()[:-100] + bytes(100))
+        for s in spools:
+            control.drop(Spool(s), "j", "resume")
+        runs = [wait_for_event(s, "j", "run_started", count=2)[-1] for s in spools]
+        assert [r["resumed_from"]["epoch"] for r in runs] == [1, 1]  # both from the end of epoch 1
+        assert [r["resumed_from"]["step"] for r in runs] == [runs[0]["steps_per_epoch"]] * 2
+        wait_for_event(spools[1], "j", "progress", count=len([r for r in events_of(spools[1], "j")
+                                                               if r["type"] == "progress"]) + 1, timeout=180)
+        daemons[1].stop()  # SIGTERM: node 1's ranks checkpoint, and node 0's stop with them
+        stops = [next(r for r in reversed(events_of(s, "j")) if r["type"] == "interrupted") for s in spools]
+        assert stops[0]["reason"] == stops[1]["reason"] == "shutdown"
+        assert (stops[0]["epoch"], stops[0]["step"]) == (stops[1]["epoch"], stops[1]["step"])
+        daemons[1] = DaemonProcess(spools[1])
+        states = [wait_for_status(s, "j", "completed", timeout=300) for s in spools]
+        drop_job(spools[0], "ref.json", seed_job(data, tmp_path / "ref", epochs=2, devices="cpu",
+                                                 distributed={"processes": 2}, **params))
+        wait_for_status(spools[0], "ref", "completed", timeout=300)
+    finally:
+        for d in daemons:
+            d.stop()
+    for state in states:
+        assert [h["epoch"] for h in state.history] == [1, 2]
+    assert any(r["type"] == "checkpoint_rejected" for r in events_of(spools[1], "j"))
+    ref = model_weights(tmp_path / "ref" / "model.safetensors")
+    for k in (0, 1):
+        assert same_weights(model_weights(tmp_path / f"out{k}" / "model.safetensors"), ref)
