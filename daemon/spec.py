@@ -258,7 +258,7 @@ class JobSpec(Strict):
     early_stopping: EarlyStopping | None = Field(None, description="an object, or null")
     learning_rate_scheduler: Schedule | None = Field(None, description=SCHEDULE_HELP)
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
-        "no", description='"no", "bf16", "fp16" (PyTorch, with a gradient scaler) or "auto"')
+        "no", description='"no", "bf16", "fp16" (with a loss scaler) or "auto"')
     gradient_accumulation_steps: int = Field(
         1, ge=1, le=4096, description="a whole number in [1, 4096]: micro-batches of batch_size "
                                       "rows per optimizer step")
@@ -306,9 +306,6 @@ def _conflicts(s: JobSpec):
     if ap.learning_rate_scheduler is not None and s.learning_rate_scheduler is not None:
         yield ('the learning-rate schedule is given twice (algorithm_params.learning_rate_scheduler '
                'and learning_rate_scheduler); keep one')
-    if s.mixed_precision == "fp16" and s.framework != "pytorch":
-        yield ('mixed_precision "fp16" is available for framework "pytorch" only in this version; '
-               'use "bf16" or "auto" with tensorflow')
     d = s.distributed
     if d is not None and s.framework == "tensorflow" and d.strategy != "mirrored":
         yield ('distributed.strategy "ddp" is PyTorch\'s; a tensorflow job uses '

@@ -11,6 +11,9 @@ how the steps were split into calls (exact resume).
 Determinism: `keras.utils.set_random_seed(seed)` and `enable_op_determinism`; the dropout layers'
 seed-generator states are model variables, so a checkpoint carries them.
 
+fp16 (`mixed_precision`): float16 layers and Keras' LossScaleOptimizer; the gradients are taken
+of the scaled loss and unscaled by the optimizer, which skips a step that overflowed.
+
 Data parallelism (`distributed.strategy` "mirrored"): MirroredStrategy over logical CPU devices;
 the model and optimiser are mirrored variables, each step runs on every replica through
 `strategy.run` with its share of the step's rows, and the optimiser sums their gradients.
@@ -183,11 +186,17 @@ class TensorFlowEngine(Engine):
         self.lr = spec["learning_rate"]
         # "auto": bf16 on a GPU, full precision on the CPU (autocast slows small networks there)
         bf16 = spec["mixed_precision"] == "bf16" or (spec["mixed_precision"] == "auto" and self.gpu_index is not None)
-        dtype = "mixed_bfloat16" if bf16 else "float32"
+        # fp16: float16 layers, and the loss scaled up so small gradients survive; the scale
+        # adapts (Keras' LossScaleOptimizer: halves on an overflow, whose step is skipped,
+        # doubles after 2,000 clean steps) and, an optimizer variable, is in every checkpoint
+        self.fp16 = spec["mixed_precision"] == "fp16"
+        dtype = "mixed_bfloat16" if bf16 else "mixed_float16" if self.fp16 else "float32"
         with tf.device(self.device):
             with self.strategy.scope() if self.strategy else nullcontext():  # mirrored variables
                 self.model = build_model(architecture(spec, data), dtype)
                 self.optimizer, self.l2 = make_optimizer(spec["optimizer"], self.lr)
+                if self.fp16:
+                    self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
                 self.optimizer.build(self.model.trainable_variables)
             # streaming: the rows stay on disk and come a window at a time (engines/stream.py)
             self.stream = data.stream.epoch_rows(spec["seed"], spec["shuffle"]) if data.stream else None
@@ -274,12 +283,22 @@ class TensorFlowEngine(Engine):
                 with tf.GradientTape() as tape:
                     out = model(xb, training=True)
                     loss = self._loss(out, yb)
-                grads = tape.gradient(loss, variables)
+                    scaled = self._scaled(loss)
+                grads = tape.gradient(scaled, variables)
                 self._record_hits(step, start, self._hits(out, yb))
             if l2:
-                grads = [g + l2 * v for g, v in zip(grads, variables)]
+                grads = [g + (l2 * self._scale()) * v for g, v in zip(grads, variables)]
             opt.apply(grads, variables)
             self.step_losses[step].assign(loss)
+
+    def _scaled(self, loss):
+        """What the gradients are taken of: the loss, scaled up under fp16 (the optimizer
+        divides the gradients by the same scale before it applies them)."""
+        return self.optimizer.scale_loss(loss) if self.fp16 else loss
+
+    def _scale(self):
+        """The loss scale the gradients carry (1 without fp16): L2 terms join them scaled."""
+        return tf.cast(self.optimizer.dynamic_scale, tf.float32) if self.fp16 else 1.0
 
     def _record_hits(self, step, start, hits):
         """A step's (or a micro-batch's) hits: per sample at `start`, or into the step's sum."""
@@ -329,11 +348,12 @@ class TensorFlowEngine(Engine):
             with tf.GradientTape() as tape:
                 out = self.model(xm, training=True)
                 loss = tf.reduce_sum(self._losses(out, ym)) / denominator
-            grads = [s + g for s, g in zip(grads, tape.gradient(loss, variables))]
+                scaled = self._scaled(loss)
+            grads = [s + g for s, g in zip(grads, tape.gradient(scaled, variables))]
             total += loss
             self.sample_hits[a:b].assign(self._hits(out, ym))
         if self.l2:  # summed over the replicas: each adds its share
-            grads = [g + (self.l2 / tf.cast(w, tf.float32)) * v for g, v in zip(grads, variables)]
+            grads = [g + (self.l2 * self._scale() / tf.cast(w, tf.float32)) * v for g, v in zip(grads, variables)]
         self.optimizer.apply(grads, variables)
         return total
 
@@ -352,7 +372,8 @@ class TensorFlowEngine(Engine):
             with tf.GradientTape() as tape:
                 out = self.model(xm, training=True)
                 loss = self._loss(out, ym)
-            grads = [s + g * share for s, g in zip(grads, tape.gradient(loss, variables))]
+                scaled = self._scaled(loss)
+            grads = [s + g * share for s, g in zip(grads, tape.gradient(scaled, variables))]
             total += loss * share
             self._record_hits(step, start + a, self._hits(out, ym))
         return grads, total

@@ -299,6 +299,34 @@ def test_fp16_with_a_gradient_scaler_trains_and_resumes_bit_for_bit(tmp_path):
     assert same(weights(first), weights(second))
 
 
+def test_tensorflow_fp16_with_a_loss_scale_trains_and_resumes_bit_for_bit(tmp_path):
+    """TensorFlow fp16 (float16 layers, Keras' LossScaleOptimizer; on the CPU here): it learns,
+    the loss scale comes back from a checkpoint with everything else, and a run resumed from
+    the middle of an epoch ends bit for bit (L2 decay on, which joins the scaled gradients)."""
+    Engine = load_engine("tensorflow")
+    spec = job(tmp_path, "tensorflow", mixed_precision="fp16", optimizer={"name": "adam", "weight_decay": 1e-3})
+    data = prepare(spec)
+    straight = run(Engine(spec, data, 1), 3)
+    assert straight.evaluate()["val_accuracy"] > 0.8
+    assert straight.model.layers[1].compute_dtype == "float16"
+    first = run(Engine(spec, data, 1), 1)
+    first.start_epoch(2, 0)
+    first.train_steps([0.01] * 3)
+    first.optimizer.dynamic_scale.assign(1024.0)  # a scale no fresh optimizer has
+    path = tmp_path / "fp16.h5"
+    first.save_checkpoint(path)
+    finish = lambda engine: (engine.train_steps([0.01] * (engine.steps_per_epoch - 3)),
+                             engine.start_epoch(3, 0), engine.train_steps([0.01] * engine.steps_per_epoch))
+    finish(first)
+    second = Engine(spec, data, 1)
+    assert float(second.optimizer.dynamic_scale) != 1024.0
+    second.load_checkpoint(path)
+    assert float(second.optimizer.dynamic_scale) == 1024.0
+    second.start_epoch(2, 3)
+    finish(second)
+    assert same(weights(first), weights(second))
+
+
 def test_auto_precision_is_full_precision_on_the_cpu(tmp_path, framework, Engine):
     spec = job(tmp_path, framework, mixed_precision="auto")
     a = run(Engine(spec, prepare(spec), 1), 2)

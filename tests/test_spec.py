@@ -90,7 +90,6 @@ def test_defaults_are_filled_and_the_seeds_short_forms_moved(tmp_path):
     (minimal(gradient_accumulation_steps=0), ['"gradient_accumulation_steps"', "Received: 0", "[1, 4096]"]),
     (minimal(gradient_accumulation_steps=2.5), ['"gradient_accumulation_steps"', "Received: 2.5"]),
     (minimal(mixed_precision="fp8"), ['"mixed_precision"', '"fp8"']),
-    (minimal(mixed_precision="fp16", framework="tensorflow"), ['"fp16" is available for framework "pytorch" only']),
     (minimal(limits={"memory_mb": 10}), ['"limits.memory_mb"', "Received: 10", "megabytes >= 64"]),
     (minimal(limits={"wall_seconds": 0}), ['"limits.wall_seconds"', "Received: 0"]),
     (minimal(limits={"wall_seconds": "1h"}), ['"limits.wall_seconds"', 'Received: "1h"']),
