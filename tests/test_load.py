@@ -60,7 +60,8 @@ def test_an_inotify_overflow_is_caught_by_the_rescan(tmp_path, spool, daemon_fac
     all_accepted_once(spool, "o", 20_000)
 
 
-@pytest.mark.parametrize("jobs", [5, pytest.param(200, marks=pytest.mark.slow)])
+# 200 jobs: about a second and a half each, two at a time: past the suite's 300 s per test
+@pytest.mark.parametrize("jobs", [5, pytest.param(200, marks=[pytest.mark.slow, pytest.mark.timeout(1500)])])
 def test_the_daemons_memory_and_open_files_stay_flat_as_jobs_finish(tmp_path, spool, daemon_factory, jobs):
     """Measured once 3 jobs have come and gone, then again after `jobs` more: the same open
     files, and no more than a few MB of memory (Python's allocator moves a little)."""
