@@ -69,16 +69,26 @@ def epoch_order(seed: int, epoch: int, n: int, shuffle: bool = True) -> np.ndarr
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def read_table(path: str, options: dict, what: str) -> pd.DataFrame:
+def check_file(path: str, what: str) -> None:
     p = Path(path)
     if not p.exists():
         raise DataError(f'{what} "{path}" does not exist. Expected: a CSV or Parquet file; '
                         "check the path in the job file.")
     if not p.is_file():
         raise DataError(f'{what} "{path}" is not a regular file. Expected: a CSV or Parquet file.')
+
+
+def table_format(path: str, options: dict) -> str:
+    """"csv" or "parquet": `data.format`, or for "auto" the file's extension."""
     fmt = options.get("format", "auto")
     if fmt == "auto":
-        fmt = "parquet" if p.suffix.lower() in (".parquet", ".pq") else "csv"
+        fmt = "parquet" if Path(path).suffix.lower() in (".parquet", ".pq") else "csv"
+    return fmt
+
+
+def read_table(path: str, options: dict, what: str) -> pd.DataFrame:
+    check_file(path, what)
+    p, fmt = Path(path), table_format(path, options)
     try:
         if fmt == "parquet":
             return pd.read_parquet(p)

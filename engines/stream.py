@@ -180,45 +180,29 @@ class Stream:
 
 # ---------------------------------------------------------------- reading blocks
 
-def _format(path: str, options: dict) -> str:
-    fmt = options.get("format", "auto")
-    if fmt == "auto":
-        fmt = "parquet" if Path(path).suffix.lower() in (".parquet", ".pq") else "csv"
-    return fmt
-
-
-def _check_file(path: str, what: str) -> None:
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f'{what} "{path}" does not exist. Expected: a CSV or Parquet file; '
-                        "check the path in the job file.")
-    if not p.is_file():
-        raise DataError(f'{what} "{path}" is not a regular file. Expected: a CSV or Parquet file.')
-
-
 def _columns(path: str, options: dict, what: str) -> list[str]:
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
-    _check_file(path, what)
+    D.check_file(path, what)
     try:
-        if _format(path, options) == "parquet":
+        if D.table_format(path, options) == "parquet":
             return list(pq.ParquetFile(path).schema_arrow.names)
         with open(path, "rb") as f, pcsv.open_csv(
                 f, read_options=pcsv.ReadOptions(block_size=1 << 20, use_threads=False),
                 parse_options=pcsv.ParseOptions(delimiter=options["delimiter"])) as r:
             return list(r.schema.names)
     except Exception as e:
-        raise DataError(f'could not read {what} "{path}" as {_format(path, options).upper()}: '
+        raise DataError(f'could not read {what} "{path}" as {D.table_format(path, options).upper()}: '
                         f"{type(e).__name__}: {e}. Expected: a well-formed file with a header row.") from None
 
 
 def iter_frames(path: str, options: dict, columns: list[str], text_columns: list[str], what: str):
-    """The file's rows as pandas frames of one block each, only `columns`; `text_columns` are
-    read as text whatever they look like."""
+    """The file's rows as pandas frames of about FRAME_BYTES each (Parquet: a batch each), only
+    `columns`; `text_columns` are read as text whatever they look like."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
-    fmt = _format(path, options)
+    fmt = D.table_format(path, options)
     row = 0
     try:
         if fmt == "parquet":
