@@ -40,6 +40,23 @@ class Engine(ABC):
         DeviceUnavailable when the job asks for a GPU the machine lacks."""
 
     @abstractmethod
+    def _tensors(self, x: np.ndarray, y: np.ndarray):
+        """Encoded rows and their targets as the framework's tensors on the engine's device."""
+
+    def place_rows(self, spec: dict, data: Prepared) -> None:
+        """The training and validation rows as the engine's tensors (`_tensors`), or, when
+        streaming, the sources that bring them from disk a window at a time (engines/stream.py)."""
+        self.stream = data.stream.epoch_rows(spec["seed"], spec["shuffle"]) if data.stream else None
+        self.val_rows = data.stream.val if data.stream else None
+        if self.stream is None:
+            self.x, self.y = self._tensors(data.x_train, data.y_train)
+            self.x_val, self.y_val = (self._tensors(data.x_val, data.y_val)
+                                      if data.x_val is not None else (None, None))
+        else:
+            self.x = self.y = self.x_val = self.y_val = None
+        self.n = data.n_train
+
+    @abstractmethod
     def versions(self) -> dict[str, str]: ...
 
     @abstractmethod

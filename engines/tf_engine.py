@@ -198,16 +198,7 @@ class TensorFlowEngine(Engine):
                 if self.fp16:
                     self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
                 self.optimizer.build(self.model.trainable_variables)
-            # streaming: the rows stay on disk and come a window at a time (engines/stream.py)
-            self.stream = data.stream.epoch_rows(spec["seed"], spec["shuffle"]) if data.stream else None
-            self.val_rows = data.stream.val if data.stream else None
-            if self.stream is None:
-                self.x, self.y = self._tensors(data.x_train, data.y_train)
-                self.x_val, self.y_val = (self._tensors(data.x_val, data.y_val)
-                                          if data.x_val is not None else (None, None))
-            else:
-                self.x = self.y = self.x_val = self.y_val = None
-            self.n = data.n_train
+            self.place_rows(spec, data)
             self.steps_per_epoch = math.ceil(self.n / self.batch_size)
             self.step_losses = tf.Variable(tf.zeros([self.steps_per_epoch]), trainable=False)
             # each sample's hit; streaming keeps each step's sum instead (nothing grows with rows)

@@ -125,16 +125,7 @@ class TorchEngine(Engine):
                                         spec["learning_rate"], self.device.type)
         self.binary = data.task == "classification" and data.n_outputs == 1
         self.loss_fn = self._loss_fn(data)
-        # streaming: the rows stay on disk and come a window at a time (engines/stream.py)
-        self.stream = data.stream.epoch_rows(spec["seed"], spec["shuffle"]) if data.stream else None
-        self.val_rows = data.stream.val if data.stream else None
-        if self.stream is None:
-            self.x, self.y = self._tensors(data.x_train, data.y_train)
-            self.x_val, self.y_val = (self._tensors(data.x_val, data.y_val)
-                                      if data.x_val is not None else (None, None))
-        else:
-            self.x = self.y = self.x_val = self.y_val = None
-        self.n = data.n_train
+        self.place_rows(spec, data)
         self.steps_per_epoch = math.ceil(self.n / self.batch_size)
         self.precision = resolve_precision(spec["mixed_precision"], self.device)
         self.autocast = (torch.autocast(self.device.type, dtype=AUTOCAST[self.precision])
