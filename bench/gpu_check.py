@@ -10,7 +10,8 @@ Through the real daemon, on the bench's generated data (seed MLP, 20 features):
 3. PyTorch `mixed_precision: "auto"` (bf16 where the GPU has it) completes with finite losses.
 4. TensorFlow on CUDA: names the GPU, and thanks to memory growth holds a small part of it
    (`gpu_memory` well under the GPU's total) rather than all of it.
-5. DDP over NCCL: not available in this version; the job file is rejected with a message.
+5. With two GPUs or more: DDP over NCCL and MirroredStrategy over two GPUs complete, and two
+   one-GPU jobs run on different GPUs (`run_started.gpus`).
 Then speed: epochd's CUDA epochs against a hand-written CUDA loop, with and without a CUDA
 graph of the whole step (forward, backward, Adam), at batch 32 and 256.
 
@@ -20,7 +21,6 @@ its plumbing on a machine without a GPU.
 Usage: python bench/gpu_check.py [--rows 200000] [--cpu]
 """
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -129,16 +129,34 @@ def check_tensorflow(spool: Path, train: Path, val: Path, device: str, gpu: bool
     report("TensorFlow memory growth", 0 < used < 0.5 * total, f"{used:,.0f} MB of {total:,.0f} MB")
 
 
-def check_nccl_rejected(spool: Path, train: Path, val: Path) -> None:
-    job = seed_job(train, val, 256, 1) | {"devices": "cuda", "distributed": {"strategy": "ddp", "processes": 2}}
-    job_id = submit(spool, "nccl", job)
-    error = spool / "rejected" / f"{job_id}.error.json"
-    deadline = time.monotonic() + 30
-    while not error.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    text = error.read_text() if error.exists() else ""
-    report("DDP over NCCL", None, "not available in this version; the job file is rejected: "
-           + (json.loads(text)["errors"][0] if text else "(no error file found)"))
+def check_several_gpus(spool: Path, train: Path, val: Path, gpus: int) -> None:
+    """DDP over NCCL and MirroredStrategy over two GPUs; two one-GPU jobs on different GPUs."""
+    names = ("DDP over NCCL, 2 GPUs", "MirroredStrategy, 2 GPUs", "two jobs side by side on two GPUs")
+    if gpus < 2:
+        for name in names:
+            report(name, None, f"needs 2 GPUs; {gpus} visible")
+        return
+    for name, job in zip(names, (
+            seed_job(train, val, 256, 2) | {"devices": 2, "distributed": {"strategy": "ddp", "processes": 2}},
+            seed_job(train, val, 256, 2, framework="tensorflow")
+            | {"devices": 2, "distributed": {"strategy": "mirrored", "replicas": 2}})):
+        records = run_job(spool, name.split(",")[0].replace(" ", "-").lower(), job)
+        run = next((r for r in records if r["type"] == "run_started"), {})
+        losses = [r["train_loss"] for r in records if r["type"] == "epoch_completed"]
+        report(name, records[-1]["type"] == "completed" and all(np.isfinite(losses)),
+               f"{records[-1]['type']}: devices {run.get('devices')}, gpus {run.get('gpus')}, train_loss {losses} "
+               + records[-1].get("message", ""))
+    side = spool.parent / "side-spool"  # a daemon that runs two jobs at once
+    daemon = Daemon(side, max_jobs=2)
+    try:
+        ids = [submit(side, f"side-{i}", seed_job(train, val, 256, 2) | {"devices": 1}) for i in range(2)]
+        runs = [wait(side, j, lambda r: r[-1]["type"] in ("completed", "failed"), poll=0.5) for j in ids]
+    finally:
+        daemon.stop()
+    given = [next((r["gpus"] for r in rs if r["type"] == "run_started"), None) for rs in runs]
+    overlap = runs[1][0]["ts"] < runs[0][-1]["ts"] and runs[0][0]["ts"] < runs[1][-1]["ts"]
+    report(names[2], all(rs[-1]["type"] == "completed" for rs in runs) and given[0] != given[1]
+           and overlap, f"gpus {given}, {'at the same time' if overlap else 'one after the other'}")
 
 
 # ---------------------------------------------------------------- speed
@@ -236,7 +254,7 @@ def main() -> None:
             check_fp16_pause_resume(spool, train, val, device, gpu, folder / "out")
             check_auto_precision(spool, train, val, device, gpu)
             check_tensorflow(spool, train, val, device, gpu)
-            check_nccl_rejected(spool, train, val)
+            check_several_gpus(spool, train, val, torch.cuda.device_count() if gpu else 0)
             for batch in (32, 256):
                 hand = hand_loop(train, batch, 4, device, graphs=False)
                 graphed = hand_loop(train, batch, 4, device, graphs=True) if gpu else None

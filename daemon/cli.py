@@ -78,10 +78,33 @@ def cli():
 
 # ------------------------------------------------------------------ serve
 
+def parse_gpus(value: str | None) -> list[int] | None:
+    """--gpus "0,2" -> [0, 2], checked against the GPUs the driver reports."""
+    if value is None:
+        return None
+    from .sysinfo import gpu_count
+    if value.strip().lower() == "none":
+        return []
+    parts = [p.strip() for p in value.split(",")]
+    if not all(p.isdigit() for p in parts) or len(set(parts)) != len(parts):
+        raise click.BadParameter(f'got "{value}"; expected distinct GPU indices such as "0,1", '
+                                 'or "none"', param_hint="--gpus")
+    have = gpu_count()
+    wrong = [int(p) for p in parts if int(p) >= have]
+    if wrong:
+        raise click.BadParameter(f"GPU(s) {wrong} do not exist: the driver reports {have} "
+                                 f"(indices 0..{have - 1}). Run nvidia-smi -L to list them",
+                                 param_hint="--gpus")
+    return sorted(int(p) for p in parts)
+
+
 @cli.command()
 @spool_option
 @click.option("--max-jobs", type=click.IntRange(1, 1024), default=None,
               help="Jobs trained at once. Default: one per GPU, or 1 without GPUs.")
+@click.option("--gpus", default=None, metavar="LIST",
+              help='GPUs to give jobs, as nvidia-smi numbers them: "0,1", or "none". '
+                   "Default: every GPU the driver reports.")
 @click.option("--allow-root", "allow_roots", multiple=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="A folder job files may read data from and write outputs to (repeatable). "
@@ -94,7 +117,7 @@ def cli():
               help="Seconds workers get to checkpoint on shutdown before they are killed.")
 @click.option("--rescan-seconds", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
               help="Full rescan of incoming/ and control/ besides inotify.")
-def serve(spool, max_jobs, allow_roots, base_dir, max_retries, stop_timeout, rescan_seconds):
+def serve(spool, max_jobs, gpus, allow_roots, base_dir, max_retries, stop_timeout, rescan_seconds):
     """Run the daemon in the foreground (systemd runs exactly this).
 
     Example: epochd serve --spool /var/lib/epochd/spool --allow-root /srv/data --max-jobs 2
@@ -105,8 +128,8 @@ def serve(spool, max_jobs, allow_roots, base_dir, max_retries, stop_timeout, res
     root = Spool(spool)
     settings = Settings(base_dir=Path(os.path.abspath(base_dir or root.root.parent)),
                         allow_roots=tuple(Path(os.path.abspath(r)) for r in allow_roots))
-    options = Options(max_jobs=max_jobs, max_retries=max_retries, stop_timeout=stop_timeout,
-                      rescan_seconds=rescan_seconds, settings=settings)
+    options = Options(max_jobs=max_jobs, gpus=parse_gpus(gpus), max_retries=max_retries,
+                      stop_timeout=stop_timeout, rescan_seconds=rescan_seconds, settings=settings)
     try:
         sys.exit(Daemon(root, options).serve())
     except SpoolLocked as e:

@@ -56,6 +56,7 @@ class RunStarted(Event):
     train_samples: int
     val_samples: int
     task: str
+    gpus: tuple = ()               # nvidia-smi indices the daemon gave this run (on this machine)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

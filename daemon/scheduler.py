@@ -2,11 +2,17 @@
 
 Order: higher `priority` first, then earlier acceptance. A job whose worker crashed waits
 `retry_delay_seconds(crashes)` after the crash before it runs again (1, 2, 4 ... 60 s).
+
+GPUs: a job gets the GPUs its `devices` asks for (a number: the lowest free indices; a list:
+exactly those) or waits. A GPU job that has to wait keeps the GPUs it is waiting for from the
+jobs behind it (for a number, every GPU free now), so a job asking for four GPUs is not
+starved by a stream of one-GPU jobs; CPU jobs behind it still start.
 """
 from dataclasses import dataclass
 from datetime import datetime
 
 from .replay import RUNNABLE, JobState, Status
+from .spec import gpu_count_asked
 
 
 @dataclass(frozen=True)
@@ -18,7 +24,12 @@ class Entry:
     accepted_at: str
     not_before: float       # unix seconds; 0 when it may run at once
     crashes: int
-    wants_gpu: bool
+    gpus: int = 0                    # GPUs it asks for; "auto" asks for 1, if there are any
+    gpu_ids: tuple[int, ...] = ()    # the exact GPUs, when its devices is a list
+    gpu_optional: bool = False       # "auto": the CPU on a machine without GPUs
+
+    def gpus_needed(self, machine_gpus: int) -> int:
+        return 0 if self.gpu_optional and machine_gpus == 0 else self.gpus
 
 
 def retry_delay_seconds(crashes: int) -> float:
@@ -30,19 +41,58 @@ def entry(state: JobState) -> Entry:
     if state.status == Status.INTERRUPTED and state.crashes and state.last_crash_at:
         crashed_at = datetime.fromisoformat(state.last_crash_at).timestamp()
         not_before = crashed_at + retry_delay_seconds(state.crashes)
-    devices = (state.spec or {}).get("devices", "auto")
+    spec = state.spec or {}
+    devices = spec.get("devices", "auto")
+    auto = devices == "auto" and not spec.get("distributed")  # distributed "auto": CPU ranks
     return Entry(state.job_id or "", state.status, state.priority, state.accepted_at or "",
-                 not_before, state.crashes, wants_gpu=devices not in ("cpu", 0)
-                 and not (state.spec or {}).get("distributed"))
+                 not_before, state.crashes, gpus=1 if auto else gpu_count_asked(devices),
+                 gpu_ids=tuple(devices) if isinstance(devices, list) else (), gpu_optional=auto)
 
 
-def pick(entries: list[Entry], free_slots: int, now: float) -> list[str]:
-    """Up to `free_slots` runnable jobs, best first."""
+def unmet(e: Entry, machine: list[int]) -> str | None:
+    """Why the job can never run on these GPUs (the daemon's), or None. A machine without
+    GPUs starts it anyway: its worker says what it could not find."""
+    if not machine or not e.gpus_needed(len(machine)):
+        return None
+    missing = [i for i in e.gpu_ids if i not in machine]
+    if missing:
+        return (f"devices names GPU(s) {missing}, which this daemon does not have (it has "
+                f"{machine}). Expected: indices among those, or a number of GPUs")
+    if e.gpus > len(machine):
+        return (f"devices asks for {e.gpus} GPUs; this daemon has {len(machine)} ({machine}). "
+                "Expected: at most that many; resume the job once the daemon has enough")
+    return None
+
+
+def pick(entries: list[Entry], free_slots: int, now: float,
+         machine: list[int] | None = None, busy: set[int] | frozenset = frozenset()) -> list[tuple[str, tuple[int, ...]]]:
+    """Up to `free_slots` runnable jobs, best first, each with the GPUs it gets (from
+    `machine`, the daemon's GPUs, less the `busy` ones). Jobs `unmet` says can never run are
+    left out: the daemon fails them."""
+    machine = machine or []
     if free_slots <= 0:
         return []
     ready = [e for e in entries if e.status in RUNNABLE and e.not_before <= now]
     ready.sort(key=lambda e: (-e.priority, e.accepted_at, e.job_id))
-    return [e.job_id for e in ready[:free_slots]]
+    free = [g for g in machine if g not in busy]
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for e in ready:
+        if len(out) == free_slots:
+            break
+        need = e.gpus_needed(len(machine))
+        if need == 0 or not machine:
+            out.append((e.job_id, ()))
+        elif unmet(e, machine) is not None:
+            continue
+        elif e.gpu_ids and all(g in free for g in e.gpu_ids):
+            out.append((e.job_id, e.gpu_ids))
+            free = [g for g in free if g not in e.gpu_ids]
+        elif not e.gpu_ids and len(free) >= need:
+            out.append((e.job_id, tuple(free[:need])))
+            free = free[need:]
+        else:  # it waits, and what it waits for stays free for it
+            free = [g for g in free if g not in e.gpu_ids] if e.gpu_ids else []
+    return out
 
 
 def next_wakeup(entries: list[Entry], now: float) -> float | None:

@@ -202,8 +202,8 @@ class Distributed(Strict):
                          description="letters, digits, . _ -: the same on every node")
     rdzv_timeout: float = Field(900, ge=10, le=86400, allow_inf_nan=False,
                                 description="seconds in [10, 86400] the nodes wait for each other")
-    backend: Literal["auto", "gloo"] = Field(
-        "auto", description='"auto" or "gloo" (CPU ranks; GPU ranks are not available yet)')
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description='"auto" (nccl between GPUs, gloo on the CPU), "gloo" or "nccl"')
 
 
 class Limits(Strict):
@@ -263,10 +263,10 @@ class JobSpec(Strict):
         1, ge=1, le=4096, description="a whole number in [1, 4096]: micro-batches of batch_size "
                                       "rows per optimizer step")
     checkpoint: CheckpointPolicy = Field(CheckpointPolicy(), description="an object")
-    devices: Literal["auto", "cpu", "cuda"] | Annotated[int, Field(ge=0, le=1)] | list[
-        Annotated[int, Field(ge=0)]] = Field(
-        "auto", description='"auto", "cpu", "cuda", 1, or a list of one GPU index '
-                            "(several GPUs are not available yet)")
+    devices: Literal["auto", "cpu", "cuda"] | Annotated[int, Field(ge=0, le=64)] | list[
+        Annotated[int, Field(ge=0, le=1023)]] = Field(
+        "auto", description='"auto", "cpu", "cuda", a number of GPUs (0 is the CPU), or a list of '
+                            "GPU indices as nvidia-smi numbers them")
     distributed: Distributed | None = Field(
         None, description='null, {"strategy": "ddp", "processes": N} (pytorch) or {"strategy": '
                           '"mirrored", "replicas": N} (tensorflow): N ranks or replicas, each '
@@ -291,11 +291,22 @@ class JobSpec(Strict):
 
     @field_validator("devices")
     @classmethod
-    def _one_device(cls, v: Any) -> Any:
-        if isinstance(v, list) and len(v) != 1:
-            raise ValueError("a list of exactly one GPU index (several GPUs are not available yet)")
+    def _gpu_list(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError('an empty list; expected GPU indices such as [0, 1], or "cpu"')
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError(f"GPU indices {v} name a GPU more than once; expected distinct indices")
         return v
 
+
+def gpu_count_asked(devices: Any) -> int:
+    """GPUs a `devices` value names: 0 for the CPU and for "auto" (which takes one only when
+    the machine has any), 1 for "cuda", N for a number or a list of N."""
+    if isinstance(devices, list):
+        return len(devices)
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return devices
+    return 1 if devices == "cuda" else 0
 
 
 def _conflicts(s: JobSpec):
@@ -328,10 +339,22 @@ def _conflicts(s: JobSpec):
                f"node_rank in [0, {d.nnodes - 1}], a different one in each node's job file")
     if d is not None and d.rdzv_endpoint is not None and not 0 < int(d.rdzv_endpoint.rsplit(":", 1)[1]) < 65536:
         yield f'distributed.rdzv_endpoint "{d.rdzv_endpoint}" has no valid port; expected 1..65535'
-    if s.distributed is not None and s.devices not in ("cpu", 0, "auto"):
-        yield ('distributed training runs on the CPU in this version (DDP ranks over gloo, or '
-               'MirroredStrategy replicas on logical CPU devices); set "devices": "cpu" or "auto" '
-               '(several GPUs per job are not available yet)')
+    gpus = gpu_count_asked(s.devices)
+    if d is None and gpus > 1:
+        yield (f"devices asks for {gpus} GPUs, but a job without \"distributed\" trains on one; "
+               f'for {gpus} GPUs add "distributed": {{"strategy": "ddp", "processes": {gpus}}} '
+               f'(pytorch) or {{"strategy": "mirrored", "replicas": {gpus}}} (tensorflow), or ask '
+               "for one GPU")
+    if d is not None and gpus:
+        per = d.processes if d.strategy == "ddp" else d.replicas
+        word = "distributed.processes" if d.strategy == "ddp" else "distributed.replicas"
+        if gpus != per:
+            yield (f"devices names {gpus} GPU(s) but {word} is {per}; expected one GPU per "
+                   f"{'rank' if d.strategy == 'ddp' else 'replica'}: the same number in both "
+                   '(or "devices": "cpu" for CPU ones)')
+    if d is not None and d.backend == "nccl" and not gpus:
+        yield ('distributed.backend "nccl" runs between GPUs; give devices a number or list of '
+               'GPUs, or use "auto" (gloo on the CPU)')
     if s.data.streaming and s.distributed is not None:
         yield ('streaming data is not available with distributed training in this version; '
                'remove "distributed" or set data.streaming to false')

@@ -46,7 +46,7 @@ MEMORY_BACKSTOP = 1.25  # the daemon kills a worker past this multiple of limits
 class Child:
     popen: subprocess.Popen
     log_file: IO
-    gpu: int | None
+    gpus: tuple[int, ...]            # what CUDA_VISIBLE_DEVICES names, in nvidia-smi's numbers
     term_sent: bool = False
     memory_mb: float | None = None   # the job's limits.memory_mb
     killed_for: str | None = None    # why the daemon killed it, for the job's `failed` event
@@ -55,6 +55,7 @@ class Child:
 @dataclass
 class Options:
     max_jobs: int | None = None       # None: one per GPU, or 1 without GPUs
+    gpus: list[int] | None = None     # the GPUs jobs may have; None: every one NVML reports
     max_retries: int = 3              # worker crashes in a row before the job is failed
     stop_timeout: float = 60.0        # seconds to let workers checkpoint on shutdown
     rescan_seconds: float = 2.0       # full rescan even when inotify says nothing
@@ -107,10 +108,11 @@ class Daemon:
     def __init__(self, spool: Spool, options: Options, notifier: Notifier | None = None):
         self.spool, self.options = spool, options
         self.notifier = notifier or Notifier()
-        self.gpus = gpu_count()
-        self.max_jobs = options.max_jobs or max(1, self.gpus)
+        self.gpus = options.gpus if options.gpus is not None else list(range(gpu_count()))
+        self.max_jobs = options.max_jobs or max(1, len(self.gpus))
         self.children: dict[str, Child] = {}
         self.orphans: dict[str, int | None] = {}    # job -> pid of a worker we did not start
+        self.orphan_gpus: dict[str, tuple[int, ...]] = {}  # what their run_started recorded
         # workers gone whose end could not be recorded yet (a full disk): retried every tick
         self.unsettled: dict[str, tuple[int | None, str | None]] = {}
         self.unwritable: set[str] = set()  # of those, the ones already reported
@@ -225,6 +227,8 @@ class Daemon:
             state = self.fold_or_quarantine(job_id)
             running = state is not None and state.status == Status.RUNNING and state.run
             self.orphans[job_id] = state.run["pid"] if running else None
+            if running:
+                self.orphan_gpus[job_id] = tuple(state.run.get("gpus") or ())
             self.refresh(job_id)
             log.info("job %s: its worker outlived the last daemon; watching it", job_id)
             return
@@ -362,34 +366,53 @@ class Daemon:
 
     def start_jobs(self, now: float) -> None:
         free = self.max_jobs - len(self.children) - len(self.orphans)
-        for job_id in scheduler.pick(self.runnable(), free, now):
-            gpu = self.free_gpu() if self.entries[job_id].wants_gpu and self.gpus else None
-            if self.entries[job_id].wants_gpu and self.gpus and gpu is None:
-                continue  # every GPU is busy: wait for one
-            self.spawn(job_id, gpu)
+        runnable = self.runnable()
+        for e in runnable:
+            why = scheduler.unmet(e, self.gpus)
+            if why is not None:
+                self.fail_unplaceable(e.job_id, why)
+        busy = {g for c in self.children.values() for g in c.gpus}
+        busy.update(g for gpus in self.orphan_gpus.values() for g in gpus)
+        for job_id, gpus in scheduler.pick(runnable, free, now, self.gpus, busy):
+            self.spawn(job_id, gpus)
 
-    def free_gpu(self) -> int | None:
-        used = {c.gpu for c in self.children.values()}
-        return next((i for i in range(self.gpus) if i not in used), None)
+    def fail_unplaceable(self, job_id: str, why: str) -> None:
+        """A job asking for GPUs this daemon does not have would wait forever: it fails, with
+        `retryable` so that a resume runs it once the daemon has them."""
+        lock = job_lock(self.spool, job_id)
+        if not lock.acquire():
+            return
+        try:
+            with lock, EventLog(self.spool.events_path(job_id)) as events:
+                state = fold(events.records)
+                if state.status in RUNNABLE:
+                    events.append(Failed(error="DeviceUnavailable", message=why, traceback=None,
+                                         retryable=True))
+                    log.warning("job %s: %s", job_id, why)
+        except OSError as e:  # a full disk: the job stays queued, and this is tried next tick
+            log.error("job %s: cannot record that it cannot be placed: %s", job_id, e)
+            return
+        self.refresh(job_id)
 
-    def spawn(self, job_id: str, gpu: int | None) -> None:
+    def spawn(self, job_id: str, gpus: tuple[int, ...]) -> None:
         state = self.fold_or_quarantine(job_id)
         if state is None:
             return
         env = dict(os.environ, PYTHONUNBUFFERED="1",
                    EPOCHD_CPU_SHARE=str(max(1, (os.cpu_count() or 1) // self.max_jobs)),
                    EPOCHD_ALLOW_ROOTS=os.pathsep.join(map(str, self.options.settings.allow_roots)))
-        if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        if self.gpus or self.options.gpus is not None:
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # nvidia-smi's numbers, not CUDA's own order
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))  # "": none for a CPU job
         log_file = open(self.spool.job_dir(job_id) / "worker.log", "ab")
         popen = subprocess.Popen(
             [sys.executable, "-m", "daemon.worker", "--spool", str(self.spool.root), "--job", job_id],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)  # a terminal's Ctrl-C reaches the daemon, which asks workers
         limits = state.spec.get("limits") or {}
-        self.children[job_id] = Child(popen, log_file, gpu, memory_mb=limits.get("memory_mb"))
+        self.children[job_id] = Child(popen, log_file, gpus, memory_mb=limits.get("memory_mb"))
         self.entries[job_id] = scheduler.entry(state)
-        daemon_log(self.spool, "worker_started", job_id=job_id, pid=popen.pid, gpu=gpu)
+        daemon_log(self.spool, "worker_started", job_id=job_id, pid=popen.pid, gpus=list(gpus))
 
     def enforce_memory_limits(self) -> None:
         """The backstop for limits.memory_mb: a worker checks its own memory between engine
@@ -419,6 +442,7 @@ class Daemon:
             if lock.acquire():
                 lock.release()
                 del self.orphans[job_id]
+                self.orphan_gpus.pop(job_id, None)
                 self.unsettled[job_id] = (None, None)
         for job_id, (code, killed_for) in list(self.unsettled.items()):
             try:

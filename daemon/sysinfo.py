@@ -40,7 +40,7 @@ class GpuMonitor:
             import pynvml
             pynvml.nvmlInit()
             self.nvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(_physical_index(device_index))
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(physical_index(device_index))
         except Exception as e:  # no driver, no device, or an NVML error: readings become null
             log.warning("GPU readings unavailable: %s", e)
             self.handle = None
@@ -65,18 +65,25 @@ class GpuMonitor:
         return self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used / 2**20
 
 
-def _physical_index(visible_index: int) -> int:
-    """CUDA_VISIBLE_DEVICES renumbers GPUs for CUDA; NVML counts the physical ones."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    ids = [v.strip() for v in visible.split(",") if v.strip()]
-    if visible_index < len(ids) and ids[visible_index].isdigit():
-        return int(ids[visible_index])
-    return visible_index
+def assigned_gpus() -> tuple[int, ...]:
+    """The GPUs the daemon gave this worker (CUDA_VISIBLE_DEVICES, in nvidia-smi's numbers:
+    the daemon also sets CUDA_DEVICE_ORDER=PCI_BUS_ID); () when it named none or gave UUIDs."""
+    ids = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return tuple(int(v) for v in ids) if all(v.isdigit() for v in ids) else ()
+
+
+def physical_index(visible_index: int) -> int:
+    """CUDA_VISIBLE_DEVICES renumbers GPUs for CUDA from 0; NVML counts the physical ones."""
+    ids = assigned_gpus()
+    return ids[visible_index] if visible_index < len(ids) else visible_index
 
 
 def gpu_count() -> int:
     """GPUs NVML sees (0 without a driver). The daemon schedules with this; it never imports a
-    training framework to find out."""
+    training framework to find out. The scheduling tests set EPOCHD_TEST_GPUS to a count, for a
+    daemon that believes it has that many (its workers then see no GPU at all)."""
+    if os.environ.get("EPOCHD_TEST_GPUS"):
+        return int(os.environ["EPOCHD_TEST_GPUS"])
     try:
         import pynvml
         pynvml.nvmlInit()

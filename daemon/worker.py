@@ -35,9 +35,9 @@ from .events import (BestModelSaved, Cancelled, CheckpointRejected, CheckpointRe
 from .fsutil import (atomic_write_bytes, atomic_write_with, relative_to_or_absolute,
                      remove_stale_temps, sha256_file)
 from .replay import RUNNABLE, Status, apply, fold, resume_point
-from .spec import path_allowed
+from .spec import gpu_count_asked, path_allowed
 from .spool import Spool, job_lock
-from .sysinfo import GpuMonitor, peak_rss_mb, rss_mb
+from .sysinfo import GpuMonitor, assigned_gpus, peak_rss_mb, rss_mb
 
 log = logging.getLogger("epochd.worker")
 
@@ -159,7 +159,7 @@ class Worker:
                 "epoch": checkpoint["epoch"], "step": checkpoint["step"],
                 "checkpoint": checkpoint["path"], "epochs_done": self.epoch - 1},
             steps_per_epoch=self.engine.steps_per_epoch, task=self.data.task,
-            train_samples=self.data.n_train, val_samples=self.data.n_val))
+            train_samples=self.data.n_train, val_samples=self.data.n_val, gpus=assigned_gpus()))
         self.run_started_at, self.prior_seconds = time.monotonic(), self.state.running_seconds
         log.info("job %s: %s run %d on %s from epoch %d step %d (%d threads)", self.job_id,
                  spec["framework"], self.state.attempts, self.engine.devices, self.epoch,
@@ -647,15 +647,19 @@ def main(argv: list[str] | None = None) -> int:
     cpu_share = int(os.environ.get("EPOCHD_CPU_SHARE", os.cpu_count() or 1))
     with lock:
         with EventLog(spool.events_path(args.job)) as events:
-            dist = (fold(events.records).spec or {}).get("distributed") or {}
+            spec = fold(events.records).spec or {}
+            dist = spec.get("distributed") or {}
             ddp = dist.get("strategy", "ddp") == "ddp"
             if not ddp or (dist.get("processes", 1) == 1 and dist.get("nnodes", 1) == 1):
                 Worker(spool, args.job, events, flags, cpu_share).run()
                 return 0
-        return launch_ranks(spool, args.job, dist, cpu_share)
+        backend = dist.get("backend", "auto")
+        if backend == "auto":
+            backend = "nccl" if gpu_count_asked(spec.get("devices")) else "gloo"
+        return launch_ranks(spool, args.job, dist, cpu_share, backend)
 
 
-def launch_ranks(spool: Spool, job_id: str, dist: dict, cpu_share: int) -> int:
+def launch_ranks(spool: Spool, job_id: str, dist: dict, cpu_share: int, backend: str = "gloo") -> int:
     """DDP: start this machine's `processes` ranks through torch's elastic launcher, with no
     restarts: a rank that dies ends the attempt, and the daemon's retry resumes it from the
     last checkpoint like any crash. One machine: a c10d rendezvous on a free loopback port.
@@ -683,10 +687,10 @@ def launch_ranks(spool: Spool, job_id: str, dist: dict, cpu_share: int) -> int:
             rdzv_backend="static", rdzv_endpoint=endpoint,
             rdzv_configs={"rank": dist["node_rank"], "timeout": int(dist["rdzv_timeout"])},
             max_restarts=0, monitor_interval=0.1, start_method="spawn", logs_specs=logs)
-    log.info("job %s: starting %d DDP ranks on node %d of %d (gloo, rendezvous %s)", job_id, ranks,
-             dist.get("node_rank", 0), nnodes, endpoint)
+    log.info("job %s: starting %d DDP ranks on node %d of %d (%s, rendezvous %s)", job_id, ranks,
+             dist.get("node_rank", 0), nnodes, backend, endpoint)
     try:
-        elastic_launch(config, rank_main)(str(spool.root), job_id, max(1, cpu_share // ranks))
+        elastic_launch(config, rank_main)(str(spool.root), job_id, max(1, cpu_share // ranks), backend)
     except Exception as e:  # ChildFailedError, SignalException: the log says whether it matters
         log.error("job %s: the ranks ended with %s: %s", job_id, type(e).__name__, e)
     return 1 if foldcache.replay(spool.events_path(job_id)).status == Status.RUNNING else 0
@@ -715,8 +719,9 @@ def _short_exit_barrier() -> None:
     launcher.LocalElasticAgent = Agent
 
 
-def rank_main(spool_root: str, job_id: str, cpu_share: int) -> None:
-    """One DDP rank (started by `launch_ranks`, which sets RANK, WORLD_SIZE, MASTER_ADDR...)."""
+def rank_main(spool_root: str, job_id: str, cpu_share: int, backend: str = "gloo") -> None:
+    """One DDP rank (started by `launch_ranks`, which sets RANK, WORLD_SIZE, MASTER_ADDR...).
+    On GPUs rank k of this machine drives its k-th GPU (of those the daemon gave the job)."""
     import datetime
     import torch.distributed as tdist
     faults.role = "worker"
@@ -726,7 +731,10 @@ def rank_main(spool_root: str, job_id: str, cpu_share: int) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s rank " + os.environ.get("RANK", "?")
                         + ": %(message)s")
-    tdist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+    if backend == "nccl":
+        import torch
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # NCCL's collectives use it
+    tdist.init_process_group(backend, timeout=datetime.timedelta(seconds=300))
     rank, world = tdist.get_rank(), tdist.get_world_size()
     spool = Spool(Path(spool_root))
     leader = int(os.environ.get("LOCAL_RANK", rank)) == 0  # this machine's first rank

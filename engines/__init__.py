@@ -14,6 +14,8 @@ from typing import ClassVar
 import numpy as np
 
 from daemon.errors import EngineUnavailable
+from daemon.spec import gpu_count_asked
+from daemon.sysinfo import assigned_gpus, physical_index
 
 from .data import Prepared
 
@@ -136,3 +138,21 @@ def job_threads(spec: dict, input_dim: int, cpu_share: int) -> int:
     if macs < 50_000_000:
         return 1
     return max(1, min(8, cpu_share))
+
+
+def gpu_plan(devices, world: int, local_rank: int) -> int | None:
+    """The CUDA index (in this process's numbering) a run or rank trains on, or None for the
+    CPU. The daemon hands a worker exactly the GPUs its job asked for (CUDA_VISIBLE_DEVICES),
+    so rank k takes the k-th; without that (an engine used on its own) a list names them."""
+    if world > 1 and not gpu_count_asked(devices):
+        return None  # distributed "auto": CPU ranks
+    if devices in ("cpu", 0):
+        return None
+    if isinstance(devices, list) and not assigned_gpus():
+        return devices[local_rank]
+    return local_rank
+
+
+def gpu_name(index: int, name: str) -> str:
+    """What run_started records for a GPU: nvidia-smi's number and the model's name."""
+    return f"cuda:{physical_index(index)} ({name})"

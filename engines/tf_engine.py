@@ -45,7 +45,7 @@ import keras  # noqa: E402
 
 from daemon.errors import CheckpointInvalid, DeviceUnavailable  # noqa: E402
 
-from . import Engine, architecture, job_threads  # noqa: E402
+from . import Engine, architecture, gpu_name, gpu_plan, job_threads  # noqa: E402
 from .data import Prepared, epoch_order, regression_scale  # noqa: E402
 
 # Before the first op: never map a whole GPU that another job may need.
@@ -120,22 +120,22 @@ def make_optimizer(opt: dict, lr: float) -> tuple[keras.optimizers.Optimizer, fl
     raise ValueError(f"unknown optimizer {opt['name']!r}")
 
 
-def pick_device(devices) -> str:
-    """Make only the job's device visible to TensorFlow (before its runtime starts) and name it.
-    "auto": the first visible GPU, else the CPU. A GPU asked for by name or index must exist."""
+def pick_device(devices, indices: list[int] | None) -> str:
+    """Make only the job's GPUs visible to TensorFlow (before its runtime starts) and name the
+    first. `indices` (from `gpu_plan`): the GPUs to train on, one per replica; None for the
+    CPU. "auto" falls back to the CPU when none is visible; a GPU asked for must exist."""
     gpus = tf.config.list_physical_devices("GPU")
-    if devices in ("cpu", 0) or (devices == "auto" and not gpus):
+    if indices is None or (devices == "auto" and not gpus):
         _show_gpus([])
         return "/CPU:0"
     if not gpus:
         raise DeviceUnavailable(f"the job asks for a GPU (devices: {devices!r}) but none is visible "
                                 'to the worker. Expected: a machine with a CUDA GPU and a TensorFlow '
                                 'build with GPU support; or set "devices": "auto" to fall back to the CPU.')
-    index = devices[0] if isinstance(devices, list) else 0
-    if index >= len(gpus):
-        raise DeviceUnavailable(f"the job asks for GPU {index} but {len(gpus)} are visible. "
-                                'Expected: an index below that, or "auto".')
-    _show_gpus([gpus[index]])
+    if max(indices) >= len(gpus):
+        raise DeviceUnavailable(f"the job asks for GPU(s) {indices} but {len(gpus)} are visible. "
+                                'Expected: indices below that, or "auto".')
+    _show_gpus([gpus[i] for i in indices])
     return "/GPU:0"
 
 
@@ -155,9 +155,16 @@ class TensorFlowEngine(Engine):
     def __init__(self, spec: dict, data: Prepared, cpu_share: int):
         dist = spec.get("distributed") or {}
         self.replicas = dist.get("replicas", 1) if dist.get("strategy") == "mirrored" else 1
-        # MirroredStrategy on the CPU: one logical device per replica, set before the runtime
-        # starts (a fresh worker process; a test process that already started one cannot)
-        self.strategy = _mirrored_cpus(self.replicas) if self.replicas > 1 else None
+        # MirroredStrategy over the job's GPUs (NCCL all-reduce), or on the CPU one logical
+        # device per replica, set before the runtime starts (a fresh worker process; a test
+        # process that already started one cannot)
+        on_gpus = gpu_plan(spec["devices"], self.replicas, 0) is not None
+        self.device = pick_device(spec["devices"], [gpu_plan(spec["devices"], self.replicas, k)
+                                                    for k in range(self.replicas)] if on_gpus else None)
+        self.strategy = None
+        if self.replicas > 1:
+            self.strategy = (_mirrored_gpus(self.replicas) if self.device.startswith("/GPU")
+                             else _mirrored_cpus(self.replicas))
         self.threads = job_threads(spec, data.input_dim, cpu_share)
         try:  # only before the runtime starts: a second engine in one process keeps the first's
             tf.config.threading.set_intra_op_parallelism_threads(self.threads)
@@ -165,14 +172,12 @@ class TensorFlowEngine(Engine):
                 max(self.replicas, 1 if self.threads == 1 else 2))  # replicas run side by side
         except RuntimeError:
             pass
-        self.device = pick_device("cpu" if self.strategy else spec["devices"])
         self.gpu_index = None
         self.devices = ["cpu"] * self.replicas
         if self.device.startswith("/GPU"):
-            visible = tf.config.get_visible_devices("GPU")[0]
-            details = tf.config.experimental.get_device_details(visible)
-            self.gpu_index = spec["devices"][0] if isinstance(spec["devices"], list) else 0
-            self.devices = [f"cuda:{self.gpu_index} ({details.get('device_name', 'GPU')})"]
+            self.gpu_index = 0
+            self.devices = [gpu_name(i, tf.config.experimental.get_device_details(gpu).get(
+                "device_name", "GPU")) for i, gpu in enumerate(tf.config.get_visible_devices("GPU"))]
         tf.config.experimental.enable_op_determinism()
         keras.utils.set_random_seed(spec["seed"])  # weights' init, then the dropout seeds
         self.spec, self.task = spec, data.task
@@ -514,6 +519,12 @@ class TensorFlowEngine(Engine):
                 return out.numpy()
             return (tf.sigmoid(out) if binary else tf.nn.softmax(out, axis=1)).numpy()
         return predict
+
+
+def _mirrored_gpus(replicas: int) -> tf.distribute.MirroredStrategy:
+    """One replica per GPU the daemon gave the worker; gradients all-reduced with NCCL."""
+    return tf.distribute.MirroredStrategy([f"/GPU:{i}" for i in range(replicas)],
+                                          cross_device_ops=tf.distribute.NcclAllReduce())
 
 
 def _mirrored_cpus(replicas: int) -> tf.distribute.MirroredStrategy:

@@ -21,6 +21,7 @@ Checkpoints are `torch.save` dicts of tensors and plain numbers, loaded with
 `weights_only=True`: RNG states are uint8 tensors, nothing is pickled.
 """
 import math
+import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from daemon.errors import CheckpointInvalid, DeviceUnavailable
 
-from . import Engine, architecture, job_threads
+from . import Engine, architecture, gpu_name, gpu_plan, job_threads
 from .data import Prepared, epoch_order, regression_scale
 
 CHECKPOINT_FORMAT = "epochd-torch-1"
@@ -110,10 +111,14 @@ class TorchEngine(Engine):
         # set once, before any torch work: changing it later in a process slows what follows
         torch.set_num_threads(self.threads)
         torch.manual_seed(spec["seed"])  # weights' init, then dropout masks, draw from this
-        self.device = pick_device("cpu" if self.world > 1 else spec["devices"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = pick_device(spec["devices"], gpu_plan(spec["devices"], self.world, local_rank))
         self.gpu_index = self.device.index if self.device.type == "cuda" else None
-        self.devices = [str(self.device) if self.device.type != "cuda" else
-                        f"{self.device} ({torch.cuda.get_device_name(self.device)})"] * self.world
+        if self.device.type == "cuda":  # this machine's GPUs, one per rank
+            ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            self.devices = [gpu_name(i, torch.cuda.get_device_name(i)) for i in range(ranks_here)]
+        else:
+            self.devices = [str(self.device)] * self.world
         self.spec, self.task = spec, data.task
         # a step is one optimizer update: with accumulation, over `accumulation` micro-batches
         self.micro_batch = spec["batch_size"]
@@ -142,7 +147,8 @@ class TorchEngine(Engine):
         self.net = self.model
         if self.world > 1:
             # DDP all-reduces gradients in backward; each rank then draws its own dropout masks
-            self.net = DistributedDataParallel(self.model)
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             torch.manual_seed(int(np.random.SeedSequence([spec["seed"], self.rank]).generate_state(1)[0]))
         self.dropout = spec["algorithm_params"]["dropout_rate"]
         self._masks: tuple[int, int, list[torch.Tensor]] | None = None  # (epoch, block, masks)
@@ -459,16 +465,17 @@ class TorchEngine(Engine):
         RNG state are gathered): every rank calls it, rank 0 writes it."""
         step_losses, sample_hits = self._epoch_sums()
         rng = torch.get_rng_state()
-        ranks = [rng]
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        ranks = [(rng, cuda)]
         if self.world > 1:
             ranks = [None] * self.world
-            tdist.all_gather_object(ranks, rng)
+            tdist.all_gather_object(ranks, (rng, cuda))
         return {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng_cpu": rng, "rng_ranks": ranks,
-            "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "rng_cpu": rng, "rng_ranks": [r[0] for r in ranks],
+            "rng_cuda": [r[1] for r in ranks] if cuda is not None else [],  # one per rank
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "step": self.step, "lr": self.lr,
             "step_losses": step_losses.cpu(), "sample_hits": sample_hits.cpu(),
@@ -495,8 +502,8 @@ class TorchEngine(Engine):
             raise CheckpointInvalid(f"{path} was written by {len(ranks)} rank(s); this run has "
                                     f"{self.world}. Expected: the same distributed.processes")
         torch.set_rng_state(ranks[self.rank])
-        if state["rng_cuda"]:
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        if state["rng_cuda"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"][self.rank % len(state["rng_cuda"])], self.device)
         self._clear_epoch_buffers()
         if self.rank == 0:  # the epoch's sums so far; the other ranks add only what follows
             self.step_losses[:len(state["step_losses"])] = state["step_losses"].to(self.device)
@@ -541,12 +548,12 @@ def resolve_precision(asked: str, device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def pick_device(devices) -> torch.device:
-    """"auto": the first visible GPU, else the CPU. A GPU asked for by name or index must exist."""
-    if devices in ("cpu", 0):
+def pick_device(devices, index: int | None) -> torch.device:
+    """`index` (from `gpu_plan`): the visible GPU to train on, None for the CPU. "auto" falls
+    back to the CPU when no GPU is visible; a GPU asked for by count or index must exist."""
+    if index is None:
         return torch.device("cpu")
     if torch.cuda.is_available():
-        index = devices[0] if isinstance(devices, list) else 0
         if index >= torch.cuda.device_count():
             raise DeviceUnavailable(f"the job asks for GPU {index} but {torch.cuda.device_count()} "
                                     "are visible. Expected: an index below that, or \"auto\".")

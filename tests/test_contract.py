@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from daemon import control, policies
 from daemon.replay import fold
 from daemon.spool import Spool
@@ -69,6 +71,8 @@ def long_job(data, out, framework, **overrides):
                     algorithm_params={"hidden_units": [16]}, **overrides)
 
 
+# PyTorch's pause goes through the same path, with more checks, in test_control.py
+@pytest.mark.parametrize("framework", [pytest.param("pytorch", marks=pytest.mark.slow), "tensorflow"])
 def test_pause_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_path, spool, daemon_factory, framework):
     data = classification_csv(tmp_path / "train.csv", rows=20000)
     daemon_factory(spool, "--max-jobs", "2")

@@ -226,9 +226,9 @@ def test_job_ids_come_from_file_names_and_never_collide(tmp_path, spool, daemon_
     wait_for_status(spool, "same", "completed")
     drop_job(spool, "same.json", seed_job(data, epochs=1))
     drop_job(spool, "we ird!name.json", seed_job(data, epochs=1))
-    wait_for_status(spool, "same-2", "completed")
-    state = wait_for_status(spool, "we-ird-name", "completed")
-    assert state.source_file == "we ird!name.json"
+    assert wait_for_event(spool, "same-2", "job_accepted")[0]["source_file"] == "same.json"
+    assert wait_for_event(spool, "we-ird-name", "job_accepted")[0]["source_file"] == "we ird!name.json"
+    assert [r["type"] for r in events_of(spool, "same")].count("job_accepted") == 1
 
 
 def test_regression_job_end_to_end(tmp_path, spool, daemon_factory):

@@ -233,7 +233,10 @@ def stream_job(csv, out, data_options=None, **overrides):
     return job
 
 
-@pytest.mark.parametrize("framework", ["pytorch", pytest.param("tensorflow", marks=pytest.mark.slow)])
+# slow: the engines' test of steps in any calls and a checkpoint anywhere covers the resume;
+# this adds the daemon's pause and the cache's removal
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["pytorch", "tensorflow"])
 def test_a_streaming_job_pauses_mid_epoch_resumes_exactly_and_leaves_no_cache(tmp_path, spool, daemon_factory,
                                                                               framework):
     # epochs of seconds (TensorFlow's steps are faster here)
