@@ -26,6 +26,7 @@ from .events import Event, LogRepaired, upcast
 
 CRC_PREFIX = b',"crc":"'
 CRC_SUFFIX_LEN = len(CRC_PREFIX) + 8 + 2  # ,"crc":"xxxxxxxx"}
+CRC_TAIL = CRC_PREFIX + b'%08x"}'          # what a line with that CRC-32 ends with
 
 
 def utc_now() -> str:
@@ -94,21 +95,19 @@ def _checked_seq(line: bytes) -> int | None:
 def parse_log(data: bytes, path="<log>", foldable: bool = False, first_seq: int = 1) -> LogContents:
     """`data` is a whole log, or the rest of one from the start of the line with `first_seq`."""
     records: list[dict] = []
-    good_end = offset = 0
+    good = 0  # lines that check out so far: the valid prefix is lines[:good]
     first_bad: tuple[int, str] | None = None
     due = first_seq  # the seq the next valid line must carry
     held = None      # foldable: the latest checked progress line, parsed once it is not superseded
     lines = data.split(b"\n")
-    crc32, find, suffix = zlib.crc32, PROGRESS_TYPE, CRC_SUFFIX_LEN
+    crc32, find, suffix, tail = zlib.crc32, PROGRESS_TYPE, CRC_SUFFIX_LEN, CRC_TAIL
     # the piece after the last newline is unterminated: at best a torn append
     for line_no, line in enumerate(lines[:-1], start=1):
-        offset += len(line) + 1
         if foldable and line.find(find, 0, 80) > 0:
             # the hot path of a long log, inlined: checksum and seq without parsing the JSON
             if (first_bad is None and line.startswith(b'{"seq":%d,' % due)
-                    and line[-suffix:-10] == CRC_PREFIX
-                    and line[-10:-2] == b"%08x" % crc32(b"}", crc32(line[:-suffix]))):
-                held, due, good_end = line, due + 1, offset
+                    and line.endswith(tail % crc32(b"}", crc32(line[:-suffix])))):
+                held, due, good = line, due + 1, line_no
                 continue
             seq = _checked_seq(line)  # slow path: say exactly what is wrong
             if seq is not None:
@@ -128,9 +127,13 @@ def parse_log(data: bytes, path="<log>", foldable: bool = False, first_seq: int 
             raise LogCorrupt(path, line_no, f"seq {record.get('seq')!r} where "
                                             f"{due} was due (lost or repeated events)")
         records.append(upcast(record))
-        due, good_end = due + 1, offset
+        due, good = due + 1, line_no
     if held is not None:
         records.append(upcast(decode(held)))
+    if good == len(lines) - 1:  # every whole line: all but the unterminated piece
+        good_end = len(data) - len(lines[-1])
+    else:  # a bad line then nothing after it (a torn tail): up to the last good line
+        good_end = sum(map(len, lines[:good])) + good
     return LogContents(records, good_end, len(data) - good_end, data[good_end:good_end + 64], due - 1)
 
 
