@@ -355,9 +355,6 @@ def _conflicts(s: JobSpec):
     if d is not None and d.backend == "nccl" and not gpus:
         yield ('distributed.backend "nccl" runs between GPUs; give devices a number or list of '
                'GPUs, or use "auto" (gloo on the CPU)')
-    if s.data.streaming and s.distributed is not None:
-        yield ('streaming data is not available with distributed training in this version; '
-               'remove "distributed" or set data.streaming to false')
     if s.val_data_path is not None and "validation_split" in s.model_fields_set:
         yield "give val_data_path or validation_split, not both"
     features = s.feature_columns or []

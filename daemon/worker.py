@@ -138,7 +138,17 @@ class Worker:
         from engines.data import prepare
         spec = self.spec
         self.check_paths()
-        self.data = prepare(spec, self.spool.stream_dir(self.job_id))
+        folder = self.spool.stream_dir(self.job_id)
+        if self.world > 1 and spec["data"].get("streaming"):
+            # each machine's leader encodes the cache; its other ranks then open it as is
+            import torch.distributed as tdist
+            if self.leader:
+                self.data = prepare(spec, folder)
+            tdist.barrier()
+            if not self.leader:
+                self.data = prepare(spec, folder)
+        else:
+            self.data = prepare(spec, folder)
         self.monitor, self.mode = self.choose_monitor()
         self.out_dir = self.output_dir()
         self.engine_cls = load_engine(spec["framework"])

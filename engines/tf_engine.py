@@ -14,8 +14,8 @@ seed-generator states are model variables, so a checkpoint carries them.
 fp16 (`mixed_precision`): float16 layers and Keras' LossScaleOptimizer; the gradients are taken
 of the scaled loss and unscaled by the optimizer, which skips a step that overflowed.
 
-Data parallelism (`distributed.strategy` "mirrored"): MirroredStrategy over logical CPU devices;
-the model and optimiser are mirrored variables, each step runs on every replica through
+Data parallelism (`distributed.strategy` "mirrored"): MirroredStrategy over the job's GPUs, or
+logical CPU devices; the model and optimiser are mirrored variables, each step runs on every replica through
 `strategy.run` with its share of the step's rows, and the optimiser sums their gradients.
 
 Files, none of them loaded by unpickling or by `keras.models.load_model`:
@@ -323,10 +323,12 @@ class TensorFlowEngine(Engine):
             start = step * bs
             rows = tf.minimum(bs, self.n - start)
             self.optimizer.learning_rate.assign(lrs[i])
-            per_replica = strategy.run(self._replica_step, args=(xs, ys, start, rows))
-            self.step_losses[step].assign(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
+            losses, hits = strategy.run(self._replica_step, args=(xs, ys, start, rows, row0))
+            self.step_losses[step].assign(strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None))
+            if self.stream is not None:  # the step's sum of hits, over the replicas
+                self.sample_hits[step].assign(strategy.reduce(tf.distribute.ReduceOp.SUM, hits, axis=None))
 
-    def _replica_step(self, xs, ys, start, rows):
+    def _replica_step(self, xs, ys, start, rows, row0):
         ctx = tf.distribute.get_replica_context()
         r, w = ctx.replica_id_in_sync_group, ctx.num_replicas_in_sync
         base, extra = rows // w, rows % w
@@ -334,24 +336,28 @@ class TensorFlowEngine(Engine):
         first = start + r * base + tf.minimum(r, extra)
         variables = self.model.trainable_variables
         micro = self.micro_batch
-        total = tf.zeros([], tf.float32)
+        total = hit_sum = tf.zeros([], tf.float32)
         grads = [tf.zeros_like(v) for v in variables]
         denominator = tf.cast(rows, tf.float32)
         for j in tf.range((mine + micro - 1) // micro):  # micro-batches of this replica's rows
             a = first + j * micro
             b = tf.minimum(a + micro, first + mine)
-            xm, ym = xs[a:b], ys[a:b]
+            xm, ym = xs[a - row0:b - row0], ys[a - row0:b - row0]
             with tf.GradientTape() as tape:
                 out = self.model(xm, training=True)
                 loss = tf.reduce_sum(self._losses(out, ym)) / denominator
                 scaled = self._scaled(loss)
             grads = [s + g for s, g in zip(grads, tape.gradient(scaled, variables))]
             total += loss
-            self.sample_hits[a:b].assign(self._hits(out, ym))
+            hits = self._hits(out, ym)
+            if self.stream is None:
+                self.sample_hits[a:b].assign(hits)
+            else:  # summed over the replicas by the caller
+                hit_sum += tf.reduce_sum(hits)
         if self.l2:  # summed over the replicas: each adds its share
             grads = [g + (self.l2 * self._scale() / tf.cast(w, tf.float32)) * v for g, v in zip(grads, variables)]
         self.optimizer.apply(grads, variables)
-        return total
+        return total, hit_sum
 
     def _accumulated_grads(self, xb, yb, step, start):
         """The step's gradient from micro-batches taken one after the other, each weighted by

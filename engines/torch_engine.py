@@ -267,6 +267,17 @@ class TorchEngine(Engine):
         loss is weighted by its rows' share of the whole step times `world`, which DDP's
         averaging undoes: the update is the whole step's mean-loss gradient, as one process
         would compute it. A rank left without rows still joins the all-reduce."""
+        if self.stream is not None:  # a window's rows at a time, as without DDP
+            per_call = max(1, self.stream.window_rows // self.batch_size)
+            for a in range(0, len(lrs), per_call):
+                row0 = self.step * self.batch_size
+                xs, ys = self._span(row0, min(row0 + len(lrs[a:a + per_call]) * self.batch_size, self.n))
+                self._ddp_steps(lrs[a:a + per_call], xs, ys, row0)
+            return
+        self._ddp_steps(lrs, self.xs, self.ys, 0)
+
+    def _ddp_steps(self, lrs: Sequence[float], xs_all, ys_all, row0: int) -> None:
+        """`xs_all`: the epoch's rows from `row0` on (all of them, or a streaming call's span)."""
         opt, bs, micro, w = self.optimizer, self.batch_size, self.micro_batch, self.world
         for lr in lrs:
             if lr != self.lr:
@@ -278,7 +289,7 @@ class TorchEngine(Engine):
             sizes = [rows // w + (1 if r < rows % w else 0) for r in range(w)]
             first = start + sum(sizes[:self.rank])
             mine = sizes[self.rank]
-            xs, ys = self.xs[first:first + mine], self.ys[first:first + mine]
+            xs, ys = xs_all[first - row0:first - row0 + mine], ys_all[first - row0:first - row0 + mine]
             opt.zero_grad(set_to_none=True)
             pieces = list(range(0, mine, micro)) or [0]
             loss, outs = torch.zeros((), device=self.device), []
@@ -293,8 +304,10 @@ class TorchEngine(Engine):
             self._optimizer_step()
             with torch.no_grad():  # this rank's parts; train_metrics sums them over the ranks
                 self.step_losses[self.step] = loss
-                if mine:
+                if mine and self.stream is None:
                     self.sample_hits[first:first + mine] = self._hits(torch.cat(outs), ys)
+                elif mine:  # streaming: the step's sum of this rank's hits
+                    self.sample_hits[self.step] = self._hits(torch.cat(outs), ys).sum()
             self.step += 1
 
     def _optimizer_step(self) -> None:

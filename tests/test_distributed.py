@@ -37,10 +37,14 @@ def test_two_ranks_train_as_one_process_with_their_global_batch(tmp_path, spool,
     assert not list((tmp_path / "ddp").glob(".*.tmp"))
 
 
-def test_a_pause_reaches_every_rank_and_the_resumed_run_ends_bit_for_bit(tmp_path, spool, daemon_factory):
-    """Dropout on, so each rank's RNG state must come back from the checkpoint too."""
+@pytest.mark.parametrize("streaming", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_pause_reaches_every_rank_and_the_resumed_run_ends_bit_for_bit(tmp_path, spool, daemon_factory, streaming):
+    """Dropout on, so each rank's RNG state must come back from the checkpoint too. Streaming:
+    the ranks' per-step hit sums too, from chunks of 1,000 rows."""
     data = classification_csv(tmp_path / "train.csv", rows=8000)  # 1,600 steps an epoch, seconds
-    job = lambda out: seed_job(data, out, epochs=2, batch_size=2, algorithm_params={"hidden_units": [16]}, **DDP)
+    extra = {"data": {"streaming": True, "chunk_rows": 1000, "shuffle_chunks": 2}} if streaming else {}
+    job = lambda out: seed_job(data, out, epochs=2, batch_size=2, algorithm_params={"hidden_units": [16]},
+                               **DDP) | extra
     daemon_factory(spool, "--max-jobs", "2")
     drop_job(spool, "ref.json", job(tmp_path / "ref"))
     drop_job(spool, "p.json", job(tmp_path / "p"))
@@ -238,3 +242,33 @@ def test_two_machines_pause_together_stop_together_and_resume_bit_for_bit(tmp_pa
     ref = model_weights(tmp_path / "ref" / "model.safetensors")
     for k in (0, 1):
         assert same_weights(model_weights(tmp_path / f"out{k}" / "model.safetensors"), ref)
+
+
+@pytest.mark.parametrize("framework, dist", [
+    ("pytorch", {"strategy": "ddp", "processes": 2}),
+    ("tensorflow", {"strategy": "mirrored", "replicas": 2})])
+def test_streaming_data_parallel_equals_one_process_streaming_the_global_batch(tmp_path, spool, daemon_factory,
+                                                                                framework, dist):
+    """Streaming in chunks of 100 rows shuffled two at a time, so steps cross windows: 2 ranks
+    or replicas x 16 rows take the same rows in the same order as one process with 32. Each
+    machine's leader encodes the cache once; the other rank opens it."""
+    csv = classification_csv(tmp_path / "train.csv", rows=1000)
+    common = {"epochs": 2, "algorithm_params": {"hidden_units": [16], "dropout_rate": 0.0},
+              "framework": framework, "devices": "cpu"}
+    streaming = {"data": {"streaming": True, "chunk_rows": 100, "shuffle_chunks": 2}}
+    daemon_factory(spool, "--max-jobs", "2")
+    drop_job(spool, "par.json", seed_job(csv, tmp_path / "par", batch_size=16, distributed=dist, **common) | streaming)
+    drop_job(spool, "one.json", seed_job(csv, tmp_path / "one", batch_size=32, **common) | streaming)
+    par = wait_for_status(spool, "par", "completed", timeout=240)
+    one = wait_for_status(spool, "one", "completed", timeout=240)
+    run = next(r for r in events_of(spool, "par") if r["type"] == "run_started")
+    assert run["devices"] == ["cpu", "cpu"] and run["steps_per_epoch"] == 25  # 800 rows / 32
+    name = "model.safetensors" if framework == "pytorch" else "model.weights.h5"
+    a, b = model_weights(tmp_path / "par" / name), model_weights(tmp_path / "one" / name)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert [h["train_accuracy"] for h in par.history] == [h["train_accuracy"] for h in one.history]
+    assert [h["train_loss"] for h in par.history] == pytest.approx([h["train_loss"] for h in one.history], rel=1e-4)
+    assert [h["val_loss"] for h in par.history] == pytest.approx([h["val_loss"] for h in one.history], rel=1e-4)
+    wait_until(lambda: not Spool(spool).stream_dir("par").exists(), 30,
+               what="the daemon to remove the ended job's streaming cache")

@@ -92,7 +92,6 @@ def test_defaults_are_filled_and_the_seeds_short_forms_moved(tmp_path):
     (minimal(distributed={"nnodes": 2, "rdzv_endpoint": "h:70000"}), ["no valid port"]),
     (minimal(distributed={"nnodes": 2, "rdzv_endpoint": "h:1", "strategy": "mirrored"}, framework="tf"),
      ['several machines (distributed.nnodes > 1) are for "ddp"']),
-    (minimal(data={"streaming": True}, distributed={}), ["streaming data is not available with distributed"]),
     (minimal(data={"streaming": "yes"}), ['"data.streaming"', 'Received: "yes"']),
     (minimal(data={"chunk_rows": 0}), ['"data.chunk_rows"', "Received: 0"]),
     (minimal(data={"shuffle_chunk": 2}), ['"data.shuffle_chunk"', 'Did you mean "shuffle_chunks"?']),
