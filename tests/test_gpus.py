@@ -121,3 +121,23 @@ def test_gpus_option_limits_the_daemon_to_the_gpus_it_names(tmp_path, spool, dae
     wait_for_status(spool, "b", "failed")
     assert "devices names GPU(s) [0], which this daemon does not have (it has [1])" in next(
         r for r in events_of(spool, "b") if r["type"] == "failed")["message"]
+
+
+def test_a_worker_that_outlived_the_daemon_keeps_its_gpu(tmp_path, spool, daemon_factory):
+    """The next daemon learns the GPU from the worker's run_started and gives it to no one
+    else until that worker is done."""
+    data = classification_csv(tmp_path / "train.csv", rows=200)
+    one_gpu = {"EPOCHD_TEST_GPUS": "1"}
+    d = daemon_factory(spool, "--max-jobs", "3", env=one_gpu)  # slots to spare: the GPU decides
+    drop_job(spool, "j.json", seed_job(data, tmp_path / "j", epochs=100000,
+                                       algorithm_params={"early_stopping_patience": None}))
+    wait_for_event(spool, "j", "epoch_completed")
+    d.kill()  # the daemon alone: its worker runs on in its own session
+    daemon_factory(spool, "--max-jobs", "3", env=one_gpu)
+    drop_job(spool, "k.json", seed_job(data, tmp_path / "k", epochs=1))
+    drop_job(spool, "c.json", seed_job(data, tmp_path / "c", epochs=1, devices="cpu"))
+    wait_for_status(spool, "c", "completed")  # the new daemon has been scheduling a while
+    assert Spool(spool).state("k").status == Status.PENDING
+    control.drop(Spool(spool), "j", "cancel")
+    wait_for_status(spool, "k", "completed")
+    assert run_of(spool, "j")["gpus"] == run_of(spool, "k")["gpus"] == [0]
