@@ -114,9 +114,9 @@ class TorchEngine(Engine):
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = pick_device(spec["devices"], gpu_plan(spec["devices"], self.world, local_rank))
         self.gpu_index = self.device.index if self.device.type == "cuda" else None
-        if self.device.type == "cuda":  # this machine's GPUs, one per rank
-            ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-            self.devices = [gpu_name(i, torch.cuda.get_device_name(i)) for i in range(ranks_here)]
+        if self.device.type == "cuda":  # with DDP, this machine's GPUs, one per rank
+            here = range(int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if self.world > 1 else [self.device.index]
+            self.devices = [gpu_name(i, torch.cuda.get_device_name(i)) for i in here]
         else:
             self.devices = [str(self.device)] * self.world
         self.spec, self.task = spec, data.task
