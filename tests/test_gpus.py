@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from daemon import control, scheduler
 from daemon.replay import Status
 from daemon.spool import Spool
@@ -123,6 +125,7 @@ def test_gpus_option_limits_the_daemon_to_the_gpus_it_names(tmp_path, spool, dae
         r for r in events_of(spool, "b") if r["type"] == "failed")["message"]
 
 
+@pytest.mark.slow
 def test_a_worker_that_outlived_the_daemon_keeps_its_gpu(tmp_path, spool, daemon_factory):
     """The next daemon learns the GPU from the worker's run_started and gives it to no one
     else until that worker is done."""
