@@ -94,6 +94,8 @@ def test_pause_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_pat
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in ref.history]
 
 
+# PyTorch's kill -9 mid-run is in the default set through test_recovery's random kill
+@pytest.mark.parametrize("framework", [pytest.param("pytorch", marks=pytest.mark.slow), "tensorflow"])
 def test_kill_9_mid_epoch_resumes_from_the_last_checkpoint_to_the_uninterrupted_weights(
         tmp_path, spool, daemon_factory, framework):
     """kill -9 of the worker after a timed mid-epoch checkpoint: `interrupted` (SIGKILL, a crash),

@@ -49,9 +49,7 @@ def runs(spool) -> int:
     return sum(r["type"] == "run_started" for r in events_of(spool, "j")) if path.exists() else 0
 
 
-# all slow: the default set kills at the named crash points instead (test_faults.py)
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", range(70))
+@pytest.mark.parametrize("seed", [0] + [pytest.param(s, marks=pytest.mark.slow) for s in range(1, 70)])
 def test_kill_9_of_daemon_and_workers_at_random_moments(tmp_path, spool, daemon_factory, seed):
     """Three kills at seeded random moments, a restart after each: epochs 1..4 exactly once in
     the history and the final weights of a run that was never touched."""
