@@ -144,8 +144,8 @@ def check_several_gpus(spool: Path, train: Path, val: Path, gpus: int) -> None:
         run = next((r for r in records if r["type"] == "run_started"), {})
         losses = [r["train_loss"] for r in records if r["type"] == "epoch_completed"]
         report(name, records[-1]["type"] == "completed" and all(np.isfinite(losses)),
-               f"{records[-1]['type']}: devices {run.get('devices')}, gpus {run.get('gpus')}, train_loss {losses} "
-               + records[-1].get("message", ""))
+               f"{records[-1]['type']}: devices {run.get('devices')}, gpus {run.get('gpus')}, "
+               f"train_loss {losses} " + records[-1].get("message", ""))
     side = spool.parent / "side-spool"  # a daemon that runs two jobs at once
     daemon = Daemon(side, max_jobs=2)
     try:

@@ -64,8 +64,8 @@ def unmet(e: Entry, machine: list[int]) -> str | None:
     return None
 
 
-def pick(entries: list[Entry], free_slots: int, now: float,
-         machine: list[int] | None = None, busy: set[int] | frozenset = frozenset()) -> list[tuple[str, tuple[int, ...]]]:
+def pick(entries: list[Entry], free_slots: int, now: float, machine: list[int] | None = None,
+         busy: set[int] | frozenset = frozenset()) -> list[tuple[str, tuple[int, ...]]]:
     """Up to `free_slots` runnable jobs, best first, each with the GPUs it gets (from
     `machine`, the daemon's GPUs, less the `busy` ones). Jobs `unmet` says can never run are
     left out: the daemon fails them."""

@@ -15,8 +15,9 @@ fp16 (`mixed_precision`): float16 layers and Keras' LossScaleOptimizer; the grad
 of the scaled loss and unscaled by the optimizer, which skips a step that overflowed.
 
 Data parallelism (`distributed.strategy` "mirrored"): MirroredStrategy over the job's GPUs, or
-logical CPU devices; the model and optimiser are mirrored variables, each step runs on every replica through
-`strategy.run` with its share of the step's rows, and the optimiser sums their gradients.
+logical CPU devices; the model and optimiser are mirrored variables, each step runs on every
+replica through `strategy.run` with its share of the step's rows, and the optimiser sums their
+gradients.
 
 Files, none of them loaded by unpickling or by `keras.models.load_model`:
 - checkpoints: one HDF5 file (h5py) holding every model and optimiser variable, the epoch
