@@ -3,7 +3,6 @@ rescan catching what it missed (an inotify queue overflow while the daemon is st
 import json
 import os
 import signal
-import time
 
 import psutil
 import pytest
@@ -65,18 +64,19 @@ def steady_fds(pid: int) -> dict[int, str]:
     """The daemon's open files at its quietest of 20 looks over a second: its main loop opens
     daemon.log, a job's lock or its event log for a moment, so a single look can catch one of
     those. A file left open per job is open at every look."""
-    quietest = None
-    for _ in range(20):
+    looks: list[dict[int, str]] = []
+
+    def look() -> bool:
         fds = {}
         for name in os.listdir(f"/proc/{pid}/fd"):
             try:
                 fds[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
             except FileNotFoundError:  # closed while listed
                 pass
-        if quietest is None or len(fds) < len(quietest):
-            quietest = fds
-        time.sleep(0.05)
-    return quietest
+        looks.append(fds)
+        return len(looks) == 20
+    wait_until(look, 10, interval=0.05, what="20 looks at the daemon's open files")
+    return min(looks, key=len)
 
 
 # 200 jobs: about a second and a half each, two at a time: past the suite's 300 s per test
