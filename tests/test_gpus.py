@@ -43,6 +43,7 @@ def test_jobs_get_free_gpus_in_order_and_a_waiting_job_keeps_what_it_waits_for()
     assert scheduler.pick([entry("big", gpus=2), entry("small", at="2")], 8, 0, [0, 1], busy={0}) == []
     # a list job waiting for GPU 1 holds only GPU 1 back; higher priority goes first
     jobs = [entry("one", ids=[1], at="1"), entry("any", at="2"), entry("vip", priority=5, at="3")]
+    assert scheduler.pick(jobs[:2], 8, 0, [0, 1], busy={1}) == [("any", (0,))]
     assert scheduler.pick(jobs, 8, 0, [0, 1], busy={1}) == [("vip", (0,))]
     assert scheduler.pick(jobs, 1, 0, [0, 1]) == [("vip", (0,))]  # one slot left
     # "auto" on a machine without GPUs runs on the CPU; a GPU job there is started and its
