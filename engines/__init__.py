@@ -58,6 +58,14 @@ class Engine(ABC):
             self.x = self.y = self.x_val = self.y_val = None
         self.n = data.n_train
 
+    def stream_calls(self, lrs: Sequence[float]) -> list[Sequence[float]]:
+        """`lrs` cut into engine calls: streaming, at most a window's rows each (memory holds
+        one window); in memory, one call."""
+        if self.stream is None:
+            return [lrs]
+        per_call = max(1, self.stream.window_rows // self.batch_size)
+        return [lrs[a:a + per_call] for a in range(0, len(lrs), per_call)]
+
     @abstractmethod
     def versions(self) -> dict[str, str]: ...
 

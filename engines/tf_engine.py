@@ -385,12 +385,12 @@ class TensorFlowEngine(Engine):
         if not lrs:
             return
         xs, ys, row0 = self.xs, self.ys, 0
-        if self.stream is not None:  # at most a window's rows a call: memory holds one window
-            per_call = max(1, self.stream.window_rows // self.batch_size)
-            if len(lrs) > per_call:
-                for a in range(0, len(lrs), per_call):
-                    self.train_steps(lrs[a:a + per_call])
-                return
+        calls = self.stream_calls(lrs)
+        if len(calls) > 1:
+            for call in calls:
+                self.train_steps(call)
+            return
+        if self.stream is not None:  # this call's rows, from the window(s) they lie in
             row0 = self.step * self.batch_size
             with tf.device(self.device):
                 xs, ys = self._tensors(*self.stream.span(self.epoch, row0, row0 + len(lrs) * self.batch_size))

@@ -209,12 +209,11 @@ class TorchEngine(Engine):
             return
         if self.world > 1:
             return self._train_steps_ddp(lrs)
-        if self.stream is not None:  # at most a window's rows at a time: memory holds one window
-            per_call = max(1, self.stream.window_rows // self.batch_size)
-            if len(lrs) > per_call:
-                for a in range(0, len(lrs), per_call):
-                    self.train_steps(lrs[a:a + per_call])
-                return
+        calls = self.stream_calls(lrs)
+        if len(calls) > 1:
+            for call in calls:
+                self.train_steps(call)
+            return
         model, opt, loss_fn, bs = self.model, self.optimizer, self.loss_fn, self.batch_size
         optimizer_step = self._optimizer_step if self.precision == "fp16" else opt.step
         first, start = self.step, self.step * bs
@@ -267,14 +266,12 @@ class TorchEngine(Engine):
         loss is weighted by its rows' share of the whole step times `world`, which DDP's
         averaging undoes: the update is the whole step's mean-loss gradient, as one process
         would compute it. A rank left without rows still joins the all-reduce."""
-        if self.stream is not None:  # a window's rows at a time, as without DDP
-            per_call = max(1, self.stream.window_rows // self.batch_size)
-            for a in range(0, len(lrs), per_call):
-                row0 = self.step * self.batch_size
-                xs, ys = self._span(row0, min(row0 + len(lrs[a:a + per_call]) * self.batch_size, self.n))
-                self._ddp_steps(lrs[a:a + per_call], xs, ys, row0)
-            return
-        self._ddp_steps(lrs, self.xs, self.ys, 0)
+        if self.stream is None:
+            return self._ddp_steps(lrs, self.xs, self.ys, 0)
+        for call in self.stream_calls(lrs):  # a window's rows at a time, as without DDP
+            row0 = self.step * self.batch_size
+            xs, ys = self._span(row0, min(row0 + len(call) * self.batch_size, self.n))
+            self._ddp_steps(call, xs, ys, row0)
 
     def _ddp_steps(self, lrs: Sequence[float], xs_all, ys_all, row0: int) -> None:
         """`xs_all`: the epoch's rows from `row0` on (all of them, or a streaming call's span)."""
