@@ -78,6 +78,11 @@ def wait_for_event(spool: Path, job_id: str, type_: str, count: int = 1, timeout
     return wait_until(found, timeout, what=f"{count} x {type_} in job {job_id}")
 
 
+def last(records: list[dict], type_: str) -> dict:
+    """The newest record of `type_` (a log keeps growing after the one waited for)."""
+    return next(r for r in reversed(records) if r["type"] == type_)
+
+
 def wait_for_status(spool: Path, job_id: str, status: str, timeout: float = 90.0):
     from daemon.replay import fold
 

@@ -17,7 +17,7 @@ from daemon.spool import Spool
 from engines import load_engine
 from engines.data import prepare
 from engines.stream import DiskRows, EpochRows
-from tests.conftest import (WEIGHT_FILES, WINE, classification_csv, drop_job, events_of, model_weights,
+from tests.conftest import (WEIGHT_FILES, WINE, classification_csv, drop_job, events_of, last, model_weights,
                             regression_csv, same_weights, seed_job, wait_for_event,
                             wait_for_status, wait_until)
 from tests.test_engines import weights
@@ -252,7 +252,7 @@ def test_a_streaming_job_pauses_mid_epoch_resumes_exactly_and_leaves_no_cache(tm
     wait_until(mid_epoch, 90, what="job p in the middle of an epoch")
     assert (spool / "jobs" / "p" / "stream" / "manifest.json").exists()
     control.drop(Spool(spool), "p", "pause")
-    paused = wait_for_event(spool, "p", "paused")[-1]
+    paused = last(wait_for_event(spool, "p", "paused"), "paused")
     assert paused["step"] > 0
     control.drop(Spool(spool), "p", "resume")
     state = wait_for_status(spool, "p", "completed", timeout=180)
