@@ -193,11 +193,15 @@ class Distributed(Strict):
     processes: int = Field(2, ge=1, le=64, description="a whole number in [1, 64] of ranks on this machine")
     replicas: int = Field(2, ge=1, le=64,
                           description="a whole number in [1, 64] of MirroredStrategy replicas (devices)")
-    nnodes: int = Field(1, ge=1, le=1024, description="a whole number >= 1 of machines (ddp)")
+    nnodes: int = Field(1, ge=1, le=1024, description="a whole number >= 1 of machines")
     node_rank: int = Field(0, ge=0, le=1023, description="this machine's place, 0 .. nnodes-1")
     rdzv_endpoint: str | None = Field(
         None, min_length=3, max_length=300, pattern=r"^[^\s:]+:[0-9]{1,5}$",
         description='"host:port" where node 0 hosts the rendezvous, e.g. "10.0.0.1:29400"')
+    workers: list[Annotated[str, Field(min_length=3, max_length=300, pattern=r"^[^\s:]+:[0-9]{1,5}$")]] | None = Field(
+        None, min_length=2, max_length=1024,
+        description='"mirrored" on several machines: every machine\'s "host:port" in node_rank '
+                    'order, the same list in each job file, e.g. ["10.0.0.1:12345", "10.0.0.2:12345"]')
     rdzv_id: str = Field("epochd", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$",
                          description="letters, digits, . _ -: the same on every node")
     rdzv_timeout: float = Field(900, ge=10, le=86400, allow_inf_nan=False,
@@ -309,6 +313,52 @@ def gpu_count_asked(devices: Any) -> int:
     return 1 if devices == "cuda" else 0
 
 
+def machines(d: Distributed) -> int:
+    """Machines a distributed job spans: `nnodes`, or for "mirrored" the length of `workers`."""
+    return len(d.workers) if d.workers else d.nnodes
+
+
+def replicas_per_machine(d: Distributed, gpus: int) -> int:
+    """A mirrored job's replicas on each machine. On several machines `replicas` defaults to
+    the GPUs the job asks for, and to 1 on the CPU, where MultiWorkerMirroredStrategy puts one
+    replica on each machine."""
+    if machines(d) > 1 and "replicas" not in d.model_fields_set:
+        return max(gpus, 1)
+    return d.replicas
+
+
+def _machine_conflicts(d: Distributed, gpus: int):
+    nodes = machines(d)
+    if d.workers is not None and d.strategy != "mirrored":
+        yield ('distributed.workers is for "mirrored" (TensorFlow); DDP machines meet at '
+               'distributed.rdzv_endpoint, "host:port" of node 0')
+    if d.strategy == "mirrored" and d.nnodes > 1 and d.workers is None:
+        yield (f'"mirrored" on {d.nnodes} machines needs distributed.workers: every machine\'s '
+               '"host:port" in node_rank order, e.g. ["10.0.0.1:12345", "10.0.0.2:12345"], the '
+               "same list in each machine's job file")
+    if d.workers is not None and "nnodes" in d.model_fields_set and d.nnodes != len(d.workers):
+        yield (f"distributed.nnodes is {d.nnodes} but distributed.workers names {len(d.workers)} "
+               "machines; expected the same number (or leave nnodes out)")
+    if d.workers is not None and len(set(d.workers)) != len(d.workers):
+        yield f"distributed.workers {d.workers} names an address more than once; expected one per machine"
+    if d.strategy == "mirrored" and d.rdzv_endpoint is not None:
+        yield ('distributed.rdzv_endpoint is for "ddp"; "mirrored" machines find each other '
+               'through distributed.workers')
+    if d.strategy == "mirrored" and nodes > 1 and not gpus and replicas_per_machine(d, gpus) != 1:
+        yield (f"distributed.replicas is {d.replicas} on the CPU of each of {nodes} machines; "
+               "MultiWorkerMirroredStrategy runs one replica on each machine's CPU: expected "
+               "replicas 1 (or leave it out), or GPUs in devices")
+    if d.strategy == "ddp" and d.nnodes > 1 and d.rdzv_endpoint is None:
+        yield ('distributed.nnodes > 1 needs distributed.rdzv_endpoint, "host:port" of node 0, '
+               'the same in every node\'s job file')
+    if d.node_rank >= nodes:
+        yield (f"distributed.node_rank is {d.node_rank} but the job spans {nodes} machine(s); "
+               f"expected a node_rank in [0, {nodes - 1}], a different one in each machine's job file")
+    for endpoint in [d.rdzv_endpoint] + (d.workers or []):
+        if endpoint is not None and not 0 < int(endpoint.rsplit(":", 1)[1]) < 65536:
+            yield f'distributed address "{endpoint}" has no valid port; expected 1..65535'
+
+
 def _conflicts(s: JobSpec):
     ap = s.algorithm_params
     if ap.early_stopping_patience is not None and s.early_stopping is not None:
@@ -329,24 +379,16 @@ def _conflicts(s: JobSpec):
                '"replicas"')
     if d is not None and d.strategy == "ddp" and "replicas" in d.model_fields_set:
         yield 'distributed.replicas is for "mirrored"; DDP gives "processes"'
-    if d is not None and d.nnodes > 1 and d.strategy != "ddp":
-        yield 'several machines (distributed.nnodes > 1) are for "ddp" in this version'
-    if d is not None and d.nnodes > 1 and d.rdzv_endpoint is None:
-        yield ('distributed.nnodes > 1 needs distributed.rdzv_endpoint, "host:port" of node 0, '
-               'the same in every node\'s job file')
-    if d is not None and d.node_rank >= d.nnodes:
-        yield (f"distributed.node_rank is {d.node_rank} but nnodes is {d.nnodes}; expected a "
-               f"node_rank in [0, {d.nnodes - 1}], a different one in each node's job file")
-    if d is not None and d.rdzv_endpoint is not None and not 0 < int(d.rdzv_endpoint.rsplit(":", 1)[1]) < 65536:
-        yield f'distributed.rdzv_endpoint "{d.rdzv_endpoint}" has no valid port; expected 1..65535'
     gpus = gpu_count_asked(s.devices)
+    if d is not None:
+        yield from _machine_conflicts(d, gpus)
     if d is None and gpus > 1:
         yield (f"devices asks for {gpus} GPUs, but a job without \"distributed\" trains on one; "
                f'for {gpus} GPUs add "distributed": {{"strategy": "ddp", "processes": {gpus}}} '
                f'(pytorch) or {{"strategy": "mirrored", "replicas": {gpus}}} (tensorflow), or ask '
                "for one GPU")
     if d is not None and gpus:
-        per = d.processes if d.strategy == "ddp" else d.replicas
+        per = d.processes if d.strategy == "ddp" else replicas_per_machine(d, gpus)
         word = "distributed.processes" if d.strategy == "ddp" else "distributed.replicas"
         if gpus != per:
             yield (f"devices names {gpus} GPU(s) but {word} is {per}; expected one GPU per "
@@ -551,6 +593,10 @@ def normalise(spec: JobSpec, *, job_id: str, base_dir: Path, spool_root: Path,
         opt["weight_decay"] = 0.01 if opt["name"] == "adamw" else 0.0
     if out["val_data_path"] is not None:
         out["validation_split"] = 0.0
+    if spec.distributed is not None and spec.distributed.strategy == "mirrored":
+        d = out["distributed"]  # what the worker reads: the machines and each one's replicas
+        d["nnodes"] = machines(spec.distributed)
+        d["replicas"] = replicas_per_machine(spec.distributed, gpu_count_asked(spec.devices))
     errors = []
     for key, writes in (("train_data_path", False), ("val_data_path", False), ("output_path", True)):
         if out[key] is not None:

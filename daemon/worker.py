@@ -80,9 +80,10 @@ class Worker:
     from the history (schedules, early stopping) are the same everywhere."""
 
     def __init__(self, spool: Spool, job_id: str, events: EventLog | None, flags: Flags, cpu_share: int,
-                 rank: int = 0, world: int = 1, records: list[dict] | None = None):
+                 rank: int = 0, world: int = 1, records: list[dict] | None = None, comm=None):
         self.spool, self.job_id, self.events, self.flags = spool, job_id, events, flags
         self.cpu_share, self.rank, self.world = cpu_share, rank, world
+        self.comm = comm if comm is not None or world == 1 else TorchCollectives()
         self.leader = events is not None  # writes this machine's log and files
         self.job_dir = spool.job_dir(job_id)
         self.state = fold(events.records if events is not None else records)
@@ -108,13 +109,8 @@ class Worker:
         return record
 
     def agree(self, value):
-        """Rank 0's `value`, on every rank (one small broadcast); itself without DDP."""
-        if self.world == 1:
-            return value
-        import torch.distributed as tdist
-        box = [value]
-        tdist.broadcast_object_list(box, src=0)
-        return box[0]
+        """Rank 0's `value`, on every rank (one small broadcast); itself in a run of one."""
+        return value if self.world == 1 else self.comm.broadcast(value)
 
     # ---------------------------------------------------------------- the run
 
@@ -141,10 +137,9 @@ class Worker:
         folder = self.spool.stream_dir(self.job_id)
         if self.world > 1 and spec["data"].get("streaming"):
             # each machine's leader encodes the cache; its other ranks then open it as is
-            import torch.distributed as tdist
             if self.leader:
                 self.data = prepare(spec, folder)
-            tdist.barrier()
+            self.comm.barrier()
             if not self.leader:
                 self.data = prepare(spec, folder)
         else:
@@ -300,11 +295,7 @@ class Worker:
         ranks all get the signal, and rank 0 decides for them."""
         if self.world == 1 or ((self.spec.get("distributed") or {}).get("nnodes") or 1) == 1:
             return False
-        import torch
-        import torch.distributed as tdist
-        flag = torch.tensor([1 if self.flags.shutdown else 0])
-        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        return bool(flag.item())
+        return self.comm.any(self.flags.shutdown)
 
     def stop_decision(self, shutdown: bool = True, limits: bool = True) -> tuple | None:
         """Whether the run must stop here, and why (rank 0): a shutdown, a pause or cancel
@@ -428,10 +419,8 @@ class Worker:
         already; machines can differ when one crashed between writing a checkpoint and the
         others writing theirs: all go back to the earliest, which each machine still keeps
         (the last `keep_last` are kept)."""
-        import torch.distributed as tdist
         mine = (0, 0) if checkpoint is None else (checkpoint["epoch"], checkpoint["step"])
-        every = [None] * self.world
-        tdist.all_gather_object(every, (mine, self.engine_dirty))
+        every = self.comm.gather((mine, self.engine_dirty))
         target = min(position for position, _ in every)
         if target == (0, 0):  # a fresh start; every rank builds anew if any has loaded something
             if any(position != target or dirty for position, dirty in every):
@@ -620,6 +609,38 @@ class Worker:
                            retryable=retryable))
 
 
+class TorchCollectives:
+    """What the ranks of a DDP run agree on, over torch.distributed's process group. (A
+    TensorFlow job on several machines has the same four over its strategy's collectives:
+    `engines.tf_engine.Collectives`.)"""
+
+    def broadcast(self, value):
+        """Rank 0's `value` on every rank."""
+        import torch.distributed as tdist
+        box = [value]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value) -> list:
+        """Every rank's `value`, in rank order."""
+        import torch.distributed as tdist
+        every = [None] * tdist.get_world_size()
+        tdist.all_gather_object(every, value)
+        return every
+
+    def any(self, flag: bool) -> bool:
+        """Whether any rank's `flag` is set."""
+        import torch
+        import torch.distributed as tdist
+        box = torch.tensor([1 if flag else 0])
+        tdist.all_reduce(box, op=tdist.ReduceOp.MAX)
+        return bool(box.item())
+
+    def barrier(self) -> None:
+        import torch.distributed as tdist
+        tdist.barrier()
+
+
 def _verify(path: Path, checkpoint: dict) -> str | None:
     if not path.exists():
         return "the file is missing"
@@ -660,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
             spec = fold(events.records).spec or {}
             dist = spec.get("distributed") or {}
             ddp = dist.get("strategy", "ddp") == "ddp"
+            if not ddp and dist.get("nnodes", 1) > 1:
+                return run_multi_worker(spool, args.job, events, flags, cpu_share, spec)
             if not ddp or (dist.get("processes", 1) == 1 and dist.get("nnodes", 1) == 1):
                 Worker(spool, args.job, events, flags, cpu_share).run()
                 return 0
@@ -667,6 +690,22 @@ def main(argv: list[str] | None = None) -> int:
         if backend == "auto":
             backend = "nccl" if gpu_count_asked(spec.get("devices")) else "gloo"
         return launch_ranks(spool, args.job, dist, cpu_share, backend)
+
+
+def run_multi_worker(spool: Spool, job_id: str, events: EventLog, flags: Flags, cpu_share: int,
+                     spec: dict) -> int:
+    """A TensorFlow job on several machines (`"mirrored"` with `workers`): this machine's one
+    process is node `node_rank` of a MultiWorkerMirroredStrategy. Like a DDP machine's leader
+    it writes this machine's log, checkpoints and outputs, and takes node 0's decisions, which
+    travel over the strategy's own collectives. A peer's death surfaces as an error in a
+    collective: the process then dies without a final word, a crash the daemon retries."""
+    from engines.tf_engine import Collectives
+    dist = spec["distributed"]
+    comm = Collectives(spec)
+    worker = Worker(spool, job_id, events, flags, cpu_share, rank=dist["node_rank"],
+                    world=dist["nnodes"], comm=comm)
+    worker.run()
+    return 0
 
 
 def launch_ranks(spool: Spool, job_id: str, dist: dict, cpu_share: int, backend: str = "gloo") -> int:

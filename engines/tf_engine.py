@@ -33,6 +33,8 @@ weight_decay * w to the gradient (L2), "adamw" decays the weights directly (deco
 import json
 import math
 import os
+import pickle
+import signal
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -140,6 +142,13 @@ def pick_device(devices, indices: list[int] | None) -> str:
     return "/GPU:0"
 
 
+def _job_device(spec: dict, replicas: int) -> str:
+    """The job's first device, with only its GPUs visible (one per replica of this machine)."""
+    on_gpus = gpu_plan(spec["devices"], replicas, 0) is not None
+    return pick_device(spec["devices"], [gpu_plan(spec["devices"], replicas, k)
+                                         for k in range(replicas)] if on_gpus else None)
+
+
 def _show_gpus(gpus: list) -> None:
     try:
         tf.config.set_visible_devices(gpus, "GPU")
@@ -158,14 +167,15 @@ class TensorFlowEngine(Engine):
         self.replicas = dist.get("replicas", 1) if dist.get("strategy") == "mirrored" else 1
         # MirroredStrategy over the job's GPUs (NCCL all-reduce), or on the CPU one logical
         # device per replica, set before the runtime starts (a fresh worker process; a test
-        # process that already started one cannot)
-        on_gpus = gpu_plan(spec["devices"], self.replicas, 0) is not None
-        self.device = pick_device(spec["devices"], [gpu_plan(spec["devices"], self.replicas, k)
-                                                    for k in range(self.replicas)] if on_gpus else None)
+        # process that already started one cannot); on several machines, MultiWorkerMirrored
+        self.device = _job_device(spec, self.replicas)
         self.strategy = None
-        if self.replicas > 1:
+        if dist.get("strategy") == "mirrored" and dist.get("nnodes", 1) > 1:
+            self.strategy = multi_worker_strategy(spec)
+        elif self.replicas > 1:
             self.strategy = (_mirrored_gpus(self.replicas) if self.device.startswith("/GPU")
                              else _mirrored_cpus(self.replicas))
+        in_sync = self.strategy.num_replicas_in_sync if self.strategy else 1  # on every machine
         self.threads = job_threads(spec, data.input_dim, cpu_share)
         try:  # only before the runtime starts: a second engine in one process keeps the first's
             tf.config.threading.set_intra_op_parallelism_threads(self.threads)
@@ -185,7 +195,7 @@ class TensorFlowEngine(Engine):
         # a step is one optimizer update: with accumulation, over `accumulation` micro-batches
         self.micro_batch = spec["batch_size"]
         self.accumulation = spec["gradient_accumulation_steps"]
-        self.batch_size = self.micro_batch * self.accumulation * self.replicas  # rows per step
+        self.batch_size = self.micro_batch * self.accumulation * in_sync  # rows per step
         self.y_scale = regression_scale(data.preprocess)
         self.binary = data.task == "classification" and data.n_outputs == 1
         self.multiclass = data.task == "classification" and not self.binary
@@ -544,6 +554,96 @@ def _mirrored_cpus(replicas: int) -> tf.distribute.MirroredStrategy:
             raise RuntimeError(f"MirroredStrategy needs {replicas} logical CPU devices, set before "
                                "TensorFlow starts; this process started it already") from e
     return tf.distribute.MirroredStrategy([f"/CPU:{i}" for i in range(replicas)])
+
+
+_multi_worker: list[tf.distribute.MultiWorkerMirroredStrategy] = []
+
+
+def multi_worker_strategy(spec: dict) -> tf.distribute.MultiWorkerMirroredStrategy:
+    """The process's one MultiWorkerMirroredStrategy (it must come before any other use of the
+    runtime, and once): the machines of `distributed.workers`, this one `node_rank`, its
+    replicas the GPUs the daemon gave the job (NCCL) or its CPU (gRPC ring). Each machine's
+    TensorFlow server listens on its own address's port. Created, it waits up to
+    `rdzv_timeout` for every machine to be up; later, a machine that goes down makes its
+    peers' collectives fail within seconds (the coordination service's heartbeats), and
+    at exit each process waits for the others to be done (its shutdown barrier)."""
+    if not _multi_worker:
+        dist = spec["distributed"]
+        replicas = dist.get("replicas", 1)
+        on_gpus = _job_device(spec, replicas).startswith("/GPU")
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec({"worker": dist["workers"]}), task_type="worker",
+            task_id=dist["node_rank"], rpc_layer="grpc",
+            num_accelerators={"GPU": replicas} if on_gpus else None)
+        # The strategy's coordination service as it would configure it, plus how long to wait
+        # for every machine (its default: an hour). Its heartbeats end a run whose peer is gone.
+        from tensorflow.compiler.xla.tsl.protobuf.coordination_config_pb2 import CoordinatedJob
+        from tensorflow.python.eager import context
+        context.context().configure_coordination_service(
+            service_type="standalone", service_leader="/job:worker/replica:0/task:0",
+            coordinated_jobs=[CoordinatedJob(name="worker", num_tasks=len(dist["workers"]))],
+            cluster_register_timeout_in_ms=int(dist["rdzv_timeout"] * 1000))
+        how = tf.distribute.experimental.CommunicationImplementation
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        _multi_worker.append(tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=resolver, communication_options=tf.distribute.experimental.CommunicationOptions(
+                implementation=how.NCCL if on_gpus else how.RING)))
+        for sig, handler in handlers.items():  # the service's preemption notifier takes SIGTERM
+            if handler is not None:             # over in C; the worker's own handler stops runs
+                signal.signal(sig, handler)
+    return _multi_worker[0]
+
+
+class Collectives:
+    """What the machines of a multi-worker run agree on (see `daemon.worker.TorchCollectives`),
+    over the strategy's own all-reduce: node 0's decisions, every machine's resume point, a
+    shutdown on any machine. Values travel pickled, as torch.distributed's object collectives
+    carry them, padded to a power of two of bytes so that a few shapes cover every call."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.reduce = None
+
+    def _sum(self, values: np.ndarray) -> np.ndarray:
+        """The sum over the machines of `values` (int32); each machine counts once (its first
+        replica's contribution)."""
+        strategy = multi_worker_strategy(self.spec)
+        if self.reduce is None:
+            local = max(1, strategy.num_replicas_in_sync // self.spec["distributed"]["nnodes"])
+
+            def contribute(x):
+                ctx = tf.distribute.get_replica_context()
+                return tf.where(ctx.replica_id_in_sync_group % local == 0, x, tf.zeros_like(x))
+
+            self.reduce = tf.function(
+                lambda x: strategy.reduce("SUM", strategy.run(contribute, args=(x,)), axis=None))
+        return self.reduce(tf.constant(values, tf.int32)).numpy()
+
+    def _exchange(self, mine: bytes | None) -> list[bytes]:
+        """Every machine's bytes (`mine` None: this machine sends nothing)."""
+        nodes, me = self.spec["distributed"]["nnodes"], self.spec["distributed"]["node_rank"]
+        sizes = np.zeros(nodes, np.int32)
+        sizes[me] = -1 if mine is None else len(mine)
+        sizes = self._sum(sizes)
+        width = 1 << max(6, int(sizes.max() - 1).bit_length())
+        rows = np.zeros((nodes, width), np.int32)
+        if mine:
+            rows[me, :len(mine)] = np.frombuffer(mine, np.uint8)
+        rows = self._sum(rows).astype(np.uint8)
+        return [None if n < 0 else rows[k, :n].tobytes() for k, n in enumerate(sizes)]
+
+    def broadcast(self, value):
+        me = self.spec["distributed"]["node_rank"]
+        return pickle.loads(self._exchange(pickle.dumps(value) if me == 0 else None)[0])
+
+    def gather(self, value) -> list:
+        return [pickle.loads(b) for b in self._exchange(pickle.dumps(value))]
+
+    def any(self, flag: bool) -> bool:
+        return bool(self._sum(np.array([1 if flag else 0]))[0] > 0)
+
+    def barrier(self) -> None:
+        self._sum(np.zeros(1))
 
 
 def _save_with_suffix(path: Path, suffix: str, save: Callable[[str], None]) -> None:

@@ -1,7 +1,10 @@
 """Data parallelism through the daemon. PyTorch DDP: two CPU ranks (gloo) started by torch's
 elastic launcher train one job; rank 0 alone writes the log, checkpoints and outputs; pause and
 resume reach every rank and resume bit for bit. TensorFlow MirroredStrategy: two replicas on two
-logical CPU devices in one worker, the same guarantees."""
+logical CPU devices in one worker, the same guarantees. Several machines: two daemons on two
+spools join one job over loopback, through DDP's rendezvous or MultiWorkerMirroredStrategy."""
+import os
+import signal
 import socket
 
 import numpy as np
@@ -9,7 +12,7 @@ import pytest
 
 from daemon import control
 from daemon.spool import Spool
-from tests.conftest import (DaemonProcess, classification_csv, drop_job, events_of, model_weights,
+from tests.conftest import (DaemonProcess, classification_csv, drop_job, events_of, last, model_weights,
                             same_weights, seed_job, wait_for_event, wait_for_status, wait_until)
 
 DDP = {"distributed": {"processes": 2}, "devices": "cpu"}
@@ -67,9 +70,6 @@ def test_a_pause_reaches_every_rank_and_the_resumed_run_ends_bit_for_bit(tmp_pat
 def test_a_rank_killed_mid_run_is_a_crash_that_resumes_from_the_last_checkpoint(tmp_path, spool, daemon_factory):
     """kill -9 of rank 1 alone: the launcher stops rank 0, the daemon records a crash and
     retries, and the job still ends with an untouched run's weights."""
-    import os
-    import signal
-
     import psutil
     data = classification_csv(tmp_path / "train.csv", rows=12000)
     job = lambda out, **kw: seed_job(data, out, epochs=2, batch_size=2,
@@ -213,13 +213,13 @@ def test_two_machines_pause_together_stop_together_and_resume_bit_for_bit(tmp_pa
         wait_until(lambda: any(r["type"] == "progress" and r["epoch"] == 2 for r in events_of(spools[0], "j")),
                    180, what="node 0 in epoch 2")
         control.drop(Spool(spools[0]), "j", "pause")
-        paused = [wait_for_event(s, "j", "paused")[-1] for s in spools]
+        paused = [last(wait_for_event(s, "j", "paused"), "paused") for s in spools]
         assert paused[0]["step"] == paused[1]["step"] > 0 and paused[0]["epoch"] == paused[1]["epoch"] == 2
         damaged = spools[1] / "jobs" / "j" / paused[1]["checkpoint"]
         damaged.write_bytes(damaged.read_bytes()[:-100] + bytes(100))
         for s in spools:
             control.drop(Spool(s), "j", "resume")
-        runs = [wait_for_event(s, "j", "run_started", count=2)[-1] for s in spools]
+        runs = [last(wait_for_event(s, "j", "run_started", count=2), "run_started") for s in spools]
         assert [r["resumed_from"]["epoch"] for r in runs] == [1, 1]  # both from the end of epoch 1
         assert [r["resumed_from"]["step"] for r in runs] == [runs[0]["steps_per_epoch"]] * 2
         wait_for_event(spools[1], "j", "progress", count=len([r for r in events_of(spools[1], "j")
@@ -242,6 +242,104 @@ def test_two_machines_pause_together_stop_together_and_resume_bit_for_bit(tmp_pa
     ref = model_weights(tmp_path / "ref" / "model.safetensors")
     for k in (0, 1):
         assert same_weights(model_weights(tmp_path / f"out{k}" / "model.safetensors"), ref)
+
+
+def two_worker_job(data, out, node_rank: int, ports: list[int], **overrides) -> dict:
+    dist = {"strategy": "mirrored", "workers": [f"127.0.0.1:{p}" for p in ports], "node_rank": node_rank,
+            "rdzv_timeout": 120}
+    return seed_job(data, out, **{"epochs": 2, "batch_size": 16, "devices": "cpu", "distributed": dist,
+                                  "framework": "tensorflow",
+                                  "algorithm_params": {"hidden_units": [16], "dropout_rate": 0.0},
+                                  **overrides})
+
+
+def test_one_tensorflow_job_on_two_machines_multi_worker_mirrored(tmp_path):
+    """TensorFlow on two machines: two daemons on two spools, each given the job with its
+    node_rank and the list of both machines' addresses, run one MultiWorkerMirroredStrategy of
+    two replicas. Each machine writes its own log, checkpoints and outputs; both end with the
+    weights of two mirrored replicas in one process."""
+    data = classification_csv(tmp_path / "train.csv", rows=1000)
+    ports = [free_port(), free_port()]
+    spools = [tmp_path / "node0" / "spool", tmp_path / "node1" / "spool"]
+    for s in spools:
+        Spool(s).ensure()
+    daemons = [DaemonProcess(s) for s in spools]
+    try:
+        for k, spool in enumerate(spools):
+            drop_job(spool, "j.json", two_worker_job(data, tmp_path / f"out{k}", k, ports))
+        states = [wait_for_status(spool, "j", "completed", timeout=240) for spool in spools]
+        drop_job(spools[0], "ref.json", seed_job(data, tmp_path / "ref", epochs=2, batch_size=16, devices="cpu",
+                                                 framework="tensorflow", distributed={"strategy": "mirrored"},
+                                                 algorithm_params={"hidden_units": [16], "dropout_rate": 0.0}))
+        wait_for_status(spools[0], "ref", "completed", timeout=180)
+    finally:
+        for d in daemons:
+            d.stop()
+    for spool, state in zip(spools, states):
+        run = next(r for r in events_of(spool, "j") if r["type"] == "run_started")
+        assert run["devices"] == ["cpu"] and run["steps_per_epoch"] == 25  # 800 rows / (2 x 16)
+        assert [h["epoch"] for h in state.history] == [1, 2]
+        assert list((spool / "jobs" / "j" / "checkpoints").glob("*.h5"))  # each machine its own
+    a, b = (model_weights(tmp_path / f"out{k}" / "model.weights.h5") for k in (0, 1))
+    assert same_weights(a, b)
+    assert [h["train_loss"] for h in states[0].history] == [h["train_loss"] for h in states[1].history]
+    ref = model_weights(tmp_path / "ref" / "model.weights.h5")
+    for k in a:
+        np.testing.assert_allclose(a[k], ref[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.slow
+def test_two_tensorflow_machines_pause_together_stop_together_and_resume_bit_for_bit(tmp_path):
+    """The multi-worker job paused on node 0 pauses both machines at one step; resumed on
+    both, node 1's daemon is stopped (SIGTERM) and both checkpoint and stop at one step; node 0
+    waits for node 1's daemon to come back. Then node 1's worker is killed (-9): node 0's run
+    fails in its next collective, both daemons record a crash and retry, and the machines meet
+    again. Dropout on: the end is an undisturbed run's."""
+    data = classification_csv(tmp_path / "train.csv", rows=8000)  # 1,600 steps an epoch, seconds
+    ports = [free_port(), free_port()]
+    spools = [tmp_path / "node0" / "spool", tmp_path / "node1" / "spool"]
+    for s in spools:
+        Spool(s).ensure()
+    params = {"epochs": 4, "batch_size": 2, "algorithm_params": {"hidden_units": [16], "dropout_rate": 0.2}}
+    daemons = [DaemonProcess(s) for s in spools]
+    try:
+        for k, spool in enumerate(spools):
+            drop_job(spool, "j.json", two_worker_job(data, tmp_path / f"out{k}", k, ports, **params))
+        wait_for_event(spools[0], "j", "progress", timeout=180)
+        control.drop(Spool(spools[0]), "j", "pause")
+        paused = [last(wait_for_event(s, "j", "paused"), "paused") for s in spools]
+        assert (paused[0]["epoch"], paused[0]["step"]) == (paused[1]["epoch"], paused[1]["step"])
+        assert paused[0]["step"] > 0
+        for s in spools:
+            control.drop(Spool(s), "j", "resume")
+        for s in spools:
+            wait_for_event(s, "j", "run_started", count=2)
+        wait_for_event(spools[1], "j", "progress", count=len([r for r in events_of(spools[1], "j")
+                                                               if r["type"] == "progress"]) + 1, timeout=180)
+        daemons[1].stop()
+        stops = [next(r for r in reversed(events_of(s, "j")) if r["type"] == "interrupted") for s in spools]
+        assert stops[0]["reason"] == stops[1]["reason"] == "shutdown"
+        assert (stops[0]["epoch"], stops[0]["step"]) == (stops[1]["epoch"], stops[1]["step"])
+        daemons[1] = DaemonProcess(spools[1])
+        runs = [last(wait_for_event(s, "j", "run_started", count=3, timeout=180), "run_started") for s in spools]
+        wait_for_event(spools[1], "j", "progress", count=len([r for r in events_of(spools[1], "j")
+                                                               if r["type"] == "progress"]) + 1, timeout=180)
+        os.kill(runs[1]["pid"], signal.SIGKILL)  # node 1's worker dies; node 0's sees it go
+        states = [wait_for_status(s, "j", "completed", timeout=300) for s in spools]
+        for k, spool in enumerate(spools):
+            drop_job(spool, "ref.json", two_worker_job(data, tmp_path / f"ref{k}", k, ports, **params))
+        for s in spools:
+            wait_for_status(s, "ref", "completed", timeout=300)
+    finally:
+        for d in daemons:
+            d.stop()
+    for spool, state in zip(spools, states):
+        assert [h["epoch"] for h in state.history] == [1, 2, 3, 4]
+        assert any(r["type"] == "interrupted" and r["crash"] for r in events_of(spool, "j"))
+    ref = model_weights(tmp_path / "ref0" / "model.weights.h5")
+    for k in (0, 1):
+        assert same_weights(model_weights(tmp_path / f"out{k}" / "model.weights.h5"), ref)
+    assert same_weights(model_weights(tmp_path / "ref1" / "model.weights.h5"), ref)
 
 
 @pytest.mark.parametrize("framework, dist", [

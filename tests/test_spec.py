@@ -91,7 +91,23 @@ def test_defaults_are_filled_and_the_seeds_short_forms_moved(tmp_path):
     (minimal(distributed={"nnodes": 2, "rdzv_endpoint": "10.0.0.1"}), ['"distributed.rdzv_endpoint"']),
     (minimal(distributed={"nnodes": 2, "rdzv_endpoint": "h:70000"}), ["no valid port"]),
     (minimal(distributed={"nnodes": 2, "rdzv_endpoint": "h:1", "strategy": "mirrored"}, framework="tf"),
-     ['several machines (distributed.nnodes > 1) are for "ddp"']),
+     ['"mirrored" on 2 machines needs distributed.workers', 'rdzv_endpoint is for "ddp"']),
+    (minimal(distributed={"workers": ["a:1", "b:1"]}), ['distributed.workers is for "mirrored"']),
+    (minimal(distributed={"strategy": "mirrored", "workers": ["a:1", "b:1"], "nnodes": 3}, framework="tf"),
+     ["nnodes is 3 but distributed.workers names 2 machines"]),
+    (minimal(distributed={"strategy": "mirrored", "workers": ["a:1", "a:1"]}, framework="tf"),
+     ["names an address more than once"]),
+    (minimal(distributed={"strategy": "mirrored", "workers": ["a:1"]}, framework="tf"),
+     ['"distributed.workers"', 'Received: ["a:1"]']),
+    (minimal(distributed={"strategy": "mirrored", "workers": ["a:1", "b"]}, framework="tf"),
+     ['"distributed.workers[1]"', 'Received: "b"']),
+    (minimal(distributed={"strategy": "mirrored", "workers": ["a:1", "b:0"]}, framework="tf"), ["no valid port"]),
+    (minimal(distributed={"strategy": "mirrored", "workers": ["a:1", "b:1"], "replicas": 2}, framework="tf"),
+     ["one replica on each machine's CPU", "replicas 1"]),
+    (minimal(distributed={"strategy": "mirrored", "workers": ["a:1", "b:1"], "node_rank": 2}, framework="tf"),
+     ["spans 2 machine(s)", "node_rank in [0, 1]"]),
+    (minimal(devices=2, distributed={"strategy": "mirrored", "workers": ["a:1", "b:1"], "replicas": 1}, framework="tf"),
+     ["devices names 2 GPU(s) but distributed.replicas is 1"]),
     (minimal(data={"streaming": "yes"}), ['"data.streaming"', 'Received: "yes"']),
     (minimal(data={"chunk_rows": 0}), ['"data.chunk_rows"', "Received: 0"]),
     (minimal(data={"shuffle_chunk": 2}), ['"data.shuffle_chunk"', 'Did you mean "shuffle_chunks"?']),
@@ -155,6 +171,18 @@ def test_aliases():
         assert spec.validate(minimal(framework=alias)).framework == "tensorflow"
     assert spec.validate(minimal(learning_rate_scheduler="ReduceLROnPlateau")).learning_rate_scheduler.name == "plateau"
     assert spec.validate(minimal(early_stopping={"monitor": "accuracy"})).early_stopping.monitor == "train_accuracy"
+
+
+@pytest.mark.parametrize("devices, replicas", [("cpu", 1), (2, 2)])
+def test_mirrored_on_several_machines_counts_them_from_workers(tmp_path, devices, replicas):
+    raw = minimal(framework="tf", devices=devices,
+                  distributed={"strategy": "mirrored", "workers": ["a:1", "b:1", "c:1"], "node_rank": 2})
+    n = spec.normalise(spec.validate(raw), job_id="j", base_dir=tmp_path, spool_root=tmp_path / "spool",
+                       allow_roots=[tmp_path])
+    assert n["distributed"]["nnodes"] == 3 and n["distributed"]["replicas"] == replicas
+    one = spec.normalise(spec.validate(minimal(framework="tf", distributed={"strategy": "mirrored"})),
+                         job_id="j", base_dir=tmp_path, spool_root=tmp_path / "spool", allow_roots=[tmp_path])
+    assert one["distributed"]["nnodes"] == 1 and one["distributed"]["replicas"] == 2
 
 
 def test_relative_paths_resolve_against_the_base_folder(tmp_path):
