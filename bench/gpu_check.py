@@ -10,8 +10,9 @@ Through the real daemon, on the bench's generated data (seed MLP, 20 features):
 3. PyTorch `mixed_precision: "auto"` (bf16 where the GPU has it) completes with finite losses.
 4. TensorFlow on CUDA: names the GPU, and thanks to memory growth holds a small part of it
    (`gpu_memory` well under the GPU's total) rather than all of it.
-5. With two GPUs or more: DDP over NCCL and MirroredStrategy over two GPUs complete, and two
-   one-GPU jobs run on different GPUs (`run_started.gpus`).
+5. With two GPUs or more: DDP over NCCL and MirroredStrategy over two GPUs complete, two
+   one-GPU jobs run on different GPUs (`run_started.gpus`), and a MultiWorkerMirrored job
+   spans two daemons of one GPU each, as two machines would.
 Then speed: epochd's CUDA epochs against a hand-written CUDA loop, with and without a CUDA
 graph of the whole step (forward, backward, Adam), at batch 32 and 256.
 
@@ -130,10 +131,11 @@ def check_tensorflow(spool: Path, train: Path, val: Path, device: str, gpu: bool
 
 
 def check_several_gpus(spool: Path, train: Path, val: Path, gpus: int) -> None:
-    """DDP over NCCL and MirroredStrategy over two GPUs; two one-GPU jobs on different GPUs."""
+    """DDP over NCCL and MirroredStrategy over two GPUs; two one-GPU jobs on different GPUs;
+    a multi-worker TensorFlow job over two one-GPU "machines"."""
     names = ("DDP over NCCL, 2 GPUs", "MirroredStrategy, 2 GPUs", "two jobs side by side on two GPUs")
     if gpus < 2:
-        for name in names:
+        for name in names + ("MultiWorkerMirrored, 2 nodes x 1 GPU",):
             report(name, None, f"needs 2 GPUs; {gpus} visible")
         return
     for name, job in zip(names, (
@@ -157,6 +159,33 @@ def check_several_gpus(spool: Path, train: Path, val: Path, gpus: int) -> None:
     overlap = runs[1][0]["ts"] < runs[0][-1]["ts"] and runs[0][0]["ts"] < runs[1][-1]["ts"]
     report(names[2], all(rs[-1]["type"] == "completed" for rs in runs) and given[0] != given[1]
            and overlap, f"gpus {given}, {'at the same time' if overlap else 'one after the other'}")
+    check_multi_worker(spool.parent, train, val)
+
+
+def check_multi_worker(folder: Path, train: Path, val: Path) -> None:
+    """MultiWorkerMirroredStrategy over NCCL: two daemons, one GPU each (`--gpus 0`, `--gpus 1`),
+    stand for two machines meeting over loopback."""
+    import socket
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    spools = [folder / f"node{k}-spool" for k in range(2)]
+    daemons = [Daemon(s, extra=("--gpus", str(k))) for k, s in enumerate(spools)]
+    try:
+        for k, s in enumerate(spools):
+            submit(s, "mw", seed_job(train, val, 256, 2, framework="tensorflow") | {
+                "devices": 1, "distributed": {"strategy": "mirrored", "node_rank": k, "rdzv_timeout": 300,
+                                              "workers": [f"127.0.0.1:{p}" for p in ports]}})
+        runs = [wait(s, "mw", lambda r: r[-1]["type"] in ("completed", "failed"), poll=0.5) for s in spools]
+    finally:
+        for d in daemons:
+            d.stop()
+    losses = [[r["train_loss"] for r in rs if r["type"] == "epoch_completed"] for rs in runs]
+    report("MultiWorkerMirrored, 2 nodes x 1 GPU", all(rs[-1]["type"] == "completed" for rs in runs)
+           and losses[0] == losses[1] and all(np.isfinite(losses[0])),
+           f"{[rs[-1]['type'] for rs in runs]}: train_loss {losses[0]} / {losses[1]}")
 
 
 # ---------------------------------------------------------------- speed

@@ -108,11 +108,11 @@ def hand_loop(train: Path, batch: int, epochs: int) -> tuple[list[float], list[f
 
 
 class Daemon:
-    def __init__(self, spool: Path, max_jobs: int = 1):
+    def __init__(self, spool: Path, max_jobs: int = 1, extra: tuple[str, ...] = ()):
         self.spool = spool
         Spool(spool).ensure()
         self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--spool", str(spool),
-                                      "--max-jobs", str(max_jobs)], cwd=ROOT, stderr=subprocess.DEVNULL,
+                                      "--max-jobs", str(max_jobs), *extra], cwd=ROOT, stderr=subprocess.DEVNULL,
                                      preexec_fn=pin_measured)  # its workers inherit the CPU
 
     def stop(self):
