@@ -50,6 +50,11 @@ class DeviceUnavailable(EpochdError):
     """The job asks for a device this machine does not have."""
 
 
+class PortInUse(EpochdError):
+    """A port the job's worker must listen on is held by another program. Freeing it fixes
+    that: the failure is retryable."""
+
+
 class Diverged(EpochdError):
     """Training produced a non-finite loss: more epochs cannot fix it."""
 

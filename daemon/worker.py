@@ -27,7 +27,7 @@ import orjson
 
 from . import control, faults, foldcache, policies
 from .errors import (CheckpointInvalid, DataError, DeviceUnavailable, Diverged, EngineUnavailable,
-                     PathNotAllowed, memory_limit_message)
+                     PathNotAllowed, PortInUse, memory_limit_message)
 from .eventlog import EventLog, read_foldable, utc_now
 from .events import (BestModelSaved, Cancelled, CheckpointRejected, CheckpointRemoved,
                      CheckpointSaved, Completed, EarlyStopped, EpochCompleted, Event, Failed,
@@ -45,7 +45,7 @@ EXIT_LOCKED = 75           # another live worker holds the job (EX_TEMPFAIL)
 CHUNK_SECONDS = 0.2        # engine call length: bounds pause latency and progress granularity
 PROGRESS_SECONDS = 1.0     # at most one progress event a second
 CACHE_EVERY_BYTES = 4 << 20  # refresh the fold cache every 4 MiB of log: a replay folds the rest
-EXPECTED_ERRORS = (DataError, PathNotAllowed, DeviceUnavailable, Diverged, EngineUnavailable)
+EXPECTED_ERRORS = (DataError, PathNotAllowed, DeviceUnavailable, Diverged, EngineUnavailable, PortInUse)
 
 
 class StopRun(Exception):
@@ -585,7 +585,7 @@ class Worker:
 
     def fail(self, e: Exception) -> None:
         expected = isinstance(e, EXPECTED_ERRORS)
-        retryable = isinstance(e, MemoryError) or (
+        retryable = isinstance(e, (MemoryError, PortInUse)) or (
             isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EIO, errno.EROFS, errno.ENOMEM))
         if self.world > 1 and not (expected or retryable):
             # in a DDP rank an unexpected error is most often a peer's death seen through the
@@ -597,6 +597,8 @@ class Worker:
         log.error("job %s: failed: %s: %s", self.job_id, type(e).__name__, e,
                   exc_info=not expected)
         message = str(e) or repr(e)
+        if isinstance(e, PortInUse):
+            message += f' Then "epochd resume {self.job_id}" runs it again.'
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EIO, errno.EROFS):
             what = {errno.ENOSPC: "the disk is full", errno.EIO: "the disk reported an I/O error",
                     errno.EROFS: "the filesystem is read-only (a disk error makes ext4 and others "

@@ -30,11 +30,13 @@ Files, none of them loaded by unpickling or by `keras.models.load_model`:
 The framework's weight decay follows the PyTorch engine's meaning: "adam", "sgd" and "rmsprop" add
 weight_decay * w to the gradient (L2), "adamw" decays the weights directly (decoupled).
 """
+import errno
 import json
 import math
 import os
 import pickle
 import signal
+import socket
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -46,7 +48,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
-from daemon.errors import CheckpointInvalid, DeviceUnavailable  # noqa: E402
+from daemon.errors import CheckpointInvalid, DeviceUnavailable, PortInUse  # noqa: E402
 
 from . import Engine, architecture, gpu_name, gpu_plan, job_threads  # noqa: E402
 from .data import Prepared, epoch_order, regression_scale  # noqa: E402
@@ -569,6 +571,7 @@ def multi_worker_strategy(spec: dict) -> tf.distribute.MultiWorkerMirroredStrate
     at exit each process waits for the others to be done (its shutdown barrier)."""
     if not _multi_worker:
         dist = spec["distributed"]
+        _check_port(dist["workers"][dist["node_rank"]], dist["node_rank"])
         replicas = dist.get("replicas", 1)
         on_gpus = _job_device(spec, replicas).startswith("/GPU")
         resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
@@ -592,6 +595,24 @@ def multi_worker_strategy(spec: dict) -> tf.distribute.MultiWorkerMirroredStrate
             if handler is not None:             # over in C; the worker's own handler stops runs
                 signal.signal(sig, handler)
     return _multi_worker[0]
+
+
+def _check_port(address: str, node_rank: int) -> None:
+    """This machine's TensorFlow server listens on the port of its `workers` entry: one that
+    another program holds would fail deep inside gRPC; say so plainly instead."""
+    port = int(address.rsplit(":", 1)[1])
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a past run's TIME_WAIT is no obstacle
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            raise PortInUse(
+                f"port {port} of this machine's entry in distributed.workers ({address}, node_rank "
+                f"{node_rank}) is in use by another program. Expected: a free port there for "
+                "TensorFlow's server. Free it, or submit the job again on every machine with a "
+                "free port in workers.") from None
 
 
 class Collectives:

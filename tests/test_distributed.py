@@ -288,6 +288,34 @@ def test_one_tensorflow_job_on_two_machines_multi_worker_mirrored(tmp_path):
         np.testing.assert_allclose(a[k], ref[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
+def test_a_port_another_program_holds_fails_the_job_until_it_is_free_then_resume_runs_it(tmp_path):
+    """Node 0's entry in workers names a port another program listens on: node 0's run fails at
+    once, retryable, saying which port and what to do; freed, `resume` runs the job with node 1."""
+    data = classification_csv(tmp_path / "train.csv", rows=200)
+    spools = [tmp_path / "node0" / "spool", tmp_path / "node1" / "spool"]
+    for s in spools:
+        Spool(s).ensure()
+    daemons = [DaemonProcess(spools[0])]
+    try:
+        with socket.socket() as held:
+            held.bind(("", 0))
+            held.listen()
+            ports = [held.getsockname()[1], free_port()]
+            drop_job(spools[0], "j.json", two_worker_job(data, tmp_path / "out0", 0, ports))
+            wait_for_status(spools[0], "j", "failed", timeout=120)
+        failed = last(events_of(spools[0], "j"), "failed")
+        assert failed["error"] == "PortInUse" and failed["retryable"], failed
+        assert f"port {ports[0]}" in failed["message"] and 'epochd resume j' in failed["message"]
+        daemons.append(DaemonProcess(spools[1]))
+        drop_job(spools[1], "j.json", two_worker_job(data, tmp_path / "out1", 1, ports))
+        control.drop(Spool(spools[0]), "j", "resume")
+        for s in spools:
+            wait_for_status(s, "j", "completed", timeout=180)
+    finally:
+        for d in daemons:
+            d.stop()
+
+
 @pytest.mark.slow
 def test_two_tensorflow_machines_pause_together_stop_together_and_resume_bit_for_bit(tmp_path):
     """The multi-worker job paused on node 0 pauses both machines at one step; resumed on
