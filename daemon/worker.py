@@ -77,7 +77,9 @@ class Worker:
     on files (`agree` hands it to the others); each machine's first rank (its leader: rank 0
     on one machine) writes that machine's events, checkpoints and outputs; the other ranks
     apply the same events to their own state without writing them, so the decisions taken
-    from the history (schedules, early stopping) are the same everywhere."""
+    from the history (schedules, early stopping) are the same everywhere. A TensorFlow job on
+    several machines has one Worker per machine, each its machine's leader, node 0 deciding.
+    `comm` carries what they agree on (`TorchCollectives` or `tf_engine.Collectives`)."""
 
     def __init__(self, spool: Spool, job_id: str, events: EventLog | None, flags: Flags, cpu_share: int,
                  rank: int = 0, world: int = 1, records: list[dict] | None = None, comm=None):

@@ -288,6 +288,7 @@ def test_one_tensorflow_job_on_two_machines_multi_worker_mirrored(tmp_path):
         np.testing.assert_allclose(a[k], ref[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
+@pytest.mark.slow
 def test_a_port_another_program_holds_fails_the_job_until_it_is_free_then_resume_runs_it(tmp_path):
     """Node 0's entry in workers names a port another program listens on: node 0's run fails at
     once, retryable, saying which port and what to do; freed, `resume` runs the job with node 1."""
