@@ -50,6 +50,11 @@ class DeviceUnavailable(EpochdError):
     """The job asks for a device this machine does not have."""
 
 
+class MachinesDisagree(EpochdError):
+    """The machines of one job were given different job files or different data: their
+    collectives would not match. Retrying cannot fix it."""
+
+
 class PortInUse(EpochdError):
     """A port the job's worker must listen on is held by another program. Freeing it fixes
     that: the failure is retryable."""

@@ -12,6 +12,7 @@ pure function of the log (see `policies`), so a resumed job decides exactly as i
 """
 import argparse
 import errno
+import hashlib
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ import orjson
 
 from . import control, faults, foldcache, policies
 from .errors import (CheckpointInvalid, DataError, DeviceUnavailable, Diverged, EngineUnavailable,
-                     PathNotAllowed, PortInUse, memory_limit_message)
+                     MachinesDisagree, PathNotAllowed, PortInUse, memory_limit_message)
 from .eventlog import EventLog, read_foldable, utc_now
 from .events import (BestModelSaved, Cancelled, CheckpointRejected, CheckpointRemoved,
                      CheckpointSaved, Completed, EarlyStopped, EpochCompleted, Event, Failed,
@@ -45,7 +46,8 @@ EXIT_LOCKED = 75           # another live worker holds the job (EX_TEMPFAIL)
 CHUNK_SECONDS = 0.2        # engine call length: bounds pause latency and progress granularity
 PROGRESS_SECONDS = 1.0     # at most one progress event a second
 CACHE_EVERY_BYTES = 4 << 20  # refresh the fold cache every 4 MiB of log: a replay folds the rest
-EXPECTED_ERRORS = (DataError, PathNotAllowed, DeviceUnavailable, Diverged, EngineUnavailable, PortInUse)
+EXPECTED_ERRORS = (DataError, PathNotAllowed, DeviceUnavailable, Diverged, EngineUnavailable, PortInUse,
+                   MachinesDisagree)
 
 
 class StopRun(Exception):
@@ -146,6 +148,8 @@ class Worker:
                 self.data = prepare(spec, folder)
         else:
             self.data = prepare(spec, folder)
+        if self.world > 1 and (spec.get("distributed") or {}).get("nnodes", 1) > 1:
+            self.check_machines_agree()
         self.monitor, self.mode = self.choose_monitor()
         self.out_dir = self.output_dir()
         self.engine_cls = load_engine(spec["framework"])
@@ -416,6 +420,20 @@ class Worker:
             if self.leader:
                 (self.job_dir / c["path"]).unlink(missing_ok=True)
 
+    def check_machines_agree(self) -> None:
+        """Every machine of a multi-machine job must train the same job on the same data, or
+        their collectives stop matching (a hang, or wrong updates): compare before training."""
+        node = self.spec["distributed"]["node_rank"]
+        every = dict(self.comm.gather((node, machine_fingerprint(self.spec, self.data))))
+        differences = machine_differences(every)
+        if differences:
+            raise MachinesDisagree(
+                f"the machines of this job were not given the same job and data: "
+                f"{'; '.join(differences)}. Expected: the same job file on every machine but for "
+                f"distributed.node_rank (each machine's paths, output_path, name, priority, "
+                f"threads and limits may differ), and the same data. Fix it, then submit the job "
+                f"again on every machine.")
+
     def agree_on_resume(self, checkpoint: dict | None) -> dict | None:
         """Every rank resumes from the same point. Ranks on one machine read one log and agree
         already; machines can differ when one crashed between writing a checkpoint and the
@@ -611,6 +629,45 @@ class Worker:
         self.record(Failed(error=type(e).__name__, message=message,
                            traceback=None if expected else traceback.format_exc(),
                            retryable=retryable))
+
+
+MACHINE_OWN = ("name", "output_path", "train_data_path", "val_data_path", "priority", "threads", "limits")
+
+
+def machine_fingerprint(spec: dict, data) -> dict:
+    """What the machines of one job must have alike: the job file but for each machine's own
+    settings (`MACHINE_OWN`, `distributed.node_rank`), and the data as read (its rows, and the
+    preprocessing fitted on them, which any change in the rows changes)."""
+    same = {key: value for key, value in spec.items() if key not in MACHINE_OWN}
+    same["distributed"] = {key: value for key, value in spec["distributed"].items() if key != "node_rank"}
+    same["data rows"] = [data.n_train, data.n_val]
+    digest = hashlib.sha256(orjson.dumps(data.preprocess, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    same["data (preprocessing fitted on it)"] = digest[:12]
+    return same
+
+
+def machine_differences(every: dict[int, dict]) -> list[str]:
+    """"key: A on node 0, B on node 1" for each setting whose value is not the same on every
+    node of `every` (node -> its fingerprint), nested keys dotted."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in d.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+    flats = {node: flat(fingerprint) for node, fingerprint in sorted(every.items())}
+    keys = sorted(set().union(*flats.values()))
+    missing = object()
+    differences = []
+    for key in keys:
+        values = {node: f.get(key, missing) for node, f in flats.items()}
+        if len({orjson.dumps(v) if v is not missing else b"-" for v in values.values()}) > 1:
+            differences.append(f"{key}: " + ", ".join(
+                f"{'(none)' if v is missing else orjson.dumps(v).decode()} on node {node}"
+                for node, v in values.items()))
+    return differences
 
 
 class TorchCollectives:

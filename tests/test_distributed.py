@@ -192,6 +192,48 @@ def test_one_job_on_two_machines_two_daemons_one_rendezvous(tmp_path):
         np.testing.assert_allclose(a[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+def test_the_machines_of_a_job_differ_only_where_each_has_its_own_setting():
+    from types import SimpleNamespace
+
+    from daemon.worker import machine_differences, machine_fingerprint
+    spec = {"epochs": 2, "batch_size": 16, "output_path": "/a", "train_data_path": "/d/a.csv",
+            "optimizer": {"name": "adam", "lr": 0.1}, "distributed": {"nnodes": 2, "node_rank": 0}}
+    data = SimpleNamespace(n_train=800, n_val=200, preprocess={"mean": [0.5], "input_dim": 1})
+    other = {**spec, "output_path": "/b", "train_data_path": "/e/b.csv", "distributed": {"nnodes": 2, "node_rank": 1}}
+    same = machine_differences({0: machine_fingerprint(spec, data), 1: machine_fingerprint(other, data)})
+    assert same == []
+    other |= {"batch_size": 32, "optimizer": {"name": "adam", "lr": 0.2}}
+    other_data = SimpleNamespace(n_train=800, n_val=200, preprocess={"mean": [0.6], "input_dim": 1})
+    differences = machine_differences({0: machine_fingerprint(spec, data), 1: machine_fingerprint(other, other_data)})
+    assert differences[0] == "batch_size: 16 on node 0, 32 on node 1"
+    assert "optimizer.lr: 0.1 on node 0, 0.2 on node 1" in differences
+    assert any(d.startswith("data (preprocessing fitted on it): ") for d in differences)
+    assert len(differences) == 3
+
+
+@pytest.mark.slow
+def test_machines_given_different_job_files_fail_together_naming_the_difference(tmp_path):
+    """Node 1's job file has another batch_size: both machines fail at the start, before any
+    step, each saying what differs, instead of hanging in a collective."""
+    data = classification_csv(tmp_path / "train.csv", rows=200)
+    port = free_port()
+    spools = [tmp_path / "node0" / "spool", tmp_path / "node1" / "spool"]
+    for s in spools:
+        Spool(s).ensure()
+    daemons = [DaemonProcess(s) for s in spools]
+    try:
+        for k, spool in enumerate(spools):
+            drop_job(spool, "j.json", two_node_job(data, tmp_path / f"out{k}", k, port, batch_size=16 * (k + 1)))
+        failures = [last(wait_for_event(s, "j", "failed", timeout=180), "failed") for s in spools]
+    finally:
+        for d in daemons:
+            d.stop()
+    for failed in failures:
+        assert failed["error"] == "MachinesDisagree" and not failed["retryable"]
+        assert "batch_size: 16 on node 0, 32 on node 1" in failed["message"]
+    assert not any(r["type"] == "epoch_completed" for s in spools for r in events_of(s, "j"))
+
+
 @pytest.mark.slow
 def test_two_machines_pause_together_stop_together_and_resume_bit_for_bit(tmp_path):
     """A pause dropped on node 0 pauses both machines at one step (in epoch 2). Node 1's pause
