@@ -441,3 +441,35 @@ def test_streaming_data_parallel_equals_one_process_streaming_the_global_batch(t
     assert [h["val_loss"] for h in par.history] == pytest.approx([h["val_loss"] for h in one.history], rel=1e-4)
     wait_until(lambda: not Spool(spool).stream_dir("par").exists(), 30,
                what="the daemon to remove the ended job's streaming cache")
+
+
+@pytest.mark.slow
+def test_streaming_on_two_tensorflow_machines_equals_one_process_streaming_the_global_batch(tmp_path):
+    """Each machine of a multi-worker job encodes its own cache and reads the same windows in
+    the same order: two machines x 16 rows a step train as one process with 32."""
+    csv = classification_csv(tmp_path / "train.csv", rows=1000)
+    streaming = {"data": {"streaming": True, "chunk_rows": 100, "shuffle_chunks": 2}}
+    ports = [free_port(), free_port()]
+    spools = [tmp_path / "node0" / "spool", tmp_path / "node1" / "spool"]
+    for s in spools:
+        Spool(s).ensure()
+    daemons = [DaemonProcess(s) for s in spools]
+    try:
+        for k, spool in enumerate(spools):
+            drop_job(spool, "j.json", two_worker_job(csv, tmp_path / f"out{k}", k, ports) | streaming)
+        drop_job(spools[0], "one.json", seed_job(csv, tmp_path / "one", epochs=2, batch_size=32, devices="cpu",
+                                                 framework="tensorflow",
+                                                 algorithm_params={"hidden_units": [16], "dropout_rate": 0.0})
+                 | streaming)
+        states = [wait_for_status(s, "j", "completed", timeout=240) for s in spools]
+        one = wait_for_status(spools[0], "one", "completed", timeout=240)
+    finally:
+        for d in daemons:
+            d.stop()
+    ref = model_weights(tmp_path / "one" / "model.weights.h5")
+    for k in (0, 1):
+        a = model_weights(tmp_path / f"out{k}" / "model.weights.h5")
+        for key in a:
+            np.testing.assert_allclose(a[key], ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    for state in states:
+        assert [h["train_accuracy"] for h in state.history] == [h["train_accuracy"] for h in one.history]
