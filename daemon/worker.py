@@ -431,8 +431,8 @@ class Worker:
                 f"the machines of this job were not given the same job and data: "
                 f"{'; '.join(differences)}. Expected: the same job file on every machine but for "
                 f"distributed.node_rank (each machine's paths, output_path, name, priority, "
-                f"threads and limits may differ), and the same data. Fix it, then submit the job "
-                f"again on every machine.")
+                f"threads, limits, rdzv_timeout and which GPUs may differ), and the same data. Fix "
+                f"it, then submit the job again on every machine.")
 
     def agree_on_resume(self, checkpoint: dict | None) -> dict | None:
         """Every rank resumes from the same point. Ranks on one machine read one log and agree
@@ -636,10 +636,13 @@ MACHINE_OWN = ("name", "output_path", "train_data_path", "val_data_path", "prior
 
 def machine_fingerprint(spec: dict, data) -> dict:
     """What the machines of one job must have alike: the job file but for each machine's own
-    settings (`MACHINE_OWN`, `distributed.node_rank`), and the data as read (its rows, and the
-    preprocessing fitted on them, which any change in the rows changes)."""
+    settings (`MACHINE_OWN`, `distributed.node_rank` and `rdzv_timeout`, which GPUs `devices`
+    names: only how many), and the data as read (its rows, and the preprocessing fitted on
+    them, which any change in the rows changes)."""
     same = {key: value for key, value in spec.items() if key not in MACHINE_OWN}
-    same["distributed"] = {key: value for key, value in spec["distributed"].items() if key != "node_rank"}
+    same["devices"] = f"{gpu_count_asked(spec['devices'])} GPU(s)"
+    same["distributed"] = {key: value for key, value in spec["distributed"].items()
+                           if key not in ("node_rank", "rdzv_timeout")}
     same["data rows"] = [data.n_train, data.n_val]
     digest = hashlib.sha256(orjson.dumps(data.preprocess, option=orjson.OPT_SORT_KEYS)).hexdigest()
     same["data (preprocessing fitted on it)"] = digest[:12]

@@ -196,19 +196,21 @@ def test_the_machines_of_a_job_differ_only_where_each_has_its_own_setting():
     from types import SimpleNamespace
 
     from daemon.worker import machine_differences, machine_fingerprint
-    spec = {"epochs": 2, "batch_size": 16, "output_path": "/a", "train_data_path": "/d/a.csv",
-            "optimizer": {"name": "adam", "lr": 0.1}, "distributed": {"nnodes": 2, "node_rank": 0}}
+    spec = {"epochs": 2, "batch_size": 16, "output_path": "/a", "train_data_path": "/d/a.csv", "devices": [0, 1],
+            "optimizer": {"name": "adam", "lr": 0.1}, "distributed": {"nnodes": 2, "node_rank": 0, "rdzv_timeout": 60}}
     data = SimpleNamespace(n_train=800, n_val=200, preprocess={"mean": [0.5], "input_dim": 1})
-    other = {**spec, "output_path": "/b", "train_data_path": "/e/b.csv", "distributed": {"nnodes": 2, "node_rank": 1}}
+    other = {**spec, "output_path": "/b", "train_data_path": "/e/b.csv", "devices": [2, 3],
+             "distributed": {"nnodes": 2, "node_rank": 1, "rdzv_timeout": 90}}
     same = machine_differences({0: machine_fingerprint(spec, data), 1: machine_fingerprint(other, data)})
     assert same == []
-    other |= {"batch_size": 32, "optimizer": {"name": "adam", "lr": 0.2}}
+    other |= {"batch_size": 32, "optimizer": {"name": "adam", "lr": 0.2}, "devices": 1}
     other_data = SimpleNamespace(n_train=800, n_val=200, preprocess={"mean": [0.6], "input_dim": 1})
     differences = machine_differences({0: machine_fingerprint(spec, data), 1: machine_fingerprint(other, other_data)})
     assert differences[0] == "batch_size: 16 on node 0, 32 on node 1"
     assert "optimizer.lr: 0.1 on node 0, 0.2 on node 1" in differences
     assert any(d.startswith("data (preprocessing fitted on it): ") for d in differences)
-    assert len(differences) == 3
+    assert 'devices: "2 GPU(s)" on node 0, "1 GPU(s)" on node 1' in differences
+    assert len(differences) == 4
 
 
 @pytest.mark.slow
