@@ -440,7 +440,8 @@ class Worker:
         others writing theirs: all go back to the earliest, which each machine still keeps
         (the last `keep_last` are kept)."""
         mine = (0, 0) if checkpoint is None else (checkpoint["epoch"], checkpoint["step"])
-        every = self.comm.gather((mine, self.engine_dirty))
+        every = [(tuple(position), dirty)  # (a JSON transport gives lists back)
+                 for position, dirty in self.comm.gather((mine, self.engine_dirty))]
         target = min(position for position, _ in every)
         if target == (0, 0):  # a fresh start; every rank builds anew if any has loaded something
             if any(position != target or dirty for position, dirty in every):

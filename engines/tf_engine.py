@@ -34,7 +34,6 @@ import errno
 import json
 import math
 import os
-import pickle
 import signal
 import socket
 from collections.abc import Callable, Sequence
@@ -45,6 +44,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before the import: no bann
 
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
+import orjson  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
@@ -618,8 +618,9 @@ def _check_port(address: str, node_rank: int) -> None:
 class Collectives:
     """What the machines of a multi-worker run agree on (see `daemon.worker.TorchCollectives`),
     over the strategy's own all-reduce: node 0's decisions, every machine's resume point, a
-    shutdown on any machine. Values travel pickled, as torch.distributed's object collectives
-    carry them, padded to a power of two of bytes so that a few shapes cover every call."""
+    shutdown on any machine. Values travel as JSON (no unpickling of a peer's bytes; tuples
+    come back as lists), padded to a power of two of bytes so that a few shapes cover every
+    call."""
 
     def __init__(self, spec: dict):
         self.spec = spec
@@ -655,10 +656,10 @@ class Collectives:
 
     def broadcast(self, value):
         me = self.spec["distributed"]["node_rank"]
-        return pickle.loads(self._exchange(pickle.dumps(value) if me == 0 else None)[0])
+        return orjson.loads(self._exchange(orjson.dumps(value) if me == 0 else None)[0])
 
     def gather(self, value) -> list:
-        return [pickle.loads(b) for b in self._exchange(pickle.dumps(value))]
+        return [orjson.loads(b) for b in self._exchange(orjson.dumps(value))]
 
     def any(self, flag: bool) -> bool:
         return bool(self._sum(np.array([1 if flag else 0]))[0] > 0)
