@@ -143,6 +143,14 @@ def test_a_mirrored_job_paused_mid_epoch_resumes_bit_for_bit(tmp_path, spool, da
     assert [h["train_loss"] for h in ref.history] == [h["train_loss"] for h in state.history]
 
 
+def two_machine_spools(tmp_path) -> list:
+    """The spools of two machines' daemons (node 0's, node 1's), ready to serve."""
+    spools = [tmp_path / f"node{k}" / "spool" for k in range(2)]
+    for s in spools:
+        Spool(s).ensure()
+    return spools
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,9 +172,7 @@ def test_one_job_on_two_machines_two_daemons_one_rendezvous(tmp_path):
     single process's with the global batch."""
     data = classification_csv(tmp_path / "train.csv", rows=1000)
     port = free_port()
-    spools = [tmp_path / "node0" / "spool", tmp_path / "node1" / "spool"]
-    for s in spools:
-        Spool(s).ensure()
+    spools = two_machine_spools(tmp_path)
     daemons = [DaemonProcess(s) for s in spools]
     try:
         for k, spool in enumerate(spools):
@@ -219,9 +225,7 @@ def test_machines_given_different_job_files_fail_together_naming_the_difference(
     step, each saying what differs, instead of hanging in a collective."""
     data = classification_csv(tmp_path / "train.csv", rows=200)
     port = free_port()
-    spools = [tmp_path / "node0" / "spool", tmp_path / "node1" / "spool"]
-    for s in spools:
-        Spool(s).ensure()
+    spools = two_machine_spools(tmp_path)
     daemons = [DaemonProcess(s) for s in spools]
     try:
         for k, spool in enumerate(spools):
@@ -246,9 +250,7 @@ def test_two_machines_pause_together_stop_together_and_resume_bit_for_bit(tmp_pa
     run's (one machine, two ranks)."""
     data = classification_csv(tmp_path / "train.csv", rows=8000)  # 1,600 steps an epoch, seconds
     port = free_port()
-    spools = [tmp_path / "node0" / "spool", tmp_path / "node1" / "spool"]
-    for s in spools:
-        Spool(s).ensure()
+    spools = two_machine_spools(tmp_path)
     params = {"batch_size": 2, "algorithm_params": {"hidden_units": [16]}}
     daemons = [DaemonProcess(s) for s in spools]
     try:
@@ -304,9 +306,7 @@ def test_one_tensorflow_job_on_two_machines_multi_worker_mirrored(tmp_path):
     weights of two mirrored replicas in one process."""
     data = classification_csv(tmp_path / "train.csv", rows=1000)
     ports = [free_port(), free_port()]
-    spools = [tmp_path / "node0" / "spool", tmp_path / "node1" / "spool"]
-    for s in spools:
-        Spool(s).ensure()
+    spools = two_machine_spools(tmp_path)
     daemons = [DaemonProcess(s) for s in spools]
     try:
         for k, spool in enumerate(spools):
@@ -337,9 +337,7 @@ def test_a_port_another_program_holds_fails_the_job_until_it_is_free_then_resume
     """Node 0's entry in workers names a port another program listens on: node 0's run fails at
     once, retryable, saying which port and what to do; freed, `resume` runs the job with node 1."""
     data = classification_csv(tmp_path / "train.csv", rows=200)
-    spools = [tmp_path / "node0" / "spool", tmp_path / "node1" / "spool"]
-    for s in spools:
-        Spool(s).ensure()
+    spools = two_machine_spools(tmp_path)
     daemons = [DaemonProcess(spools[0])]
     try:
         with socket.socket() as held:
@@ -370,9 +368,7 @@ def test_two_tensorflow_machines_pause_together_stop_together_and_resume_bit_for
     again. Dropout on: the end is an undisturbed run's."""
     data = classification_csv(tmp_path / "train.csv", rows=8000)  # 1,600 steps an epoch, seconds
     ports = [free_port(), free_port()]
-    spools = [tmp_path / "node0" / "spool", tmp_path / "node1" / "spool"]
-    for s in spools:
-        Spool(s).ensure()
+    spools = two_machine_spools(tmp_path)
     params = {"epochs": 4, "batch_size": 2, "algorithm_params": {"hidden_units": [16], "dropout_rate": 0.2}}
     daemons = [DaemonProcess(s) for s in spools]
     try:
@@ -452,9 +448,7 @@ def test_streaming_on_two_tensorflow_machines_equals_one_process_streaming_the_g
     csv = classification_csv(tmp_path / "train.csv", rows=1000)
     streaming = {"data": {"streaming": True, "chunk_rows": 100, "shuffle_chunks": 2}}
     ports = [free_port(), free_port()]
-    spools = [tmp_path / "node0" / "spool", tmp_path / "node1" / "spool"]
-    for s in spools:
-        Spool(s).ensure()
+    spools = two_machine_spools(tmp_path)
     daemons = [DaemonProcess(s) for s in spools]
     try:
         for k, spool in enumerate(spools):
