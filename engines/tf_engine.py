@@ -17,7 +17,8 @@ of the scaled loss and unscaled by the optimizer, which skips a step that overfl
 Data parallelism (`distributed.strategy` "mirrored"): MirroredStrategy over the job's GPUs, or
 logical CPU devices; the model and optimiser are mirrored variables, each step runs on every
 replica through `strategy.run` with its share of the step's rows, and the optimiser sums their
-gradients.
+gradients. On several machines (`distributed.workers`) the same step runs under
+MultiWorkerMirroredStrategy, and `Collectives` carries what the machines' workers agree on.
 
 Files, none of them loaded by unpickling or by `keras.models.load_model`:
 - checkpoints: one HDF5 file (h5py) holding every model and optimiser variable, the epoch
