@@ -5,23 +5,43 @@ every restart.
 with their CRC-32. The log is append-only, so while those bytes are unchanged the fold of the
 whole log is the cached state with the records after `offset` applied. The check is one
 `zlib.crc32` over the prefix (C speed, ~0.1 s for 200 MB); any difference, a damaged or foreign
-cache, or another epochd version's state layout and the log is replayed in full, which also
-reports corruption exactly as before. The cache is never the truth: deleting it is always safe.
+cache, or a state folded by other code and the log is replayed in full, which also reports
+corruption exactly as before. The cache is never the truth: deleting it is always safe.
+
+"Other code" is a digest of the three modules whose code decides the folded state (the fold,
+the events' upcasters, the log reader), not epochd's version: an upgrade that leaves them alone
+keeps every cache, so a restart after it does not replay each long log in full.
 """
 import dataclasses
+import hashlib
 import os
 import zlib
 from pathlib import Path
 
 import orjson
 
-from . import __version__
+from . import __version__, eventlog, events, replay as replay_module
 from .eventlog import parse_log
 from .replay import JobState, Status, apply, fold
 
 CACHE_NAME = ".fold-cache"
 MIN_CACHED_BYTES = 1 << 20   # smaller logs fold in milliseconds: no cache file for them
 _LAYOUT = [f.name for f in dataclasses.fields(JobState)]
+
+
+def _fold_code() -> str:
+    """A digest of the source of the modules the folded state depends on; the version where a
+    source file cannot be read (an install without .py files)."""
+    digest = hashlib.sha256()
+    for module in (replay_module, events, eventlog):
+        try:
+            digest.update(Path(module.__file__).read_bytes())
+        except (OSError, TypeError):
+            return f"version {__version__}"
+    return digest.hexdigest()
+
+
+FOLD_CODE = _fold_code()
 
 
 def replay(path: Path) -> JobState:
@@ -57,7 +77,7 @@ def _load(cache_path: Path, data: bytes) -> tuple[JobState | None, int, int]:
     try:
         cache = orjson.loads(cache_path.read_bytes())
         offset = cache["offset"]
-        if (cache["version"] != __version__ or cache["layout"] != _LAYOUT or offset > len(data)
+        if (cache["fold_code"] != FOLD_CODE or cache["layout"] != _LAYOUT or offset > len(data)
                 or zlib.crc32(memoryview(data)[:offset]) != cache["crc"]):
             return None, 0, 0
         state = JobState(**cache["state"])
@@ -69,7 +89,7 @@ def _load(cache_path: Path, data: bytes) -> tuple[JobState | None, int, int]:
 
 
 def _store(cache_path: Path, state: JobState, offset: int, crc: int) -> None:
-    body = orjson.dumps({"version": __version__, "layout": _LAYOUT, "offset": offset,
+    body = orjson.dumps({"fold_code": FOLD_CODE, "layout": _LAYOUT, "offset": offset,
                          "crc": crc, "state": state})
     tmp = cache_path.with_name(f"{CACHE_NAME}.{os.getpid()}.tmp")
     try:  # no fsync: a cache lost to a power cut costs one full replay

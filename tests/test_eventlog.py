@@ -188,6 +188,16 @@ def test_the_fold_cache_is_used_while_the_prefix_is_unchanged_and_never_trusted_
     body["state"]["source_file"] = "from-the-cache.json"
     cache.write_bytes(orjson.dumps(body))
     assert foldcache.replay(path).source_file == "from-the-cache.json"
+    # folded by other code (another fold, other upcasters): never used, and replaced
+    monkeypatch.setattr(foldcache, "FOLD_CODE", "another epochd's fold")
+    assert foldcache.replay(path) == fold(read_records(path))
+    assert orjson.loads(cache.read_bytes())["fold_code"] == "another epochd's fold"
+    monkeypatch.setattr(foldcache, "FOLD_CODE", foldcache._fold_code())
+    assert foldcache.replay(path) == fold(read_records(path))  # the real code's cache: stored again
+    body = orjson.loads(cache.read_bytes())
+    body["state"]["source_file"] = "from-the-cache.json"
+    cache.write_bytes(orjson.dumps(body))
+    assert foldcache.replay(path).source_file == "from-the-cache.json"
     with EventLog(path) as log:  # appended after the cached prefix: applied on top of it
         log.append(Cancelled(epoch=3, step=1))
     state = foldcache.replay(path)
