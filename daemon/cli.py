@@ -143,18 +143,24 @@ def serve(spool, max_jobs, gpus, allow_roots, base_dir, max_retries, stop_timeou
 @click.argument("job_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", help="Job id to ask for. Default: the file's name without .json.")
 @click.option("--follow", "-f", is_flag=True, help="Then follow the job, as `epochd tail -f`.")
-def submit(spool, job_file, name, follow):
+@click.option("--no-path-check", is_flag=True,
+              help="Submit even if a data file is not where the daemon will look for it now "
+                   "(it will be there by the time the job runs).")
+def submit(spool, job_file, name, follow, no_path_check):
     """Check a job file and drop it into incoming/ the safe way (write, then rename).
 
     Relative paths in the file are resolved by the daemon against its base folder (the spool's
-    parent by default), not against your current folder.
+    parent unless `serve --base-dir` says otherwise), not against your current folder. Before
+    dropping the file, submit resolves its paths as the daemon that last started on this spool
+    does (its base folder and --allow-root folders, from daemon.jsonl) and refuses a file the
+    daemon would reject or whose data files are not there.
 
     Example: epochd submit examples/wine.json --follow
     """
     data = job_file.read_bytes()
     from . import spec
     try:
-        spec.validate(spec.parse_job_bytes(data))
+        job = spec.validate(spec.parse_job_bytes(data))
     except BadJobFile as e:
         raise CliError(f"{job_file} is not a valid job file; nothing was submitted:\n  - "
                        + "\n  - ".join(e.errors), Exit.USAGE) from None
@@ -162,10 +168,59 @@ def submit(spool, job_file, name, follow):
     if not root.incoming.is_dir():
         raise CliError(f"{root.incoming} does not exist. Expected: a spool folder; start the daemon "
                        f'once with "epochd serve --spool {root.root}" to create it.', Exit.USAGE)
+    problems = path_problems(root, job, check_data=not no_path_check)
+    if problems:
+        raise CliError(f"{job_file} would not run on this spool; nothing was submitted:\n  - "
+                       + "\n  - ".join(problems), Exit.USAGE)
     job_id = drop_job(root, data, name or job_file.stem)
     click.echo(f"submitted {job_file} as incoming/{job_id}.json; job id {job_id} (once accepted)")
     if follow:
         sys.exit(follow_job(root, job_id, wait_for_accept=True))
+
+
+def daemon_settings(spool: Spool) -> Settings:
+    """The base folder and --allow-root folders of the daemon that last started on `spool` (its
+    `started` line in daemon.jsonl); `serve`'s defaults when none has."""
+    try:
+        lines = spool.daemon_log.read_bytes().splitlines()
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") == "started" and "base_dir" in entry:
+            return Settings(base_dir=Path(entry["base_dir"]),
+                            allow_roots=tuple(Path(r) for r in entry.get("allow_roots") or ()))
+    return Settings(base_dir=Path(os.path.abspath(spool.root.parent)), allow_roots=())
+
+
+def path_problems(spool: Spool, job, check_data: bool = True) -> list[str]:
+    """What the daemon would say of the job's paths: outside its --allow-root folders, inside the
+    spool, and (`check_data`) a data file that is not where it will look."""
+    from . import spec
+    settings = daemon_settings(spool)
+    try:
+        resolved = spec.normalise(job, job_id="submitted", base_dir=settings.base_dir,
+                                  spool_root=spool.root, allow_roots=list(settings.allow_roots))
+    except BadJobFile as e:
+        return e.errors
+    problems = []
+    for key in ("train_data_path", "val_data_path"):
+        given = getattr(job, key)
+        if not check_data or given is None or os.path.exists(resolved[key]):
+            continue
+        problem = (f'"{key}" names no file where the daemon will look. Received: "{given}", which '
+                   f"resolves to {resolved[key]}")
+        if not os.path.isabs(os.path.expanduser(given)):
+            problem += f" (relative paths start at the daemon's base folder, {settings.base_dir})"
+        problem += ". Expected: an existing CSV or Parquet file."
+        here = Path(os.path.abspath(os.path.expanduser(given)))
+        if here.exists() and str(here) != resolved[key]:
+            problem += f' It is at {here} from this folder: write "{here}" in the job file.'
+        problems.append(problem + " (--no-path-check submits it anyway.)")
+    return problems
 
 
 def drop_job(spool: Spool, data: bytes, stem: str) -> str:
@@ -232,7 +287,8 @@ def status_row(s: JobState) -> str:
 
 def print_one(s: JobState) -> None:
     spec = s.spec or {}
-    click.echo(f"job {s.job_id}: {s.status}  ({spec.get('name')})")
+    why = f" ({s.stop_reason})" if s.status == Status.COMPLETED and s.stop_reason else ""
+    click.echo(f"job {s.job_id}: {s.status}{why}  ({spec.get('name')})")
     click.echo(f"  epochs: {s.epochs_done}/{spec.get('epochs')}  position: epoch {s.position[0]} "
                f"step {s.position[1]}/{s.steps_per_epoch or '?'}  attempts: {s.attempts}")
     if s.history:

@@ -73,7 +73,8 @@ def check_file(path: str, what: str) -> None:
     p = Path(path)
     if not p.exists():
         raise DataError(f'{what} "{path}" does not exist. Expected: a CSV or Parquet file; '
-                        "check the path in the job file.")
+                        "check the path in the job file (a relative one starts at the daemon's base "
+                        "folder: the spool's parent unless `serve --base-dir` says otherwise).")
     if not p.is_file():
         raise DataError(f'{what} "{path}" is not a regular file. Expected: a CSV or Parquet file.')
 

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from daemon.cli import Exit, cli
 from daemon.spool import Spool
-from tests.conftest import classification_csv, drop_job, seed_job, wait_for_status
+from tests.conftest import classification_csv, drop_job, seed_job, wait_for_event, wait_for_status
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,8 @@ def test_status_lists_jobs_and_shows_one_as_json(trained):
     assert one["status"] == "completed" and one["epochs_done"] == 2 and one["outputs"]["model"]
     every = json.loads(invoke("status", "--spool", spool, "--json").output)
     assert [j["job_id"] for j in every] == ["done"]
+    detail = invoke("status", "--spool", spool, "done").output
+    assert detail.startswith("job done: completed (max_epochs)") and "outputs: model=" in detail
 
 
 def test_history_json_is_the_seeds_training_history(trained):
@@ -95,7 +97,7 @@ def test_submit_refuses_an_invalid_file_and_drops_nothing(tmp_path, spool):
 
 def test_submit_never_overwrites_a_drop_or_reuses_a_job_id(tmp_path, spool):
     job = tmp_path / "exp.json"
-    job.write_text(json.dumps(seed_job(tmp_path / "x.csv")))
+    job.write_text(json.dumps(seed_job(classification_csv(tmp_path / "x.csv"))))
     (spool / "jobs" / "exp").mkdir()
     assert "job id exp-2" in invoke("submit", "--spool", spool, job).output
     assert "job id exp-3" in invoke("submit", "--spool", spool, job).output
@@ -111,8 +113,39 @@ def test_submit_follow_through_a_real_daemon(tmp_path, spool, daemon_factory):
     assert result.exit_code == Exit.OK and "completed: 1 epochs" in result.output
     bad = tmp_path / "fails.json"
     bad.write_text(json.dumps(seed_job(tmp_path / "missing.csv")))
-    failed = invoke("submit", "--spool", spool, bad, "--follow")
+    failed = invoke("submit", "--spool", spool, bad, "--follow", "--no-path-check")
     assert failed.exit_code == Exit.JOB_FAILED and "does not exist" in failed.output
+
+
+def test_submit_resolves_paths_as_the_daemon_will_and_refuses_what_it_would_not_run(
+        tmp_path, spool, daemon_factory, monkeypatch):
+    """A relative path starts at the daemon's base folder, not the current one: submit says so
+    before anything is dropped, and names the file that was probably meant. Once a daemon has
+    started with --base-dir and --allow-root, submit resolves and bounds paths as it does."""
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    data = classification_csv(work / "data" / "train.csv")
+    job = work / "rel.json"
+    job.write_text(json.dumps(seed_job("data/train.csv", epochs=1)))
+    monkeypatch.chdir(work)
+    refused = invoke("submit", "--spool", spool, job)
+    assert refused.exit_code == Exit.USAGE, refused.output
+    out = " ".join(refused.output.split())
+    assert 'Received: "data/train.csv", which resolves to ' + str(tmp_path / "data" / "train.csv") in out
+    assert f"relative paths start at the daemon's base folder, {tmp_path})" in out
+    assert f'write "{data}" in the job file' in out and "--no-path-check" in out
+    assert list((spool / "incoming").iterdir()) == []
+
+    daemon_factory(spool, "--base-dir", str(work), "--allow-root", str(work))
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps(seed_job(classification_csv(tmp_path / "elsewhere.csv"))))
+    fenced = invoke("submit", "--spool", spool, outside)
+    assert fenced.exit_code == Exit.USAGE and "outside the folders this daemon may use" in fenced.output
+    assert list((spool / "incoming").iterdir()) == []
+    accepted = invoke("submit", "--spool", spool, job, "--name", "rel")
+    assert accepted.exit_code == Exit.OK, accepted.output
+    record = wait_for_event(spool, "rel", "job_accepted")[0]
+    assert record["spec"]["train_data_path"] == str(data)
 
 
 def test_rename_noreplace_moves_or_refuses_and_never_overwrites(tmp_path):
