@@ -1,7 +1,10 @@
 """What epochd's own machinery costs, apart from training: part of `make bench`, or alone.
 
-- pickup: a job file renamed into `incoming/` (as `epochd submit` does) to its `job_accepted`
-  event, with the daemon idle; tiny jobs, one at a time, each once the last one's worker exited.
+- pickup: a job file renamed into `incoming/` to its `job_accepted` event, with the daemon idle;
+  tiny jobs, one at a time, each once the last one's worker exited; alternately as `epochd
+  submit` drops them (a rename within `incoming/`) and as `mv` from another folder does. Then a
+  burst: 10 files moved in back to back, then 10 moved in 100 ms apart (each rejected for a
+  misspelt key, so no worker runs), each from its rename to the daemon taking it.
 - start-up: `job_accepted` to `run_started` (the worker has imported its framework, read and
   encoded the CSV, built the model: the next thing it does is the first step), against a bare
   `python -c "import torch; pandas.read_csv(..., engine='pyarrow')"` of the same file.
@@ -17,6 +20,7 @@ Usage: python bench/daemon_costs.py [--trials N]
 """
 import argparse
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -87,17 +91,26 @@ def pickup_and_startup(folder: Path, trials: int) -> tuple[list[float], list[flo
     spool = folder / "pickup-spool"
     Spool(spool).ensure()
     proc = serve(spool)
-    pickups, startups = [], []
+    pickups, startups = {"submit": [], "mv": []}, []
+    elsewhere = folder / "elsewhere"
+    elsewhere.mkdir()
     try:
         for i in range(trials):
             job = {"train_data_path": str(csv), "target_column": "target", "epochs": 1}
-            dropped = time.time()
-            job_id = drop_job(Spool(spool), json.dumps(job).encode(), f"p{i}")
+            how = "mv" if i % 2 else "submit"
+            if how == "mv":
+                job_id = f"p{i}"
+                (elsewhere / f"{job_id}.json").write_text(json.dumps(job))
+                dropped = time.time()
+                os.rename(elsewhere / f"{job_id}.json", Spool(spool).incoming / f"{job_id}.json")
+            else:
+                dropped = time.time()
+                job_id = drop_job(Spool(spool), json.dumps(job).encode(), f"p{i}")
             records = wait_for(Spool(spool).events_path(job_id),
                                lambda r: r[-1]["type"] in ("completed", "failed"))
             accepted = next(r for r in records if r["type"] == "job_accepted")
             started = next(r for r in records if r["type"] == "run_started")
-            pickups.append(ts(accepted) - dropped)
+            pickups[how].append(ts(accepted) - dropped)
             startups.append(ts(started) - ts(accepted))
             worker = psutil.Process(started["pid"]) if psutil.pid_exists(started["pid"]) else None
             if worker is not None:  # the next trial starts on an idle machine
@@ -114,6 +127,36 @@ def pickup_and_startup(folder: Path, trials: int) -> tuple[list[float], list[flo
                         f"pandas.read_csv({str(csv)!r}, engine='pyarrow')"], check=True)
         bare.append(time.perf_counter() - t)
     return pickups, startups, bare
+
+
+def burst_pickups(folder: Path, n: int = 10, every: float = 0.0) -> list[float]:
+    """Seconds from each file's rename into incoming/ to the daemon taking it, for `n` files
+    moved in one after another, `every` seconds apart."""
+    spool = folder / f"burst-spool-{every}"
+    Spool(spool).ensure()
+    elsewhere = folder / f"burst-elsewhere-{every}"
+    elsewhere.mkdir()
+    for i in range(n):
+        (elsewhere / f"b{i}.json").write_text(json.dumps({"train_data_path": "x.csv", "target_column": "t",
+                                                          "epoch": 1}))
+    proc = serve(spool)
+    renamed = {}
+    try:
+        for i in range(n):
+            renamed[f"b{i}.json"] = time.time()
+            os.rename(elsewhere / f"b{i}.json", Spool(spool).incoming / f"b{i}.json")
+            time.sleep(every)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            taken = {e["file"]: datetime.fromisoformat(e["ts"]).timestamp()
+                     for e in map(json.loads, (spool / "daemon.jsonl").read_text().splitlines())
+                     if e["event"] == "rejected"}
+            if len(taken) == n:
+                break
+            time.sleep(0.05)
+    finally:
+        stop(proc)
+    return [taken[name] - at for name, at in renamed.items()]
 
 
 def million_event_log(path: Path, n: int = 1_000_000) -> None:
@@ -214,23 +257,31 @@ def measure(trials: int = 10) -> dict:
     with tempfile.TemporaryDirectory(prefix="epochd-costs-") as tmp:
         folder = Path(tmp)
         pickups, startups, bare = pickup_and_startup(folder, trials)
+        burst = {every: burst_pickups(folder, every=every) for every in (0.0, 0.1)}
         replay = replay_seconds(folder)
         rss, cpu = daemon_footprint(folder)
-    return {"pickups": pickups, "startups": startups, "bare": bare, "replay": replay,
+    return {"pickups": pickups, "burst": burst, "startups": startups, "bare": bare, "replay": replay,
             "rss_mb": rss, "idle_cpu": cpu}
 
 
 def report(m: dict) -> None:
     med = statistics.median
     print("\n| daemon cost (goal) | measured |\n| --- | --- |")
-    print(f"| pickup, rename into incoming/ to `job_accepted` (< 50 ms) | median {med(m['pickups']) * 1000:.0f} ms, "
-          f"max {max(m['pickups']) * 1000:.0f} ms ({len(m['pickups'])} jobs) |")
+    for how, label in (("submit", "`epochd submit` (rename within incoming/)"), ("mv", "`mv` from another folder")):
+        p = m["pickups"][how]
+        if p:
+            print(f"| pickup, {label} to `job_accepted` (< 50 ms) | median {med(p) * 1000:.0f} ms, "
+                  f"max {max(p) * 1000:.0f} ms ({len(p)} jobs) |")
+    for every, b in m["burst"].items():
+        spacing = "back to back" if not every else f"{every * 1000:.0f} ms apart"
+        print(f"| pickup, {len(b)} files moved in {spacing}, rename to taken | median {med(b) * 1000:.0f} ms, "
+              f"max {max(b) * 1000:.0f} ms |")
     print(f"| start-up, `job_accepted` to `run_started` (< 1.5x bare import torch + read CSV) | "
           f"median {med(m['startups']):.2f} s vs {med(m['bare']):.2f} s = {med(m['startups']) / med(m['bare']):.2f}x |")
     r = m["replay"]
     print(f"| replay of 1,000,000 events (< 2 s) | daemon: {r['warm']:.2f} s with its fold cache "
           f"(4 MiB behind, the most a crash leaves), {r['cold']:.2f} s cold (no cache: a log from "
-          f"an older epochd); every record read and folded: {r['full']:.2f} s |")
+          f"before the cache, or after an upgrade that changed the fold); every record read and folded: {r['full']:.2f} s |")
     print(f"| daemon RSS with 1,000 finished jobs (< 80 MB) | {m['rss_mb']:.0f} MB |")
     print(f"| daemon idle CPU (< 1%) | {m['idle_cpu']:.2f}% of one core |")
 

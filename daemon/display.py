@@ -58,7 +58,8 @@ def event_line(r: dict, epochs: int | None) -> str | None:
         case "early_stopped":
             return f"early stopped after epoch {r['epoch']}: {r['reason']}"
         case "control_received":
-            return f"{r['action']} requested ({r['source_file']}): {r['outcome']}"
+            why = f' "{r["reason"]}"' if r.get("reason") else ""
+            return f"{r['action']} requested ({r['source_file']}){why}: {r['outcome']}"
         case "paused" | "resumed" | "cancelled":
             return f"{r['type']} at epoch {r['epoch']} step {r['step']}"
         case "interrupted":

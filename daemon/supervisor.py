@@ -25,6 +25,7 @@ from typing import IO
 import psutil
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 from . import __version__, control, faults, foldcache, scheduler
 from .errors import BadJobFile, LogCorrupt, memory_limit_message
@@ -96,7 +97,10 @@ class SpoolEvents(FileSystemEventHandler):
 
     def on_any_event(self, event) -> None:
         if event.event_type == "moved":
-            self.daemon.arrived.add(os.path.basename(event.dest_path))
+            # within the folder, or in from elsewhere (no src_path); out of it (a file the daemon
+            # claimed or rejected) has no dest_path
+            if event.dest_path:
+                self.daemon.arrived.add(os.path.basename(event.dest_path))
         elif event.event_type == "closed":
             self.daemon.arrived.add(os.path.basename(event.src_path))
         if event.event_type != "closed_no_write":  # our own reads are not news
@@ -194,8 +198,15 @@ class Daemon:
     def on_stop_signal(self, signum, frame) -> None:
         self.signals += 1
 
-    def watch(self) -> Observer:
-        observer = Observer()
+    def watch(self) -> BaseObserver:
+        if sys.platform.startswith("linux"):
+            # full events: a file renamed in from another folder (`mv job.json incoming/`) is
+            # reported as a move, not as a creation, so it is known complete and taken at once
+            # rather than after QUIET_SECONDS
+            from watchdog.observers.inotify import InotifyObserver
+            observer: BaseObserver = InotifyObserver(generate_full_events=True)
+        else:
+            observer = Observer()
         handler = SpoolEvents(self)
         observer.schedule(handler, str(self.spool.incoming), recursive=False)
         observer.schedule(handler, str(self.spool.control), recursive=False)
@@ -274,11 +285,13 @@ class Daemon:
     # ---------------------------------------------------------------- incoming job files
 
     def accept_incoming(self, now: float) -> None:
+        # what inotify has said so far, taken before listing: a name it reports after the
+        # listing waits in the next set, never lost between the two
+        arrived, self.arrived = self.arrived, set()
         try:
             names = sorted(os.listdir(self.spool.incoming))
         except FileNotFoundError:
             return
-        arrived, self.arrived = self.arrived, set()
         for name in names:
             if not is_candidate(name):
                 continue

@@ -179,3 +179,12 @@ def test_a_job_that_failed_for_an_outside_cause_can_be_resumed_from_the_cli(tmp_
     assert resumed.exit_code == Exit.OK and (spool / "control" / "disk.resume").exists()
     refused = invoke("resume", "--spool", spool, "data")
     assert refused.exit_code == Exit.REFUSED and not (spool / "control" / "data.resume").exists()
+
+
+def test_tail_lines_carry_the_users_reason_and_the_outcome():
+    from daemon.display import event_line
+    record = {"type": "control_received", "action": "pause", "source_file": "control/j.pause",
+              "reason": "need the GPU", "outcome": "accepted"}
+    assert event_line(record, 3) == 'pause requested (control/j.pause) "need the GPU": accepted'
+    assert event_line(record | {"reason": None, "outcome": "already paused"}, 3) == \
+        "pause requested (control/j.pause): already paused"

@@ -85,6 +85,25 @@ def test_a_file_written_in_place_is_not_read_half_written(tmp_path, spool, daemo
     assert not (spool / "rejected" / "slow.error.json").exists()
 
 
+def test_a_file_moved_in_from_another_folder_is_taken_at_once(tmp_path, spool, daemon_factory):
+    """`mv job.json incoming/` is complete the moment it lands: inotify reports a move in, which
+    is taken without waiting for the file to be quiet. Its mtime is set an hour ahead, so the
+    quiet rule alone could never take it: only the move can."""
+    daemon_factory(spool)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("moved", "moved-too"):
+        src = elsewhere / f"{name}.json"
+        src.write_text(json.dumps({"train_data_path": "x.csv", "target_column": "t", "epoch": 1}))
+        ahead = time.time() + 3600
+        os.utime(src, (ahead, ahead))
+        os.rename(src, spool / "incoming" / f"{name}.json")
+        wait_until(lambda: (spool / "rejected" / f"{name}.error.json").exists(), 20,
+                   what=f"{name}.json to be taken")
+        errors = json.loads((spool / "rejected" / f"{name}.error.json").read_text())["errors"]
+        assert any('Did you mean "epochs"?' in e for e in errors)
+
+
 def test_data_errors_fail_the_job_at_once_without_retry(tmp_path, spool, daemon_factory):
     data = classification_csv(tmp_path / "train.csv")
     daemon_factory(spool)
