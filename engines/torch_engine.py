@@ -2,9 +2,10 @@
 
 The hot loop follows the fastest hand-written recipe we measured: the data is one tensor on the
 device, each epoch gathers it once in its order (`index_select`) and batches are contiguous
-slices of that; `zero_grad(set_to_none=True)`; Adam/AdamW fused where the device supports it;
-the epoch's losses and hits are gathered once per engine call into per-epoch buffers on the
-device, so the step itself does exactly the work of a hand-written loop.
+slices of that; `zero_grad(set_to_none=True)`; Adam/AdamW fused where the device supports it
+(torch.optim's kernel, called without torch.optim's classes: see `fused_adam`); the epoch's
+losses and hits are gathered once per engine call into per-epoch buffers on the device, so the
+step itself does exactly the work of a hand-written loop.
 
 The fast path. For the common network (an `mlp` with ReLU, or `linear`; no batch norm; full
 precision) most of a small step's time is autograd's bookkeeping and the dropout layers' RNG
@@ -35,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from daemon.errors import CheckpointInvalid, DeviceUnavailable
 
-from . import Engine, architecture, gpu_name, gpu_plan, job_threads
+from . import Engine, architecture, fused_adam, gpu_name, gpu_plan, job_threads
 from .data import Prepared, epoch_order, regression_scale
 
 CHECKPOINT_FORMAT = "epochd-torch-1"
@@ -79,7 +80,15 @@ def build_model(arch: dict) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def make_optimizer(params, opt: dict, lr: float, device: str) -> torch.optim.Optimizer:
+def make_optimizer(params, opt: dict, lr: float, device: str, scaled: bool = False):
+    """The job's optimiser. Adam and AdamW are `FusedAdam` (torch.optim's fused kernel without
+    the import of torch._dynamo that torch.optim's classes cost) unless a GradScaler
+    (`scaled`, fp16) must step them; the rest are torch.optim's."""
+    params = list(params)
+    if opt["name"] in ("adam", "adamw") and not scaled and fused_adam.usable(params):
+        return fused_adam.FusedAdam(params, lr=lr, betas=tuple(opt["betas"]), eps=opt["eps"],
+                                    weight_decay=opt["weight_decay"],
+                                    decoupled_weight_decay=opt["name"] == "adamw")
     fused = {"fused": True} if device in ("cpu", "cuda") else {}
     match opt["name"]:
         case "adam":
@@ -126,13 +135,14 @@ class TorchEngine(Engine):
         self.batch_size = self.micro_batch * self.accumulation * self.world  # rows per step, all ranks
         self.y_scale = regression_scale(data.preprocess)
         self.model = build_model(architecture(spec, data)).to(self.device)
+        self.precision = resolve_precision(spec["mixed_precision"], self.device)
         self.optimizer = make_optimizer(self.model.parameters(), spec["optimizer"],
-                                        spec["learning_rate"], self.device.type)
+                                        spec["learning_rate"], self.device.type,
+                                        scaled=self.precision == "fp16")
         self.binary = data.task == "classification" and data.n_outputs == 1
         self.loss_fn = self._loss_fn(data)
         self.place_rows(spec, data)
         self.steps_per_epoch = math.ceil(self.n / self.batch_size)
-        self.precision = resolve_precision(spec["mixed_precision"], self.device)
         self.autocast = (torch.autocast(self.device.type, dtype=AUTOCAST[self.precision])
                          if self.precision != "no" else nullcontext())
         # fp16: the loss is scaled up so small gradients survive, and the scale adapts (halves
