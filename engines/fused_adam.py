@@ -2,8 +2,8 @@
 
 Every method of `torch.optim.Optimizer` (its constructor's `add_param_group` included) is
 wrapped so that torch.compile skips it, and the first call of any of them imports
-`torch._dynamo`: 1-2 s of a worker's start-up, more than `import torch` adds over the rest,
-for a module that a job which compiles nothing never uses.
+`torch._dynamo`: 1-2 s of a worker's start-up, for a module that a job which compiles nothing
+never uses.
 
 `FusedAdam` runs the kernel that `torch.optim.Adam(fused=True)` / `AdamW(fused=True)` run
 (`torch._fused_adam_` / `torch._fused_adamw_`, after the same `+1` of each step count), on state
@@ -81,7 +81,8 @@ class FusedAdam:
                     p.grad.zero_()
 
     def state_dict(self) -> dict:
-        """torch.optim's layout: {"state": {index: {...}}, "param_groups": [{..., "params": [indices]}]}."""
+        """torch.optim's layout: {"state": {index: {...}}, "param_groups": [{...,
+        "params": [0, 1, ...]}]}."""
         group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         return {"state": dict(self.state),
                 "param_groups": [{**group, "params": list(range(len(self.params)))}]}
@@ -90,9 +91,9 @@ class FusedAdam:
         """Loads a state_dict of this class or of torch.optim.Adam/AdamW over the same parameters."""
         groups = state_dict["param_groups"]
         if len(groups) != 1 or len(groups[0]["params"]) != len(self.params):
-            raise ValueError(f"the saved optimizer state has {sum(len(g['params']) for g in groups)} "
-                             f"parameters in {len(groups)} group(s); this model has {len(self.params)} "
-                             "in one")
+            saved = sum(len(g["params"]) for g in groups)
+            raise ValueError(f"the saved optimizer state has {saved} parameters in {len(groups)} "
+                             f"group(s); this model has {len(self.params)} in one")
         index = {saved: i for i, saved in enumerate(groups[0]["params"])}
         state = {}
         for saved, values in state_dict["state"].items():
