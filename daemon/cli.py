@@ -186,6 +186,8 @@ def daemon_settings(spool: Spool) -> Settings:
     except OSError:
         lines = []
     for line in reversed(lines):
+        if b'"started"' not in line:  # the log keeps growing by job: parse only candidates
+            continue
         try:
             entry = orjson.loads(line)
         except orjson.JSONDecodeError:
