@@ -126,8 +126,7 @@ def serve(spool, max_jobs, gpus, allow_roots, base_dir, max_retries, stop_timeou
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = Spool(spool)
-    settings = Settings(base_dir=Path(os.path.abspath(base_dir or root.root.parent)),
-                        allow_roots=tuple(Path(os.path.abspath(r)) for r in allow_roots))
+    settings = serve_settings(root, base_dir, allow_roots)
     options = Options(max_jobs=max_jobs, gpus=parse_gpus(gpus), max_retries=max_retries,
                       stop_timeout=stop_timeout, rescan_seconds=rescan_seconds, settings=settings)
     try:
@@ -195,7 +194,14 @@ def daemon_settings(spool: Spool) -> Settings:
         if isinstance(entry, dict) and entry.get("event") == "started" and "base_dir" in entry:
             return Settings(base_dir=Path(entry["base_dir"]),
                             allow_roots=tuple(Path(r) for r in entry.get("allow_roots") or ()))
-    return Settings(base_dir=Path(os.path.abspath(spool.root.parent)), allow_roots=())
+    return serve_settings(spool, None, ())
+
+
+def serve_settings(spool: Spool, base_dir: Path | None, allow_roots) -> Settings:
+    """`serve`'s settings from its options: relative paths start at the spool's parent unless
+    --base-dir says otherwise."""
+    return Settings(base_dir=Path(os.path.abspath(base_dir or spool.root.parent)),
+                    allow_roots=tuple(Path(os.path.abspath(r)) for r in allow_roots))
 
 
 def path_problems(spool: Spool, job, check_data: bool = True) -> list[str]:
