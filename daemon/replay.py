@@ -96,6 +96,11 @@ def fold(records: list[dict]) -> JobState:
 
 
 RUN_ENDS = frozenset({"interrupted", "paused", "cancelled", "completed", "failed"})
+# The types whose `apply` reads what the record before them left: a crash the daemon records
+# ends its run at `updated_at`, the last sign of life. Otherwise a `progress` record only sets
+# `position` and `last_progress`, which the next `progress` sets again, so a fold needs the last
+# `progress` of a log and those just before these types (see `eventlog.read_log`'s `foldable`).
+SEES_PREVIOUS_RECORD = frozenset({"interrupted"})
 
 
 def apply(s: JobState, r: dict) -> JobState:

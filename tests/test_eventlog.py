@@ -4,13 +4,15 @@ import os
 import zlib
 
 import orjson
+import psutil
 import pytest
 
-from daemon import foldcache
+from daemon import eventlog, foldcache
 from daemon.errors import LogCorrupt
 from daemon.eventlog import EventLog, LogFollower, decode, encode, read_log, read_records
-from daemon.events import (EVENT_TYPES, Cancelled, ControlReceived, EpochCompleted, JobAccepted,
-                           LrChanged, Paused, Progress)
+from daemon.events import (EVENT_TYPES, Cancelled, CheckpointSaved, Completed, ControlReceived,
+                           EpochCompleted, Interrupted, JobAccepted, LrChanged, Paused, Progress,
+                           Resumed, RunStarted)
 from daemon.replay import fold
 
 
@@ -150,9 +152,65 @@ def progress_log(path, epochs=4, per_epoch=6):
     return path.read_bytes()
 
 
-def test_the_foldable_read_leaves_out_superseded_progress_and_folds_the_same_at_every_cut(tmp_path):
+def training_log(path, epochs=3, per_epoch=5):
+    """A log shaped like a real job's: runs of progress between each epoch's other events, a
+    crash the daemon found after a progress line, a resume from a checkpoint, a pause, the end.
+    A clock a second per event, so the time a run took depends on which record came last."""
+    ticks = iter(range(10 ** 6))
+
+    def clock():
+        t = next(ticks)
+        return f"2026-01-01T{t // 3600:02d}:{t // 60 % 60:02d}:{t % 60:02d}.000Z"
+
+    def progress(log, epoch, steps):
+        for s in range(1, steps + 1):
+            log.append(Progress(epoch=epoch, step=s, steps_per_epoch=per_epoch, samples_per_sec=1.0,
+                                loss=1.0 / s, eta_seconds=1.0))
+
+    def run(log, attempt, resumed_from):
+        log.append(RunStarted(attempt=attempt, pid=1, host="h", devices=["cpu"], framework="pytorch",
+                              versions={}, resumed_from=resumed_from, steps_per_epoch=per_epoch,
+                              train_samples=100, val_samples=10, task="classification"))
+
+    def epoch_end(log, epoch):
+        log.append(EpochCompleted(epoch=epoch, train_loss=1.0 / epoch, train_accuracy=0.5,
+                                  val_loss=1.0, val_accuracy=0.5, learning_rate=0.001,
+                                  time_per_epoch=1.0, samples_per_sec=1.0, memory_usage=1.0,
+                                  gpu_utilization=None, gpu_memory=None, data_time=0.0,
+                                  compute_time=1.0, eval_time=0.0, cpu_time=1.0, steps=per_epoch))
+        log.append(CheckpointSaved(epoch=epoch, step=per_epoch, steps_per_epoch=per_epoch,
+                                   path=f"checkpoints/e{epoch}.pt", bytes=1, sha256="0" * 64))
+
+    with EventLog(path, clock=clock) as log:
+        log.append(JobAccepted(job_id="j", source_file="j.json", spec={"epochs": epochs + 1},
+                               spec_sha256="a", file_sha256="b"))
+        run(log, 1, None)
+        for epoch in range(1, epochs + 1):
+            progress(log, epoch, per_epoch)
+            epoch_end(log, epoch)
+        progress(log, epochs + 1, 2)
+        log.append(Interrupted(reason="crash detected at startup", crash=True))
+        resumed = {"epoch": epochs, "step": per_epoch, "epochs_done": epochs,
+                   "checkpoint": f"checkpoints/e{epochs}.pt"}
+        run(log, 2, resumed)
+        progress(log, epochs + 1, 3)
+        log.append(ControlReceived(action="pause", source_file="control/j.pause"))
+        log.append(Paused(epoch=epochs + 1, step=3, checkpoint=None))
+        log.append(Resumed(epoch=epochs + 1, step=3, checkpoint=None))
+        run(log, 3, resumed)
+        progress(log, epochs + 1, per_epoch)
+        epoch_end(log, epochs + 1)
+        log.append(Completed(epochs_run=epochs + 1, stop_reason="max_epochs", best=None,
+                             final_metrics={}, outputs={}))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("block", [eventlog.BLOCK_BYTES, 300])
+def test_the_foldable_read_leaves_out_superseded_progress_and_folds_the_same_at_every_cut(
+        tmp_path, monkeypatch, block):
+    monkeypatch.setattr(eventlog, "BLOCK_BYTES", block)  # 300: a few lines per block
     path = tmp_path / "events.jsonl"
-    full = progress_log(path)
+    full = training_log(path)
     starts = [0] + [i + 1 for i, b in enumerate(full) if b == ord("\n")]
     cuts = sorted(set(starts) | {s + 9 for s in starts[:-1]})  # every line end, and torn lines
     for cut in cuts:
@@ -161,7 +219,79 @@ def test_the_foldable_read_leaves_out_superseded_progress_and_folds_the_same_at_
         assert fold(foldable.records) == fold(every.records)
         assert (foldable.good_bytes, foldable.torn_bytes) == (every.good_bytes, every.torn_bytes)
         assert foldable.last_seq == len(every.records)
-    assert len(read_log(path, foldable=True).records) == 1 + 4 * 2  # one progress per run kept
+    kept = [r["type"] for r in read_log(path, foldable=True).records]
+    every = [r["type"] for r in read_log(path).records]
+    # the progress the crash's run time is measured to, and the last one: no others
+    assert kept.count("progress") == 2 and kept[kept.index("interrupted") - 1] == "progress"
+    assert [t for t in kept if t != "progress"] == [t for t in every if t != "progress"]
+    assert fold(read_log(path).records).running_seconds > 0
+
+
+@pytest.fixture
+def in_pieces(monkeypatch):
+    """Every foldable read checked by four processes side by side, however short the log."""
+    monkeypatch.setattr(eventlog, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(eventlog, "_parsers", lambda size: 4)
+
+
+def no_children_left():
+    return psutil.Process().children() == []
+
+
+def test_a_long_log_checked_in_pieces_side_by_side_reads_as_in_one(tmp_path, in_pieces):
+    path = tmp_path / "events.jsonl"
+    full = training_log(path, epochs=12, per_epoch=20)
+    starts = [0] + [i + 1 for i, b in enumerate(full) if b == ord("\n")]
+    cuts = starts[len(starts) // 2::7] + [s + 9 for s in starts[len(starts) // 2:-1:11]] + [len(full)]
+    in_pieces_at_least_once = False
+    for cut in cuts:
+        data = full[:cut]
+        one = eventlog._parse(data, foldable=True)
+        pieces = eventlog._parse_in_parallel(data, 1)
+        in_pieces_at_least_once |= pieces is not None
+        for contents in (pieces, eventlog.parse_log(data, foldable=True)):
+            if contents is None:  # a piece whose first line is torn: read in one piece instead
+                continue
+            assert fold(contents.records) == fold(one.records)
+            assert (contents.good_bytes, contents.torn_bytes, contents.torn_preview, contents.last_seq) \
+                == (one.good_bytes, one.torn_bytes, one.torn_preview, one.last_seq)
+    assert in_pieces_at_least_once
+    assert eventlog._parse_in_parallel(full, 1) is not None
+    path.write_bytes(full)
+    assert foldcache.replay(path) == fold(read_records(path))  # the daemon's and the CLI's replay
+    assert no_children_left()
+
+
+@pytest.mark.parametrize("where", [0.1, 0.35, 0.6, 0.85])
+def test_damage_in_any_piece_is_reported_as_reading_in_one_piece_reports_it(tmp_path, in_pieces, where):
+    path = tmp_path / "events.jsonl"
+    lines = training_log(path, epochs=12, per_epoch=20).splitlines(keepends=True)
+    i = int(len(lines) * where)
+    damaged = b"".join(lines[:i] + [lines[i].replace(b'"v":1', b'"v":2')] + lines[i + 1:])
+    lost = b"".join(lines[:i] + lines[i + 1:])
+    for data, message in ((damaged, "checksum"), (lost, f"seq {i + 2} where {i + 1} was due")):
+        with pytest.raises(LogCorrupt) as one:
+            eventlog._parse(data, foldable=True)
+        assert message in str(one.value) and one.value.line_no == i + 1
+        assert eventlog._parse_in_parallel(data, 1) is None
+        with pytest.raises(LogCorrupt) as err:
+            eventlog.parse_log(data, foldable=True)
+        assert (err.value.line_no, str(err.value)) == (one.value.line_no, str(one.value))
+    assert no_children_left()
+
+
+def test_a_piece_that_does_not_follow_on_from_the_one_before_is_not_trusted(tmp_path, in_pieces):
+    """A line lost exactly where a piece ends: each piece checks out alone, the seqs between
+    them do not."""
+    path = tmp_path / "events.jsonl"
+    full = training_log(path, epochs=12, per_epoch=20)
+    cut = full.find(b"\n", len(full) // 4) + 1  # where the first piece ends
+    lost = full[:cut] + full[full.find(b"\n", cut) + 1:]
+    assert lost.find(b"\n", len(lost) // 4) + 1 == cut  # still where the first piece ends
+    with pytest.raises(LogCorrupt, match="was due") as err:
+        eventlog.parse_log(lost, foldable=True)
+    assert err.value.line_no == full[:cut].count(b"\n") + 1
+    assert no_children_left()
 
 
 def test_damage_in_a_left_out_progress_line_is_still_corruption(tmp_path):
