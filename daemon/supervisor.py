@@ -9,6 +9,7 @@ its behalf and is retried with back-off up to `max_retries`, then `failed`.
 The daemon writes a job's log only while it holds the job's lock, i.e. while no worker runs it.
 It never imports torch or tensorflow.
 """
+import importlib
 import logging
 import os
 import select
@@ -87,6 +88,35 @@ class Waker:
                     pass
             except BlockingIOError:
                 pass
+
+
+MOVE_PAIRING_SECONDS = 0.02
+
+
+def pair_moves_within(seconds: float) -> list[type]:
+    """How long watchdog's inotify observer waits for the other half of a rename; the classes
+    whose setting was changed.
+
+    watchdog pairs a rename's two inotify events (out of one name, into another) into one move
+    event. A rename out of a watched folder to one it does not watch has no second half, so it
+    is held for the class attribute `delay`, 0.5 s, and every event of that folder queues
+    behind it. Each job the daemon takes is such a rename (incoming/ to jobs/<id>/), so a file
+    arriving within 0.5 s after the daemon took another waited out the rest. The kernel queues
+    both halves of a rename together, so they are paired at once whatever the delay; a short
+    one costs nothing but the pairing of a rename split across two reads, which then arrives as
+    a move out (ignored) and a move in (taken, as any other). The attribute's home moved in
+    watchdog 7 (InotifyBuffer before); both are set where they exist."""
+    changed = []
+    for module, name in (("watchdog.observers.inotify_move_event_grouper", "InotifyMoveEventGrouper"),
+                         ("watchdog.observers.inotify_buffer", "InotifyBuffer")):
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(getattr(cls, "delay", None), (int, float)):
+            cls.delay = seconds
+            changed.append(cls)
+    return changed
 
 
 class SpoolEvents(FileSystemEventHandler):
@@ -204,6 +234,7 @@ class Daemon:
             # reported as a move, not as a creation, so it is known complete and taken at once
             # rather than after QUIET_SECONDS
             from watchdog.observers.inotify import InotifyObserver
+            pair_moves_within(MOVE_PAIRING_SECONDS)
             observer: BaseObserver = InotifyObserver(generate_full_events=True)
         else:
             observer = Observer()

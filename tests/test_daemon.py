@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 from daemon.replay import fold
 from daemon.spool import Spool
@@ -102,6 +103,30 @@ def test_a_file_moved_in_from_another_folder_is_taken_at_once(tmp_path, spool, d
                    what=f"{name}.json to be taken")
         errors = json.loads((spool / "rejected" / f"{name}.error.json").read_text())["errors"]
         assert any('Did you mean "epochs"?' in e for e in errors)
+
+
+def test_a_file_arriving_just_after_the_daemon_took_another_is_not_held_behind_it(tmp_path, spool, daemon_factory):
+    """Each file the daemon takes leaves incoming/ by a rename to a folder it does not watch.
+    watchdog holds such a half-rename for its pairing delay (0.5 s by default) and every event
+    of the folder queues behind it: a file moved in just after waited out the rest. Each file
+    here arrives right after the daemon took the one before (its mtime an hour ahead, so only
+    its own event can take it); the median wait must be far below those 0.5 s."""
+    daemon_factory(spool)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    waits = []
+    for i in range(5):
+        src = elsewhere / f"next{i}.json"
+        src.write_text(json.dumps({"train_data_path": "x.csv", "target_column": "t", "epoch": 1}))
+        ahead = time.time() + 3600
+        os.utime(src, (ahead, ahead))
+        moved_at = time.time()
+        os.rename(src, spool / "incoming" / f"next{i}.json")
+        taken = wait_until(lambda: [r for r in map(json.loads, (spool / "daemon.jsonl").read_text().splitlines())
+                                    if r["event"] == "rejected" and r["file"] == f"next{i}.json"],
+                           20, interval=0.005, what=f"next{i}.json to be taken")
+        waits.append(datetime.fromisoformat(taken[0]["ts"]).timestamp() - moved_at)
+    assert sorted(waits)[2] < 0.25, waits
 
 
 def test_data_errors_fail_the_job_at_once_without_retry(tmp_path, spool, daemon_factory):
