@@ -9,9 +9,10 @@
   encoded the CSV, built the model: the next thing it does is the first step), against a bare
   `python -c "import torch; pandas.read_csv(..., engine='pyarrow')"` of the same file.
 - replay of a 1,000,000-event log (20 progress events, an epoch_completed and a checkpoint_saved
-  per epoch), three ways: every record read and folded (`fold(read_records)`, what `epochd
-  history` and `tail` read); the daemon's cold replay (`foldcache.replay` with no cache: every
-  line's checksum and seq checked, superseded progress lines not parsed); and its warm replay
+  per epoch), four ways: every record read and folded (`fold(read_records)`: `epochd tail`
+  reads every record from the start); the daemon's cold replay (`foldcache.replay` with no
+  cache: every line's checksum and seq checked, superseded progress lines not parsed, the log
+  cut into one piece per CPU checked side by side), and the same in one piece; and its warm replay
   (the cached fold of the prefix, checked by one CRC over its bytes, plus the 4 MiB of events
   past it that a worker's crash can leave at most, since it refreshes the cache that often).
 - daemon footprint: RSS and CPU of `epochd serve` idle on a spool holding 1,000 finished jobs.
@@ -37,7 +38,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from daemon import foldcache  # noqa: E402
+from daemon import eventlog, foldcache  # noqa: E402
 from daemon import spec as specs  # noqa: E402
 from daemon.cli import drop_job  # noqa: E402
 from daemon.eventlog import EventLog, encode, read_records  # noqa: E402
@@ -186,22 +187,30 @@ def million_event_log(path: Path, n: int = 1_000_000) -> None:
     path.write_bytes(b"".join(lines[:n]))
 
 
-def replay_seconds(folder: Path, rounds: int = 3) -> dict:
+def replay_seconds(folder: Path, rounds: int = 5) -> dict:
     job = folder / "replay"
     job.mkdir()
     path = job / "events.jsonl"
     million_event_log(path)
-    times = {"full": [], "cold": [], "warm": []}
+    times = {"full": [], "cold": [], "one piece": [], "warm": []}
     cache = job / foldcache.CACHE_NAME
-    for _ in range(rounds):
-        t = time.perf_counter()
-        full = fold(read_records(path))
-        times["full"].append(time.perf_counter() - t)
-        cache.unlink(missing_ok=True)
-        t = time.perf_counter()
-        cold = foldcache.replay(path)
-        times["cold"].append(time.perf_counter() - t)
-        assert cold == full and cache.exists()
+    in_pieces = eventlog.PARALLEL_MIN_BYTES
+    try:
+        for i in range(rounds):
+            if i < 3:
+                t = time.perf_counter()
+                full = fold(read_records(path))
+                times["full"].append(time.perf_counter() - t)
+            # the daemon's cold replay, and the same with the log's lines checked in one piece
+            for key, threshold in (("cold", in_pieces), ("one piece", len(path.read_bytes()) + 1)):
+                eventlog.PARALLEL_MIN_BYTES = threshold
+                cache.unlink(missing_ok=True)
+                t = time.perf_counter()
+                cold = foldcache.replay(path)
+                times[key].append(time.perf_counter() - t)
+                assert cold == full and cache.exists()
+    finally:
+        eventlog.PARALLEL_MIN_BYTES = in_pieces
     with EventLog(path) as log:  # what a restart after a crash finds: the cache up to 4 MiB behind
         for i in range((4 << 20) // 210):  # progress lines are about 210 bytes
             log.append(Progress(epoch=1, step=i, steps_per_epoch=6250, samples_per_sec=1.0,
@@ -210,7 +219,7 @@ def replay_seconds(folder: Path, rounds: int = 3) -> dict:
         t = time.perf_counter()
         foldcache.replay(path)
         times["warm"].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()} | {"pieces": eventlog._parsers(path.stat().st_size)}
 
 
 def finished_spool(spool: Path, jobs: int = 1000) -> None:
@@ -281,7 +290,9 @@ def report(m: dict) -> None:
     r = m["replay"]
     print(f"| replay of 1,000,000 events (< 2 s) | daemon: {r['warm']:.2f} s with its fold cache "
           f"(4 MiB behind, the most a crash leaves), {r['cold']:.2f} s cold (no cache: a log from "
-          f"before the cache, or after an upgrade that changed the fold); every record read and folded: {r['full']:.2f} s |")
+          f"before the cache, or after an upgrade that changed the fold), its lines checked in "
+          f"{r['pieces']} pieces side by side ({r['one piece']:.2f} s in one piece); every record "
+          f"read and folded: {r['full']:.2f} s |")
     print(f"| daemon RSS with 1,000 finished jobs (< 80 MB) | {m['rss_mb']:.0f} MB |")
     print(f"| daemon idle CPU (< 1%) | {m['idle_cpu']:.2f}% of one core |")
 
