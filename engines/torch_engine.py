@@ -3,7 +3,7 @@
 The hot loop follows the fastest hand-written recipe we measured: the data is one tensor on the
 device, each epoch gathers it once in its order (`index_select`) and batches are contiguous
 slices of that; `zero_grad(set_to_none=True)`; Adam/AdamW fused where the device supports it
-(torch.optim's kernel, called without torch.optim's classes: see `fused_adam`); the epoch's
+(torch.optim's kernel, called without torch.optim's classes: see `optim`); the epoch's
 losses and hits are gathered once per engine call into per-epoch buffers on the device, so the
 step itself does exactly the work of a hand-written loop.
 
@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from daemon.errors import CheckpointInvalid, DeviceUnavailable
 
-from . import Engine, architecture, fused_adam, gpu_name, gpu_plan, job_threads
+from . import Engine, architecture, gpu_name, gpu_plan, job_threads, optim
 from .data import Prepared, epoch_order, regression_scale
 
 CHECKPOINT_FORMAT = "epochd-torch-1"
@@ -81,14 +81,23 @@ def build_model(arch: dict) -> nn.Module:
 
 
 def make_optimizer(params, opt: dict, lr: float, device: str, scaled: bool = False):
-    """The job's optimiser. Adam and AdamW are `FusedAdam` (torch.optim's fused kernel without
-    the import of torch._dynamo that torch.optim's classes cost) unless a GradScaler
-    (`scaled`, fp16) must step them; the rest are torch.optim's."""
+    """The job's optimiser: one of `engines.optim`'s (torch.optim's algorithms without the
+    import of torch._dynamo that torch.optim's classes cost; Adam and AdamW fused) unless a
+    GradScaler (`scaled`, fp16) must step it, or the parameters are not ones they take: then
+    torch.optim's."""
     params = list(params)
-    if opt["name"] in ("adam", "adamw") and not scaled and fused_adam.usable(params):
-        return fused_adam.FusedAdam(params, lr=lr, betas=tuple(opt["betas"]), eps=opt["eps"],
-                                    weight_decay=opt["weight_decay"],
-                                    decoupled_weight_decay=opt["name"] == "adamw")
+    if not scaled and optim.usable(params):
+        match opt["name"]:
+            case "adam" | "adamw":
+                return optim.FusedAdam(params, lr=lr, betas=tuple(opt["betas"]), eps=opt["eps"],
+                                       weight_decay=opt["weight_decay"],
+                                       decoupled_weight_decay=opt["name"] == "adamw")
+            case "sgd":
+                return optim.SGD(params, lr=lr, momentum=opt["momentum"], nesterov=opt["nesterov"],
+                                 weight_decay=opt["weight_decay"])
+            case "rmsprop":
+                return optim.RMSprop(params, lr=lr, momentum=opt["momentum"], eps=opt["eps"],
+                                     weight_decay=opt["weight_decay"])
     fused = {"fused": True} if device in ("cpu", "cuda") else {}
     match opt["name"]:
         case "adam":

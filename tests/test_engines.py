@@ -249,6 +249,26 @@ def test_optimizers(tmp_path, optimizer, framework, Engine):
     assert np.isfinite(engine.train_metrics()["train_loss"])
 
 
+@pytest.mark.parametrize("optimizer", [{"name": "sgd", "momentum": 0.9, "nesterov": True},
+                                       {"name": "rmsprop", "momentum": 0.9}], ids=["sgd", "rmsprop"])
+def test_an_optimisers_state_resumes_bit_for_bit(tmp_path, optimizer, framework, Engine):
+    """The momentum and running averages come back from a mid-epoch checkpoint: the weights
+    after it equal those of a run that never stopped."""
+    spec = job(tmp_path, framework, optimizer=optimizer)
+    data = prepare(spec)
+    straight = run(Engine(spec, data, 1), 2)
+    first = run(Engine(spec, data, 1), 1)
+    first.start_epoch(2, 0)
+    first.train_steps([0.01] * 3)
+    path = tmp_path / f"ckpt{Engine.checkpoint_suffix}"
+    first.save_checkpoint(path)
+    second = Engine(spec, data, 1)
+    assert second.load_checkpoint(path) == (2, 3)
+    second.start_epoch(2, 3)
+    second.train_steps([0.01] * (second.steps_per_epoch - 3))
+    assert same(weights(straight), weights(second))
+
+
 @pytest.mark.parametrize("network", [{"hidden_units": [32, 16], "dropout_rate": 0.0},
                                      {"hidden_units": [32, 16], "dropout_rate": 0.0, "activation": "gelu"}])
 def test_gradient_accumulation_gives_the_larger_batchs_training(tmp_path, framework, Engine, network):
