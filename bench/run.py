@@ -275,7 +275,7 @@ def main() -> None:
     ap.add_argument("--keras-spe", default="1,64",
                     help="steps_per_execution values Keras fit runs with, comma-separated")
     ap.add_argument("--epochs", type=int, default=4, help="per run; the first is warm-up")
-    ap.add_argument("--peer-rounds", type=int, default=1,
+    ap.add_argument("--peer-rounds", type=int, default=3,
                     help="rounds of the every-peer table (Lightning needs the bench extra; 0: skip)")
     ap.add_argument("--peer-epochs", type=int, default=3, help="per peer run; the first is warm-up")
     ap.add_argument("--pauses", type=int, default=8)
