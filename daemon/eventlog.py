@@ -220,8 +220,9 @@ def _parse(data: bytes, path="<log>", foldable: bool = False, first_seq: int = 1
            start: int = 0, end: int | None = None) -> LogContents:
     """`parse_log` of `data[start:end]`, without copying it.
 
-    Every line up to the first bad one checks out, so line numbers are counted by seq (line n
-    is due `first_seq + n - 1`) rather than line by line."""
+    Every line up to the first bad one checks out, and line n of a log carries seq n, so the
+    line an error names is the seq that was due there: its line in the whole log, also when
+    `data` is the rest of a log after a cached prefix."""
     end = len(data) if end is None else end
     records: list[dict] = []
     due = first_seq  # the seq the next valid line must carry
@@ -253,15 +254,14 @@ def _parse(data: bytes, path="<log>", foldable: bool = False, first_seq: int = 1
                         continue
                     seq = _checked_seq(line)  # slow path: say exactly what is wrong
                     if seq is not None:
-                        raise LogCorrupt(path, due - first_seq + 1,
-                                         f"seq {seq} where {due} was due (lost or repeated events)")
+                        raise LogCorrupt(path, due, f"seq {seq} where {due} was due (lost or repeated events)")
                 record = decode(line)
                 if record is None:
-                    bad_at = (due - first_seq + 1, "checksum or JSON does not check out")
+                    bad_at = (due, "checksum or JSON does not check out")
                     break
                 if record.get("seq") != due:
-                    raise LogCorrupt(path, due - first_seq + 1, f"seq {record.get('seq')!r} where "
-                                                                f"{due} was due (lost or repeated events)")
+                    raise LogCorrupt(path, due, f"seq {record.get('seq')!r} where "
+                                                f"{due} was due (lost or repeated events)")
                 if held is not None:
                     if record["type"] in SEES_PREVIOUS_RECORD:
                         records.append(upcast(decode(held)))

@@ -234,7 +234,10 @@ class Daemon:
             # reported as a move, not as a creation, so it is known complete and taken at once
             # rather than after QUIET_SECONDS
             from watchdog.observers.inotify import InotifyObserver
-            pair_moves_within(MOVE_PAIRING_SECONDS)
+            if not pair_moves_within(MOVE_PAIRING_SECONDS):
+                log.warning("this watchdog has no pairing delay where epochd looks for it: a file "
+                            "moved into incoming/ within 0.5 s after the daemon took another may "
+                            "wait out the rest")
             observer: BaseObserver = InotifyObserver(generate_full_events=True)
         else:
             observer = Observer()

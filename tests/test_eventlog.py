@@ -332,6 +332,14 @@ def test_the_fold_cache_is_used_while_the_prefix_is_unchanged_and_never_trusted_
         log.append(Cancelled(epoch=3, step=1))
     state = foldcache.replay(path)
     assert state.status == "cancelled" and state.last_seq == len(read_records(path))
+    with EventLog(path) as log:
+        log.append(Cancelled(epoch=3, step=2))
+    lines = path.read_bytes().splitlines(keepends=True)  # damage after the cached prefix
+    path.write_bytes(b"".join(lines[:-2] + [lines[-2].replace(b'"v":1', b'"v":2')] + lines[-1:]))
+    with pytest.raises(LogCorrupt) as err:
+        foldcache.replay(path)
+    assert err.value.line_no == len(lines) - 1  # its line in the whole log, not after the prefix
+    path.write_bytes(b"".join(lines))
     data = bytearray(path.read_bytes())  # a flipped byte inside the cached prefix
     data[len(data) // 3] ^= 0x01
     path.write_bytes(bytes(data))
