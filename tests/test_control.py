@@ -31,7 +31,9 @@ def test_pause_lands_mid_epoch_and_resume_reproduces_the_weights_exactly(tmp_pat
     mid-epoch checkpoint, paused while another job finishes, resumed at that step. (The same
     scenario for each engine is in test_contract.py.)"""
     pause_after_progress = 2
-    data = classification_csv(tmp_path / "train.csv", rows=40000)  # 16,000 steps an epoch, seconds
+    # 32,000 steps an epoch: seconds, so that some progress event lands in an epoch's first half
+    # even on a fast machine (with 16,000 steps a run once finished with none there)
+    data = classification_csv(tmp_path / "train.csv", rows=80000)
     daemon_factory(spool, "--max-jobs", "2")
     drop_job(spool, "ref.json", long_epochs_job(data, tmp_path / "ref", epochs=2))
     drop_job(spool, "p.json", long_epochs_job(data, tmp_path / "p", epochs=2))
