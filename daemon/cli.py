@@ -365,7 +365,9 @@ def follow_job(spool: Spool, job_id: str, follow: bool = True, raw: bool = False
     path = spool.events_path(job_id)
     if wait_for_accept and not wait_accepted(spool, job_id):
         return Exit.USAGE
-    follower, epochs, live = LogFollower(path), None, sys.stdout.isatty() and not raw
+    # the events as they are; or lines for people, where only the latest progress shows
+    follower = LogFollower(path, latest_progress_only=not raw)
+    epochs, live = None, sys.stdout.isatty() and not raw
     while True:
         for r in follower.poll():
             epochs = r["spec"]["epochs"] if r["type"] == "job_accepted" else epochs

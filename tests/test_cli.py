@@ -65,6 +65,52 @@ def test_tail_prints_the_story_and_raw_json(trained):
     assert invoke("tail", "--spool", spool, "done", "-f").exit_code == Exit.OK  # ends at completion
 
 
+def test_tail_on_a_terminal_shows_the_latest_progress_as_a_live_line(trained):
+    """Under a pseudo-terminal `tail` draws progress as one line it overwrites: the latest
+    progress is drawn, and progress that later lines supersede is not drawn at all."""
+    import os
+    import subprocess
+    import sys
+    from daemon.eventlog import EventLog
+    from daemon.events import ControlReceived, Progress
+    spool, _ = trained
+    root = Spool(spool)
+    lines = root.events_path("done").read_bytes().splitlines(keepends=True)
+    first_epoch = next(i for i, l in enumerate(lines) if b'"type":"epoch_completed"' in l)
+    root.job_dir("live").mkdir()
+    root.events_path("live").write_bytes(b"".join(lines[:first_epoch + 1]))
+    with EventLog(root.events_path("live")) as log:
+        for step in (1, 2, 3):
+            log.append(Progress(epoch=2, step=step, steps_per_epoch=4, samples_per_sec=1000.0,
+                                loss=step / 10, eta_seconds=5.0))
+            if step == 2:
+                log.append(ControlReceived(action="pause", source_file="control/live.pause",
+                                           outcome="already paused"))
+    leader, follower = os.openpty()
+    try:
+        try:
+            proc = subprocess.run([sys.executable, "-m", "daemon.cli", "tail", "--spool", str(spool), "live"],
+                                  stdout=follower, stderr=follower, timeout=60)
+        finally:
+            os.close(follower)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(leader)
+    text = out.decode()
+    assert proc.returncode == 0, text
+    assert "epoch 1/2" in text and "pause requested" in text
+    assert "\repoch 2/2 [" in text and "3/4 loss 0.3000" in text
+    assert "1/4 loss" not in text and "2/4 loss" not in text
+
+
 def test_plot_and_predict(trained, tmp_path):
     spool, data = trained
     png = tmp_path / "curves.png"

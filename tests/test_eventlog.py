@@ -138,6 +138,26 @@ def test_follower_reads_only_what_is_new_and_survives_a_cut_tail(tmp_path):
     assert [r["type"] for r in follower.poll()] == ["log_repaired", "cancelled"]
 
 
+def test_a_follower_for_people_skips_progress_lines_that_later_lines_supersede(tmp_path):
+    path = tmp_path / "events.jsonl"
+    progress_log(path, epochs=2, per_epoch=3)  # accepted, 3 progress, control, 3 progress, control
+    every, latest = LogFollower(path), LogFollower(path, latest_progress_only=True)
+    assert len(every.poll()) == 9
+    assert [r["type"] for r in latest.poll()] == ["job_accepted", "control_received", "control_received"]
+    with EventLog(path) as log:
+        for step in (1, 2):
+            log.append(Progress(epoch=3, step=step, steps_per_epoch=3, samples_per_sec=1.0,
+                                loss=0.5, eta_seconds=1.0))
+    # the last line read is progress: it is the one to show
+    assert [(r["type"], r["step"]) for r in latest.poll()] == [("progress", 2)]
+    with EventLog(path) as log:
+        log.append(Progress(epoch=3, step=3, steps_per_epoch=3, samples_per_sec=1.0,
+                            loss=0.5, eta_seconds=1.0))
+        log.append(Cancelled(epoch=3, step=3))
+    assert [r["type"] for r in latest.poll()] == ["cancelled"]
+    assert [r["seq"] for r in every.poll()] == [10, 11, 12, 13]
+
+
 def progress_log(path, epochs=4, per_epoch=6):
     """A log shaped like a real one: runs of progress, then the epoch's other events."""
     with EventLog(path) as log:
