@@ -53,7 +53,16 @@ def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
 
 
+def require_spool(spool: Spool) -> None:
+    """A --spool that names no spool is most likely a typo: say so, not "no jobs"."""
+    if not spool.jobs.is_dir():
+        raise CliError(f"{spool.jobs} does not exist, so {spool.root} is not a spool. Expected: a spool "
+                       f"folder; check --spool (or $EPOCHD_SPOOL), or start the daemon once with "
+                       f'"epochd serve --spool {spool.root}" to create it.', Exit.NOT_FOUND)
+
+
 def load_state(spool: Spool, job_id: str) -> JobState:
+    require_spool(spool)
     if not VALID_ID.match(job_id) or not spool.events_path(job_id).exists():
         raise CliError(str(JobNotFound(job_id, spool.root)), Exit.NOT_FOUND)
     try:
@@ -268,6 +277,7 @@ def status(spool, job_id, as_json):
     if job_id:
         state = load_state(root, job_id)
         return echo_json(display.summary(state)) if as_json else print_one(state)
+    require_spool(root)
     states = []
     for jid in root.job_ids():
         try:

@@ -133,6 +133,18 @@ def test_unknown_jobs_and_nonsense_requests_are_refused(trained):
     assert list((spool / "control").iterdir()) == []  # nothing was dropped
 
 
+def test_a_spool_that_does_not_exist_is_named_as_such_not_as_empty(tmp_path):
+    typo = tmp_path / "sppol"
+    for args in (["status"], ["status", "--json"], ["status", "done"], ["tail", "done"],
+                 ["history", "done"], ["pause", "done"]):
+        result = invoke(*args, "--spool", typo)
+        assert result.exit_code == Exit.NOT_FOUND, (args, result.output)
+        assert f"{typo} is not a spool" in result.output and "--spool" in result.output, args
+    assert not typo.exists()  # nothing was created by looking
+    Spool(typo).ensure()
+    assert invoke("status", "--spool", typo).output.startswith("no jobs in")
+
+
 def test_submit_refuses_an_invalid_file_and_drops_nothing(tmp_path, spool):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train_data_path": "x.csv", "target_column": "t", "epoch": 3}))
