@@ -269,8 +269,8 @@ class JobSpec(Strict):
     checkpoint: CheckpointPolicy = Field(CheckpointPolicy(), description="an object")
     devices: Literal["auto", "cpu", "cuda"] | Annotated[int, Field(ge=0, le=64)] | list[
         Annotated[int, Field(ge=0, le=1023)]] = Field(
-        "auto", description='"auto", "cpu", "cuda", a number of GPUs (0 is the CPU), or a list of '
-                            "GPU indices as nvidia-smi numbers them")
+        "auto", description='"auto", "cpu", "cuda", "cuda:N" (GPU N), a number of GPUs (0 is the CPU), '
+                            "or a list of GPU indices as nvidia-smi numbers them")
     distributed: Distributed | None = Field(
         None, description='null, {"strategy": "ddp", "processes": N} (pytorch) or {"strategy": '
                           '"mirrored", "replicas": N} (tensorflow): N ranks or replicas, each '
@@ -292,6 +292,14 @@ class JobSpec(Strict):
     @classmethod
     def _optimizer_name(cls, v: Any) -> Any:
         return {"name": v.lower()} if isinstance(v, str) else v
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _torch_device_name(cls, v: Any) -> Any:
+        """torch's way of naming one GPU, "cuda:N", is the list [N]."""
+        if isinstance(v, str) and v.startswith("cuda:") and v[5:].isascii() and v[5:].isdigit():
+            return [int(v[5:])]
+        return v
 
     @field_validator("devices")
     @classmethod

@@ -72,6 +72,8 @@ def test_defaults_are_filled_and_the_seeds_short_forms_moved(tmp_path):
     (minimal(devices=[1, 1]), ['"devices"', "more than once"]),
     (minimal(devices=65), ['"devices"', "Received: 65"]),
     (minimal(devices="gpu"), ['"devices"', 'Received: "gpu"']),
+    (minimal(devices="cuda:x"), ['"devices"', 'Received: "cuda:x"', '"cuda:N"']),
+    (minimal(devices="cuda:0,1"), ['"devices"', 'Received: "cuda:0,1"']),
     (minimal(devices=[0, 1], distributed={"processes": 3}), ["devices names 2 GPU(s) but distributed.processes is 3"]),
     (minimal(devices=4, distributed={"strategy": "mirrored", "replicas": 2}, framework="tf"),
      ["devices names 4 GPU(s) but distributed.replicas is 2"]),
@@ -171,6 +173,7 @@ def test_aliases():
         assert spec.validate(minimal(framework=alias)).framework == "tensorflow"
     assert spec.validate(minimal(learning_rate_scheduler="ReduceLROnPlateau")).learning_rate_scheduler.name == "plateau"
     assert spec.validate(minimal(early_stopping={"monitor": "accuracy"})).early_stopping.monitor == "train_accuracy"
+    assert spec.validate(minimal(devices="cuda:3")).devices == [3]  # torch's name for one GPU
 
 
 @pytest.mark.parametrize("devices, replicas", [("cpu", 1), (2, 2)])
