@@ -340,10 +340,15 @@ def history(spool, job_id, as_json):
     state = load_state(Spool(spool), job_id)
     if as_json:
         return echo_json(state.training_history())
-    click.echo(f"{'EPOCH':>5} {'TRAIN_LOSS':>10} {'TRAIN_ACC':>9} {'VAL_LOSS':>9} {'VAL_ACC':>8} "
+    # classification shows accuracy; regression, whose accuracy is null, its mae
+    metric = "MAE" if any(h.get("train_mae") is not None for h in state.history) else "ACC"
+    click.echo(f"{'EPOCH':>5} {'TRAIN_LOSS':>10} {'TRAIN_' + metric:>9} {'VAL_LOSS':>9} {'VAL_' + metric:>8} "
                f"{'LR':>9} {'SECONDS':>8}")
+    if not state.history:
+        return click.echo(f'(no epoch has finished yet: "epochd tail -f {job_id}" follows the job)')
+    key = "mae" if metric == "MAE" else "accuracy"
     for h in state.history:
-        acc, vacc = h.get("train_accuracy", h.get("train_mae")), h.get("val_accuracy", h.get("val_mae"))
+        acc, vacc = h.get(f"train_{key}"), h.get(f"val_{key}")
         click.echo(f"{h['epoch']:>5} {display.number(h['train_loss']):>10} {display.number(acc):>9} "
                    f"{display.number(h.get('val_loss')):>9} {display.number(vacc):>8} "
                    f"{h['learning_rate']:>9.3g} {h['time_per_epoch']:>8.2f}")

@@ -56,6 +56,26 @@ def test_history_json_is_the_seeds_training_history(trained):
     assert "EPOCH" in invoke("history", "--spool", spool, "done").output
 
 
+def test_history_names_its_columns_for_the_task_and_says_when_there_is_none(tmp_path):
+    from daemon.eventlog import EventLog
+    from daemon.events import EpochCompleted, JobAccepted
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    spool.job_dir("reg").mkdir()
+    with EventLog(spool.events_path("reg")) as log:
+        log.append(JobAccepted(job_id="reg", source_file="reg.json", spec={"epochs": 3},
+                               spec_sha256="a", file_sha256="b"))
+        assert "no epoch has finished yet" in invoke("history", "--spool", spool.root, "reg").output
+        log.append(EpochCompleted(
+            epoch=1, train_loss=0.25, train_accuracy=None, val_loss=0.5, val_accuracy=None,
+            learning_rate=0.001, time_per_epoch=1.0, samples_per_sec=100.0, memory_usage=100.0,
+            gpu_utilization=None, gpu_memory=None, data_time=0.0, compute_time=1.0, eval_time=0.0,
+            cpu_time=1.0, steps=10, train_mae=1.5, train_rmse=2.0, val_mae=2.5, val_rmse=3.0, val_r2=0.75))
+    header, row = invoke("history", "--spool", spool.root, "reg").output.splitlines()
+    assert header.split() == ["EPOCH", "TRAIN_LOSS", "TRAIN_MAE", "VAL_LOSS", "VAL_MAE", "LR", "SECONDS"]
+    assert row.split() == ["1", "0.2500", "1.5000", "0.5000", "2.5000", "0.001", "1.00"]
+
+
 def test_tail_prints_the_story_and_raw_json(trained):
     spool, _ = trained
     out = invoke("tail", "--spool", spool, "done").output
