@@ -360,23 +360,26 @@ def history(spool, job_id, as_json):
 @click.option("--follow", "-f", is_flag=True, help="Keep following until the job ends.")
 @click.option("--raw", is_flag=True, help="Print the event lines as JSON.")
 @click.option("--verbose", "-v", is_flag=True, help="Show checkpoint events too.")
-def tail(spool, job_id, follow, raw, verbose):
+@click.option("--lines", "-n", "last", type=click.IntRange(min=0), metavar="N",
+              help="Of what the log already holds, print only the last N lines. Default: all of it.")
+def tail(spool, job_id, follow, raw, verbose, last):
     """Print a job's events; with -f, follow them with a live progress line.
 
     With --follow it exits 0 when the job completes, 4 when it fails or is cancelled.
 
     Example: epochd tail -f wine
+    Example: epochd tail -n 5 -f wine   (the last five lines, then follow)
     """
     root = Spool(spool)
     load_state(root, job_id)
-    sys.exit(follow_job(root, job_id, follow=follow, raw=raw, verbose=verbose))
+    sys.exit(follow_job(root, job_id, follow=follow, raw=raw, verbose=verbose, last=last))
 
 
 QUIET_TYPES = ("checkpoint_saved", "checkpoint_removed")
 
 
 def follow_job(spool: Spool, job_id: str, follow: bool = True, raw: bool = False,
-               wait_for_accept: bool = False, verbose: bool = False) -> int:
+               wait_for_accept: bool = False, verbose: bool = False, last: int | None = None) -> int:
     path = spool.events_path(job_id)
     if wait_for_accept and not wait_accepted(spool, job_id):
         return Exit.USAGE
@@ -384,22 +387,40 @@ def follow_job(spool: Spool, job_id: str, follow: bool = True, raw: bool = False
     follower = LogFollower(path, latest_progress_only=not raw)
     epochs, live = None, sys.stdout.isatty() and not raw
     while True:
+        texts, ended = [], None  # (text, ends its line)
         for r in follower.poll():
             epochs = r["spec"]["epochs"] if r["type"] == "job_accepted" else epochs
-            if raw:
-                click.echo(orjson.dumps(r).decode())
-            elif r["type"] == "progress":
-                if live:
-                    click.echo("\r" + display.progress_line(r, epochs) + "\033[K", nl=False)
-            elif verbose or r["type"] not in QUIET_TYPES:
-                line = display.event_line(r, epochs)
-                if line:
-                    click.echo(("\r\033[K" if live else "") + f"{r['ts'][11:19]} {line}")
+            text = render(r, epochs, raw, live, verbose)
+            if text is not None:
+                texts.append(text)
             if r["type"] in TERMINAL:
-                return Exit.OK if r["type"] == "completed" else Exit.JOB_FAILED
+                ended = r["type"]
+                break
+        if last is not None:  # what the log held at the start: its last lines, and live progress
+            progress = texts[-1:] if texts and not texts[-1][1] else []
+            texts = (texts[:len(texts) - len(progress)][-last:] if last else []) + progress
+            last = None
+        if texts:  # one write: a long log's story is tens of thousands of lines
+            click.echo("".join(text + "\n" * ends for text, ends in texts), nl=False)
+        if ended:
+            return Exit.OK if ended == "completed" else Exit.JOB_FAILED
         if not follow:
             return Exit.OK
         time.sleep(POLL_SECONDS)  # polling a file: the CLI has no socket to the daemon
+
+
+def render(r: dict, epochs: int | None, raw: bool, live: bool, verbose: bool) -> tuple[str, bool] | None:
+    """What `tail` prints for a record, and whether that ends the line (a live progress line is
+    drawn over by the next); None for nothing."""
+    if raw:
+        return orjson.dumps(r).decode(), True
+    if r["type"] == "progress":
+        return ("\r" + display.progress_line(r, epochs) + "\033[K", False) if live else None
+    if verbose or r["type"] not in QUIET_TYPES:
+        line = display.event_line(r, epochs)
+        if line:
+            return ("\r\033[K" if live else "") + f"{r['ts'][11:19]} {line}", True
+    return None
 
 
 def wait_accepted(spool: Spool, job_id: str) -> bool:

@@ -85,17 +85,31 @@ def test_tail_prints_the_story_and_raw_json(trained):
     assert invoke("tail", "--spool", spool, "done", "-f").exit_code == Exit.OK  # ends at completion
 
 
-def test_tail_on_a_terminal_shows_the_latest_progress_as_a_live_line(trained):
+def test_tail_lines_prints_only_the_last_n_lines_of_what_the_log_holds(trained):
+    """epochd tail -n N [--raw] [-f] done"""
+    spool, _ = trained
+    story = invoke("tail", "--spool", spool, "done").output.splitlines()
+    assert len(story) > 3
+    assert invoke("tail", "--spool", spool, "done", "-n", 3).output.splitlines() == story[-3:]
+    assert invoke("tail", "--spool", spool, "done", "-n", 1000).output.splitlines() == story
+    assert invoke("tail", "--spool", spool, "done", "-n", 0).output == ""
+    raw = invoke("tail", "--spool", spool, "done", "--raw", "-n", 1).output.splitlines()
+    assert [json.loads(line)["type"] for line in raw] == ["completed"]
+    followed = invoke("tail", "--spool", spool, "done", "-n", 1, "-f")
+    assert followed.exit_code == Exit.OK and followed.output.splitlines() == story[-1:]
+    refused = invoke("tail", "--spool", spool, "done", "-n", -1)
+    assert refused.exit_code == Exit.USAGE and "-1" in refused.output
+
+
+def test_tail_on_a_terminal_shows_the_latest_progress_as_a_live_line(trained, tmp_path):
     """Under a pseudo-terminal `tail` draws progress as one line it overwrites: the latest
     progress is drawn, and progress that later lines supersede is not drawn at all."""
-    import os
-    import subprocess
-    import sys
     from daemon.eventlog import EventLog
     from daemon.events import ControlReceived, Progress
-    spool, _ = trained
+    lines = Spool(trained[0]).events_path("done").read_bytes().splitlines(keepends=True)
+    spool = tmp_path / "spool"  # the trained job's first epoch, then a running second one
     root = Spool(spool)
-    lines = root.events_path("done").read_bytes().splitlines(keepends=True)
+    root.ensure()
     first_epoch = next(i for i, l in enumerate(lines) if b'"type":"epoch_completed"' in l)
     root.job_dir("live").mkdir()
     root.events_path("live").write_bytes(b"".join(lines[:first_epoch + 1]))
@@ -106,10 +120,24 @@ def test_tail_on_a_terminal_shows_the_latest_progress_as_a_live_line(trained):
             if step == 2:
                 log.append(ControlReceived(action="pause", source_file="control/live.pause",
                                            outcome="already paused"))
+    code, text = on_a_terminal("tail", "--spool", spool, "live")
+    assert code == 0, text
+    assert "epoch 1/2" in text and "pause requested" in text
+    assert "\repoch 2/2 [" in text and "3/4 loss 0.3000" in text
+    assert "1/4 loss" not in text and "2/4 loss" not in text
+    code, text = on_a_terminal("tail", "--spool", spool, "live", "-n", 0)  # the live line alone
+    assert code == 0 and text.startswith("\repoch 2/2 [") and "\n" not in text, text
+
+
+def on_a_terminal(*args) -> tuple[int, str]:
+    """Run `epochd ARGS` with a pseudo-terminal as its stdout: its exit code and what it drew."""
+    import os
+    import subprocess
+    import sys
     leader, follower = os.openpty()
     try:
         try:
-            proc = subprocess.run([sys.executable, "-m", "daemon.cli", "tail", "--spool", str(spool), "live"],
+            proc = subprocess.run([sys.executable, "-m", "daemon.cli", *map(str, args)],
                                   stdout=follower, stderr=follower, timeout=60)
         finally:
             os.close(follower)
@@ -124,11 +152,7 @@ def test_tail_on_a_terminal_shows_the_latest_progress_as_a_live_line(trained):
             out += chunk
     finally:
         os.close(leader)
-    text = out.decode()
-    assert proc.returncode == 0, text
-    assert "epoch 1/2" in text and "pause requested" in text
-    assert "\repoch 2/2 [" in text and "3/4 loss 0.3000" in text
-    assert "1/4 loss" not in text and "2/4 loss" not in text
+    return proc.returncode, out.decode()
 
 
 def test_plot_and_predict(trained, tmp_path):
