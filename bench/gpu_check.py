@@ -20,6 +20,8 @@ graph of the whole step (forward, backward, Adam), at batch 32 and 256.
 its plumbing on a machine without a GPU.
 
 Usage: python bench/gpu_check.py [--rows 200000] [--cpu]
+(On a GPU machine without network whose Python lacks epochd's other dependencies:
+bench/gpu_offline.sh.)
 """
 import argparse
 import statistics
@@ -117,6 +119,11 @@ def check_auto_precision(spool: Path, train: Path, val: Path, device: str, gpu: 
 
 
 def check_tensorflow(spool: Path, train: Path, val: Path, device: str, gpu: bool) -> None:
+    import importlib.util
+    if importlib.util.find_spec("tensorflow") is None:  # a GPU image without it (gpu_offline.sh)
+        for name in ("TensorFlow training", "TensorFlow memory growth"):
+            report(name, None, "TensorFlow is not installed in this Python")
+        return
     records = run_job(spool, "tf", seed_job(train, val, 256, 2, framework="tensorflow") | {"devices": device})
     if records[-1]["type"] != "completed":
         return report("TensorFlow training", False, records[-1].get("message", "failed"))
