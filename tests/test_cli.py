@@ -1,10 +1,15 @@
 """The CLI on real spools, through click's CliRunner (and a real daemon for submit --follow)."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
 
 from daemon.cli import Exit, cli
+from daemon.eventlog import EventLog
+from daemon.events import ControlReceived, EpochCompleted, JobAccepted, Progress
 from daemon.spool import Spool
 from tests.conftest import classification_csv, drop_job, seed_job, wait_for_event, wait_for_status
 
@@ -57,8 +62,6 @@ def test_history_json_is_the_seeds_training_history(trained):
 
 
 def test_history_names_its_columns_for_the_task_and_says_when_there_is_none(tmp_path):
-    from daemon.eventlog import EventLog
-    from daemon.events import EpochCompleted, JobAccepted
     spool = Spool(tmp_path / "spool")
     spool.ensure()
     spool.job_dir("reg").mkdir()
@@ -104,8 +107,6 @@ def test_tail_lines_prints_only_the_last_n_lines_of_what_the_log_holds(trained):
 def test_tail_on_a_terminal_shows_the_latest_progress_as_a_live_line(trained, tmp_path):
     """Under a pseudo-terminal `tail` draws progress as one line it overwrites: the latest
     progress is drawn, and progress that later lines supersede is not drawn at all."""
-    from daemon.eventlog import EventLog
-    from daemon.events import ControlReceived, Progress
     lines = Spool(trained[0]).events_path("done").read_bytes().splitlines(keepends=True)
     spool = tmp_path / "spool"  # the trained job's first epoch, then a running second one
     root = Spool(spool)
@@ -131,9 +132,6 @@ def test_tail_on_a_terminal_shows_the_latest_progress_as_a_live_line(trained, tm
 
 def on_a_terminal(*args) -> tuple[int, str]:
     """Run `epochd ARGS` with a pseudo-terminal as its stdout: its exit code and what it drew."""
-    import os
-    import subprocess
-    import sys
     leader, follower = os.openpty()
     try:
         try:
@@ -267,8 +265,7 @@ def test_rename_noreplace_moves_or_refuses_and_never_overwrites(tmp_path):
 def test_a_job_that_failed_for_an_outside_cause_can_be_resumed_from_the_cli(tmp_path, spool):
     """`failed` with retryable (a full disk): `epochd resume` drops the request and status says
     so; a job's own failure (bad data) stays refused."""
-    from daemon.eventlog import EventLog
-    from daemon.events import Failed, JobAccepted
+    from daemon.events import Failed
     for job_id, retryable in (("disk", True), ("data", False)):
         Spool(spool).job_dir(job_id).mkdir()
         with EventLog(Spool(spool).events_path(job_id)) as log:
