@@ -16,19 +16,20 @@ cd "$(dirname "$0")/.."
 
 WHEELS=(pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
         orjson==3.13.0 watchdog==7.1.0)
-SITE=${EPOCHD_GPU_SITE:-/tmp/epochd-gpu-site}
+SITE=${EPOCHD_GPU_SITE:-/tmp/epochd-gpu-site}   # where they are installed
+WHEELS_DIR=${EPOCHD_GPU_WHEELS:-.whl}            # where they are kept
 
 case "${1:-}" in
   fetch)
     python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "${2:-3.12}" \
       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-      --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
-    ls .whl
+      --platform manylinux2014_x86_64 -d "$WHEELS_DIR" "${WHEELS[@]}"
+    ls "$WHEELS_DIR"
     ;;
   run)
     shift
     python3 -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target "$SITE" .whl/*.whl
+      --target "$SITE" "$WHEELS_DIR"/*.whl
     # the daemon and its workers are started with this Python and inherit the path
     export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
