@@ -19,7 +19,7 @@ from . import __version__, control, display
 from .errors import BadJobFile, EpochdError, JobNotFound, LogCorrupt, SpoolLocked
 from .eventlog import LogFollower
 from .fsutil import rename_noreplace
-from .replay import TERMINAL, JobState, Status
+from .replay import TERMINAL, JobState, Status, apply
 from .spool import VALID_ID, Settings, Spool, sanitise
 
 BUNDLED_SPOOL = Path(__file__).resolve().parent.parent / "spool"
@@ -318,6 +318,9 @@ def print_one(s: JobState) -> None:
         click.echo(f"  checkpoint: {s.last_checkpoint['path']}")
     if s.last_error:
         click.echo(f"  error: {s.last_error['error']}: {s.last_error['message']}")
+        if s.last_error.get("traceback"):  # an unexpected error, not a known one like bad data
+            click.echo(f'  traceback: "epochd tail --raw -n 1 {s.job_id}" prints the failed event that '
+                       "holds it; the worker's own output is in worker.log in the job's folder")
     if s.outputs:
         click.echo(f"  outputs: {', '.join(f'{k}={v}' for k, v in s.outputs.items())}")
     hint = {Status.PAUSED: f'resume it with "epochd resume {s.job_id}"',
@@ -385,25 +388,22 @@ def follow_job(spool: Spool, job_id: str, follow: bool = True, raw: bool = False
         return Exit.USAGE
     # the events as they are; or lines for people, where only the latest progress shows
     follower = LogFollower(path, latest_progress_only=not raw)
-    epochs, live = None, sys.stdout.isatty() and not raw
+    state, live = JobState(), sys.stdout.isatty() and not raw
     while True:
-        texts, ended = [], None  # (text, ends its line)
+        texts = []  # (text, ends its line)
         for r in follower.poll():
-            epochs = r["spec"]["epochs"] if r["type"] == "job_accepted" else epochs
-            text = render(r, epochs, raw, live, verbose)
+            apply(state, r)  # the fold, as it goes: a failed job may yet be resumed and go on
+            text = render(r, (state.spec or {}).get("epochs"), raw, live, verbose)
             if text is not None:
                 texts.append(text)
-            if r["type"] in TERMINAL:
-                ended = r["type"]
-                break
         if last is not None:  # what the log held at the start: its last lines, and live progress
             progress = texts[-1:] if texts and not texts[-1][1] else []
             texts = (texts[:len(texts) - len(progress)][-last:] if last else []) + progress
             last = None
         if texts:  # one write: a long log's story is tens of thousands of lines
             click.echo("".join(text + "\n" * ends for text, ends in texts), nl=False)
-        if ended:
-            return Exit.OK if ended == "completed" else Exit.JOB_FAILED
+        if state.status in TERMINAL:
+            return Exit.OK if state.status == Status.COMPLETED else Exit.JOB_FAILED
         if not follow:
             return Exit.OK
         time.sleep(POLL_SECONDS)  # polling a file: the CLI has no socket to the daemon

@@ -271,13 +271,39 @@ def test_a_job_that_failed_for_an_outside_cause_can_be_resumed_from_the_cli(tmp_
         with EventLog(Spool(spool).events_path(job_id)) as log:
             log.append(JobAccepted(job_id=job_id, source_file=f"{job_id}.json", spec={"epochs": 2},
                                    spec_sha256="a", file_sha256="b"))
-            log.append(Failed(error="OSError", message="the disk is full", traceback=None,
+            log.append(Failed(error="OSError", message="the disk is full",
+                              traceback="Traceback ...\nOSError: [Errno 28]" if retryable else None,
                               retryable=retryable))
-    assert 'fix the cause, then "epochd resume disk"' in invoke("status", "--spool", spool, "disk").output
+    disk = invoke("status", "--spool", spool, "disk").output
+    assert 'fix the cause, then "epochd resume disk"' in disk
+    assert '"epochd tail --raw -n 1 disk" prints the failed event' in disk  # where its traceback is
+    assert "traceback" not in invoke("status", "--spool", spool, "data").output  # none recorded
     resumed = invoke("resume", "--spool", spool, "disk")
     assert resumed.exit_code == Exit.OK and (spool / "control" / "disk.resume").exists()
     refused = invoke("resume", "--spool", spool, "data")
     assert refused.exit_code == Exit.REFUSED and not (spool / "control" / "data.resume").exists()
+
+
+def test_tail_goes_past_a_failure_that_was_resumed_and_ends_with_the_job(spool):
+    """A retryable failure, `epochd resume`, then completion: tail shows the whole story and
+    exits as the job ended, not at the first failure."""
+    from daemon.events import Completed, Failed, Resumed
+    root = Spool(spool)
+    root.job_dir("again").mkdir()
+    with EventLog(root.events_path("again")) as log:
+        log.append(JobAccepted(job_id="again", source_file="again.json", spec_sha256="a", file_sha256="b",
+                               spec={"epochs": 1, "framework": "pytorch", "algorithm_params": {"model_type": "mlp"}}))
+        log.append(Failed(error="OSError", message="the disk is full", traceback=None, retryable=True))
+        assert invoke("tail", "--spool", spool, "again", "-f").exit_code == Exit.JOB_FAILED
+        log.append(ControlReceived(action="resume", source_file="control/again.resume", outcome="accepted"))
+        log.append(Resumed(epoch=1, step=0, checkpoint=None))
+        log.append(Completed(epochs_run=1, stop_reason="max_epochs", best=None, final_metrics={},
+                             outputs={}))
+    for args in ([], ["-f"]):
+        result = invoke("tail", "--spool", spool, "again", *args)
+        assert result.exit_code == Exit.OK, (args, result.output)
+        assert "failed: OSError: the disk is full" in result.output
+        assert result.output.rstrip().endswith("completed: 1 epochs (max_epochs)"), result.output
 
 
 def test_tail_lines_carry_the_users_reason_and_the_outcome():
