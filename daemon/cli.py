@@ -390,16 +390,22 @@ def follow_job(spool: Spool, job_id: str, follow: bool = True, raw: bool = False
     follower = LogFollower(path, latest_progress_only=not raw)
     state, live = JobState(), sys.stdout.isatty() and not raw
     while True:
-        texts = []  # (text, ends its line)
-        for r in follower.poll():
+        records = follower.poll()
+        for r in records:
             apply(state, r)  # the fold, as it goes: a failed job may yet be resumed and go on
-            text = render(r, (state.spec or {}).get("epochs"), raw, live, verbose)
-            if text is not None:
-                texts.append(text)
-        if last is not None:  # what the log held at the start: its last lines, and live progress
-            progress = texts[-1:] if texts and not texts[-1][1] else []
-            texts = (texts[:len(texts) - len(progress)][-last:] if last else []) + progress
-            last = None
+        epochs = (state.spec or {}).get("epochs")
+        texts, lines = [], 0  # (text, ends its line); how many end theirs
+        for r in reversed(records):  # from the end: with --lines, only those lines are made
+            text = render(r, epochs, raw, live, verbose)
+            if text is None:
+                continue
+            if text[1]:  # a whole line; a live progress line (the last one read) ends none
+                if last is not None and lines >= last:
+                    break
+                lines += 1
+            texts.append(text)
+        texts.reverse()
+        last = None  # --lines is about what the log held at the start
         if texts:  # one write: a long log's story is tens of thousands of lines
             click.echo("".join(text + "\n" * ends for text, ends in texts), nl=False)
         if state.status in TERMINAL:
