@@ -72,9 +72,23 @@ def guarded(check, *args) -> None:
         report(check.__name__, False, f"raised {type(e).__name__}: {e}")
 
 
-def run_job(spool: Path, name: str, job: dict, timeout: float = JOB_TIMEOUT) -> list[dict]:
-    job_id = submit(spool, name, job)
-    return wait(spool, job_id, lambda r: r[-1]["type"] in ("completed", "failed"), timeout=timeout, poll=0.5)
+def run_job(spool: Path, name: str, job: dict) -> list[dict]:
+    return end_of(spool, submit(spool, name, job))
+
+
+def end_of(spool: Path, job_id: str) -> list[dict]:
+    """The job's records once it has completed or failed."""
+    return wait(spool, job_id, lambda r: r[-1]["type"] in ("completed", "failed"), timeout=JOB_TIMEOUT, poll=0.5)
+
+
+def pause_mid_epoch(spool: Path, job_id: str) -> dict:
+    """Pause the job once it shows progress: the record it stopped at (`paused`, or its end
+    when it finished first)."""
+    wait(spool, job_id, lambda r: any(x["type"] == "progress" for x in r)
+         or r[-1]["type"] in ("completed", "failed"), poll=0.2, timeout=JOB_TIMEOUT)
+    control.drop(Spool(spool), job_id, "pause")
+    return wait(spool, job_id, lambda r: r[-1]["type"] in ("paused", "completed", "failed"),
+                poll=0.2, timeout=JOB_TIMEOUT)[-1]
 
 
 def weights(path: Path) -> dict:
@@ -104,19 +118,13 @@ def check_fp16_pause_resume(spool: Path, train: Path, val: Path, device: str, gp
                                                         "output_path": str(out / name)}
     ref = run_job(spool, "fp16-ref", job("ref"))
     job_id = submit(spool, "fp16-p", job("p"))
-    wait(spool, job_id, lambda r: any(x["type"] == "progress" for x in r)
-         or r[-1]["type"] in ("completed", "failed"), poll=0.2, timeout=JOB_TIMEOUT)
-    control.drop(Spool(spool), job_id, "pause")
-    records = wait(spool, job_id, lambda r: r[-1]["type"] in ("paused", "completed", "failed"),
-                   poll=0.2, timeout=JOB_TIMEOUT)
-    paused = records[-1]
+    paused = pause_mid_epoch(spool, job_id)
     if paused["type"] != "paused":
         return report("fp16 with a gradient scaler, paused and resumed", False, f"ended {paused['type']}")
     state = torch.load(spool / "jobs" / job_id / paused["checkpoint"], map_location="cpu", weights_only=True)
     scale = state.get("scaler", {}).get("scale")
     control.drop(Spool(spool), job_id, "resume")
-    done = wait(spool, job_id, lambda r: r[-1]["type"] in ("completed", "failed"),
-                poll=0.5, timeout=JOB_TIMEOUT)
+    done = end_of(spool, job_id)
     if ref[-1]["type"] != "completed" or done[-1]["type"] != "completed":
         return report("fp16 with a gradient scaler, paused and resumed", False, "a run failed")
     a, b = weights(out / "ref" / "model.safetensors"), weights(out / "p" / "model.safetensors")
@@ -176,8 +184,7 @@ def check_several_gpus(spool: Path, train: Path, val: Path, gpus: int) -> None:
     daemon = Daemon(side, max_jobs=2)
     try:
         ids = [submit(side, f"side-{i}", seed_job(train, val, 256, 2) | {"devices": 1}) for i in range(2)]
-        runs = [wait(side, j, lambda r: r[-1]["type"] in ("completed", "failed"), poll=0.5,
-                     timeout=JOB_TIMEOUT) for j in ids]
+        runs = [end_of(side, j) for j in ids]
     finally:
         daemon.stop()
     given = [next((r["gpus"] for r in rs if r["type"] == "run_started"), None) for rs in runs]
@@ -194,16 +201,10 @@ def check_one_rank_ddp(spool: Path, train: Path, val: Path, gpu: bool) -> None:
     name = f"DDP over {backend.upper()}, {'1 GPU' if gpu else 'CPU'} (1 rank), paused and resumed"
     job_id = submit(spool, "ddp-1", seed_job(train, val, 32, 3) | {  # long enough to pause
         "devices": 1 if gpu else "cpu", "distributed": {"strategy": "ddp", "processes": 1, "backend": backend}})
-    wait(spool, job_id, lambda r: any(x["type"] == "progress" for x in r)
-         or r[-1]["type"] in ("completed", "failed"), poll=0.2, timeout=JOB_TIMEOUT)
-    control.drop(Spool(spool), job_id, "pause")
-    records = wait(spool, job_id, lambda r: r[-1]["type"] in ("paused", "completed", "failed"),
-                   poll=0.2, timeout=JOB_TIMEOUT)
-    paused = records[-1]["type"] == "paused"
+    paused = pause_mid_epoch(spool, job_id)["type"] == "paused"
     if paused:
         control.drop(Spool(spool), job_id, "resume")
-    records = wait(spool, job_id, lambda r: r[-1]["type"] in ("completed", "failed"),
-                   poll=0.5, timeout=JOB_TIMEOUT)
+    records = end_of(spool, job_id)
     runs = [r for r in records if r["type"] == "run_started"]
     losses = [r["train_loss"] for r in records if r["type"] == "epoch_completed"]
     report(name, records[-1]["type"] == "completed" and paused and all(np.isfinite(losses)),
@@ -227,8 +228,7 @@ def check_multi_worker(folder: Path, train: Path, val: Path) -> None:
             submit(s, "mw", seed_job(train, val, 256, 2, framework="tensorflow") | {
                 "devices": 1, "distributed": {"strategy": "mirrored", "node_rank": k, "rdzv_timeout": 300,
                                               "workers": [f"127.0.0.1:{p}" for p in ports]}})
-        runs = [wait(s, "mw", lambda r: r[-1]["type"] in ("completed", "failed"), poll=0.5,
-                     timeout=JOB_TIMEOUT) for s in spools]
+        runs = [end_of(s, "mw") for s in spools]
     finally:
         for d in daemons:
             d.stop()
