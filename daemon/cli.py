@@ -319,8 +319,8 @@ def print_one(s: JobState) -> None:
     if s.last_error:
         click.echo(f"  error: {s.last_error['error']}: {s.last_error['message']}")
         if s.last_error.get("traceback"):  # an unexpected error, not a known one like bad data
-            click.echo(f'  traceback: "epochd tail --raw -n 1 {s.job_id}" prints the failed event that '
-                       "holds it; the worker's own output is in worker.log in the job's folder")
+            click.echo(f'  traceback: "epochd status {s.job_id} --json" prints it (last_error); the '
+                       "worker's own output is in worker.log in the job's folder")
     if s.outputs:
         click.echo(f"  outputs: {', '.join(f'{k}={v}' for k, v in s.outputs.items())}")
     hint = {Status.PAUSED: f'resume it with "epochd resume {s.job_id}"',

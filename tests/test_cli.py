@@ -276,7 +276,9 @@ def test_a_job_that_failed_for_an_outside_cause_can_be_resumed_from_the_cli(tmp_
                               retryable=retryable))
     disk = invoke("status", "--spool", spool, "disk").output
     assert 'fix the cause, then "epochd resume disk"' in disk
-    assert '"epochd tail --raw -n 1 disk" prints the failed event' in disk  # where its traceback is
+    assert '"epochd status disk --json" prints it' in disk  # where its traceback is
+    shown = json.loads(invoke("status", "--spool", spool, "disk", "--json").output)
+    assert shown["last_error"]["traceback"].endswith("[Errno 28]")
     assert "traceback" not in invoke("status", "--spool", spool, "data").output  # none recorded
     resumed = invoke("resume", "--spool", spool, "disk")
     assert resumed.exit_code == Exit.OK and (spool / "control" / "disk.resume").exists()
