@@ -498,20 +498,29 @@ def plot(spool, job_id, output):
 @cli.command()
 @spool_option
 @click.argument("model")
-@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="CSV or Parquet file with the feature columns.")
+@click.argument("data", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", "data_option", type=click.Path(exists=True, dir_okay=False),
+              help="CSV or Parquet file with the feature columns (or give it after MODEL).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="CSV to write. Default: standard output.")
-@click.option("--best", is_flag=True, help="Use the best weights instead of the final ones.")
-def predict(spool, model, data_path, output, best):
-    """Apply a trained model to a table. MODEL is a job id or a folder with model.json.
+@click.option("--best", is_flag=True, help="Use the best weights instead of the final ones; "
+              "also works while the job runs, and after it was paused, cancelled or failed.")
+def predict(spool, model, data, data_option, output, best):
+    """Apply a trained model to a table. MODEL is a job id or a folder with model.json; DATA
+    a CSV or Parquet file with the feature columns.
 
     The model is rebuilt from model.json, preprocess.json and the weights file alone.
 
-    Example: epochd predict wine --data examples/data/wine.csv -o predictions.csv
+    Example: epochd predict wine examples/data/wine.csv -o predictions.csv
     """
     from .predict import predict_table
-    folder = Path(model) if Path(model).is_dir() else model_folder(Spool(spool), model)
+    if data and data_option:
+        raise click.UsageError(f"got the data twice: {data} and --data {data_option}. Give one.")
+    data_path = data or data_option
+    if data_path is None:
+        raise click.UsageError("no data to predict on. Expected: a CSV or Parquet file with the "
+                               f"feature columns, e.g. epochd predict {model} new.csv")
+    folder = Path(model) if Path(model).is_dir() else model_folder(Spool(spool), model, best)
     try:
         table = predict_table(folder, data_path, best=best)
     except EpochdError as e:
@@ -523,11 +532,22 @@ def predict(spool, model, data_path, output, best):
         click.echo(f"wrote {len(table)} predictions to {output}")
 
 
-def model_folder(spool: Spool, job_id: str) -> Path:
+def model_folder(spool: Spool, job_id: str, best: bool = False) -> Path:
     state = load_state(spool, job_id)
+    if best and state.best_saved is not None:  # the best model so far, whatever the status
+        return (spool.job_dir(job_id) / state.best_saved["path"]).parent
     if state.status != Status.COMPLETED:
-        raise CliError(f"job {job_id} is {state.status}; it has no final model yet. Wait for it "
-                       f'to complete ("epochd tail -f {job_id}").', Exit.REFUSED)
+        if state.status in TERMINAL:
+            what = "it ended before any model was saved" if state.best_saved is None else (
+                f'it ended without a final model; --best uses its best (epoch {state.best_saved["epoch"]})')
+        elif best:
+            what = ("its first best model is saved when its first epoch ends: wait for that "
+                    f'("epochd tail -f {job_id}")')
+        else:
+            so_far = ("" if state.best_saved is None else
+                      f'; --best uses its best so far (epoch {state.best_saved["epoch"]})')
+            what = f'it has no final model yet: wait for it to complete ("epochd tail -f {job_id}"){so_far}'
+        raise CliError(f"job {job_id} is {state.status}; {what}.", Exit.REFUSED)
     return (spool.job_dir(job_id) / state.outputs["model_json"]).parent
 
 

@@ -21,8 +21,17 @@ def predict_table(folder: Path, data_path: str, best: bool = False) -> pd.DataFr
     except FileNotFoundError as e:
         raise DataError(f"{folder} has no {Path(e.filename).name}. Expected: a model folder "
                         "written by a completed epochd job (output_path).") from None
+    name = arch["best_weights"] if best else arch["weights"]
+    if name is None:  # written while the job runs: only its best weights so far are there
+        raise DataError(f"{folder} holds no final model yet: job {arch.get('job_id')} has not "
+                        "completed. Expected: a completed job's folder; --best uses the best "
+                        "weights so far.")
+    weights = folder / name
+    if not weights.is_file():
+        raise DataError(f"{folder} has no {name}, the {'best' if best else 'final'} weights its "
+                        "model.json names. Expected: the folder as the job wrote it"
+                        + ("." if best else "; --best uses the best weights, if any."))
     engine = load_engine(arch["framework"])
-    weights = folder / (arch["best_weights"] if best else arch["weights"])
     predictor = engine.predictor(folder, arch, weights)
     table = read_table(data_path, {"format": "auto"}, "--data")
     return decode(predictor(encode(table, recipe)), recipe)

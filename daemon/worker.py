@@ -94,6 +94,7 @@ class Worker:
         self.cached_at = events.offset if events is not None else 0  # log bytes the fold cache covers
         self.spec = self.state.spec
         self.engine = None
+        self.described = False  # model.json and preprocess.json written in this run
         self.epoch, self.step = self.state.position
         self.timers = Timers()
         self.last_checkpoint_at = self.last_progress_at = time.monotonic()
@@ -248,6 +249,8 @@ class Worker:
         if best_epoch == self.epoch:
             path = self.out_dir / self.engine_cls.best_file
             if self.leader:
+                if not self.described:
+                    self.describe_model(final=False)
                 atomic_write_with(path, self.engine.save_weights)
             self.record(BestModelSaved(epoch=self.epoch, monitor=self.monitor, value=best_value,
                                        path=relative_to_or_absolute(path, self.job_dir)))
@@ -568,7 +571,6 @@ class Worker:
     def finish(self) -> None:
         if not self.leader:
             return  # each machine's leader writes the outputs and the final word
-        from engines import architecture
         from .plot import plot_history
         out, spec = self.out_dir, self.spec
         es = spec["early_stopping"]
@@ -580,10 +582,7 @@ class Worker:
                  "preprocess": out / "preprocess.json", "history": out / "history.json",
                  "plot": out / "learning_curves.png"}
         atomic_write_with(files["model"], self.engine.save_weights)
-        arch = {**architecture(spec, self.data), "weights": self.engine_cls.weights_file,
-                "best_weights": self.engine_cls.best_file, "job_id": self.job_id}
-        _write_json(files["model_json"], arch)
-        _write_json(files["preprocess"], self.data.preprocess)
+        self.describe_model(final=True)
         _write_json(files["history"], history)
         atomic_write_with(files["plot"], lambda p: plot_history(history, p, spec["name"]))
         files |= self.engine.export(out)
@@ -591,6 +590,20 @@ class Worker:
             files["best"] = best_path
         faults.point("finish.unrecorded")
         self.record_completed(files)
+
+    def describe_model(self, final: bool) -> None:
+        """model.json and preprocess.json, which `epochd predict` rebuilds the model from.
+
+        Written before the first best weights of a run, so that the best model so far can be
+        used while the job runs, and after it is paused, cancelled or has failed; model.json
+        names the final weights ("weights") only once they are written, at the end."""
+        from engines import architecture
+        arch = {**architecture(self.spec, self.data),
+                "weights": self.engine_cls.weights_file if final else None,
+                "best_weights": self.engine_cls.best_file, "job_id": self.job_id}
+        _write_json(self.out_dir / "preprocess.json", self.data.preprocess)
+        _write_json(self.out_dir / "model.json", arch)
+        self.described = True
 
     def record_completed(self, files: dict) -> None:
         best = self.state.best_saved

@@ -164,6 +164,61 @@ def test_plot_and_predict(trained, tmp_path):
     folder = Spool(spool).job_dir("done") / "model"
     best = invoke("predict", "--spool", spool, str(folder), "--data", data, "--best")
     assert best.exit_code == 0 and len(best.output.splitlines()) == 241
+    assert json.loads((folder / "model.json").read_text())["weights"] == "model.safetensors"
+    # the data may follow MODEL, as with most commands; once, not twice
+    final = invoke("predict", "--spool", spool, "done", "--data", data).output
+    assert invoke("predict", "--spool", spool, "done", data).output == final
+    twice = invoke("predict", "--spool", spool, "done", data, "--data", data)
+    assert twice.exit_code == 2 and "got the data twice" in twice.output
+    none = invoke("predict", "--spool", spool, "done")
+    assert none.exit_code == 2 and "no data to predict on" in none.output
+
+
+def test_predict_uses_the_best_model_so_far_while_a_job_runs_and_after_it_is_cancelled(
+        tmp_path, spool, daemon_factory):
+    """model.json and preprocess.json are written with the first best weights: `predict --best`
+    works on a running or paused job and on a cancelled one; without --best it says there is
+    no final model yet, and where the best so far is."""
+    from daemon import control
+    data = classification_csv(tmp_path / "train.csv", rows=20000)
+    out = tmp_path / "out"
+    daemon_factory(spool)
+    # batch 2: epochs of thousands of steps, so that the job is still running when paused
+    drop_job(spool, "run.json", seed_job(data, out, epochs=50, batch_size=2,
+                                         algorithm_params={"hidden_units": [16]}))
+    wait_for_event(spool, "run", "best_model_saved")
+    control.drop(Spool(spool), "run", "pause")
+    wait_for_status(spool, "run", "paused")
+    assert json.loads((out / "model.json").read_text())["weights"] is None
+    final = invoke("predict", "--spool", spool, "run", data)
+    assert final.exit_code == Exit.REFUSED
+    assert "run is paused; it has no final model yet" in final.output
+    assert "--best uses its best so far (epoch " in final.output
+    best = invoke("predict", "--spool", spool, "run", data, "--best")
+    assert best.exit_code == Exit.OK and len(best.output.splitlines()) == 20001
+    assert invoke("predict", "--spool", spool, out, data, "--best").output == best.output
+    folder = invoke("predict", "--spool", spool, out, data)
+    assert folder.exit_code == 1 and "holds no final model yet: job run has not completed" in folder.output
+
+    control.drop(Spool(spool), "run", "cancel")
+    wait_for_status(spool, "run", "cancelled")
+    assert invoke("predict", "--spool", spool, "run", data, "--best").output == best.output
+    ended = invoke("predict", "--spool", spool, "run", data)
+    assert ended.exit_code == Exit.REFUSED and "it ended without a final model; --best" in ended.output
+
+
+def test_predict_on_a_job_that_ended_before_any_model_was_saved_says_so(tmp_path, spool):
+    from daemon.events import Cancelled
+    Spool(spool).job_dir("early").mkdir()
+    with EventLog(Spool(spool).events_path("early")) as log:
+        log.append(JobAccepted(job_id="early", source_file="early.json", spec={"epochs": 2},
+                               spec_sha256="a", file_sha256="b"))
+        log.append(Cancelled(epoch=1, step=0))
+    data = classification_csv(tmp_path / "new.csv")
+    for best in ([], ["--best"]):
+        result = invoke("predict", "--spool", spool, "early", data, *best)
+        assert result.exit_code == Exit.REFUSED
+        assert "job early is cancelled; it ended before any model was saved" in result.output
 
 
 def test_unknown_jobs_and_nonsense_requests_are_refused(trained):
