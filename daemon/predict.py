@@ -34,4 +34,4 @@ def predict_table(folder: Path, data_path: str, best: bool = False) -> pd.DataFr
     engine = load_engine(arch["framework"])
     predictor = engine.predictor(folder, arch, weights)
     table = read_table(data_path, {"format": "auto"}, "--data")
-    return decode(predictor(encode(table, recipe)), recipe)
+    return decode(predictor(encode(table, recipe, f'--data "{data_path}": ')), recipe)

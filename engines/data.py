@@ -14,6 +14,11 @@ Decisions (the README repeats them):
 - Labels: classes are the sorted distinct training values, encoded 0..C-1; a regression target is
   standardised for training and every reported error (mae, rmse) is in its own units.
 - `validation_split` takes a seeded random share of the rows (seed = the job's seed).
+- Every row is checked, whichever split it lands in: a missing label, an infinite number or
+  stray text in a number column is a data error in the validation rows as in the training
+  rows. Whether a column holds numbers or text is decided on the whole file, so the split
+  cannot change it. Errors name rows as a person counts them in the file: the first row below
+  the header is row 1.
 - The order of samples in epoch e is `epoch_order(seed, e, n)`: a pure function, so a resumed
   job sees the same batches as one that never stopped.
 """
@@ -32,6 +37,7 @@ if TYPE_CHECKING:
     from .stream import Stream
 
 MISSING = "<missing>"
+ROWS_NOTE = "rows count from 1 below the header"
 CLASSIFICATION_MAX_INT_CLASSES = 20
 PREPROCESS_VERSION = 1
 
@@ -92,12 +98,46 @@ def read_table(path: str, options: dict, what: str) -> pd.DataFrame:
     p, fmt = Path(path), table_format(path, options)
     try:
         if fmt == "parquet":
-            return pd.read_parquet(p)
-        return pd.read_csv(p, sep=options.get("delimiter", ","), engine="pyarrow")
+            df = pd.read_parquet(p)
+        else:
+            df = pd.read_csv(p, sep=options.get("delimiter", ","), engine="pyarrow")
     except Exception as e:  # pyarrow and pandas raise many types for unreadable files
         raise DataError(f'could not read {what} "{path}" as {fmt.upper()}: '
                         f"{type(e).__name__}: {e}. Expected: a well-formed {fmt.upper()} file "
                         "with a header row.") from None
+    # the index is the row's place in the file (0-based), which splitting keeps: what error
+    # messages name (a Parquet file written from pandas may bring an index of its own)
+    return df.reset_index(drop=True)
+
+
+def rows_where(col: pd.Series, mask) -> str:
+    """The rows of the file where `mask` holds: "row 7" or "rows 7, 12, 30 and 4 more"."""
+    hits = np.flatnonzero(np.asarray(mask))
+    labels = ", ".join(str(int(col.index[i]) + 1) for i in hits[:5])
+    more = f" and {len(hits) - 5} more" if len(hits) > 5 else ""
+    return f"{'row' if len(hits) == 1 else 'rows'} {labels}{more}"
+
+
+def missing(y: pd.Series) -> str:
+    n = int(y.isna().sum())
+    return (f"has {n} missing value{'s' if n > 1 else ''} "
+            f"({rows_where(y, y.isna())}; {ROWS_NOTE})")
+
+
+def check_values(df: pd.DataFrame, features: list[str], target: str, cats, what: str, path: str) -> None:
+    """The checks that do not depend on the split, on every row of a file: missing labels, and
+    for each column not listed as categorical, stray text among numbers and infinities."""
+    y = df[target]
+    if y.isna().any():
+        raise DataError(f'{what} "{path}": the target column "{target}" {missing(y)}. Expected: a '
+                        "value in every row; drop or fill those rows.")
+    for name in features:
+        col = df[name]
+        if isinstance(cats, list) and name in cats:
+            continue
+        if _is_text(col) and pd.to_numeric(col, errors="coerce").notna().mean() < 0.9:
+            continue  # text: a categorical column (its own checks come with the fit)
+        _finite(col, _numeric(col, f'{what} "{path}": '), f'{what} "{path}": ')
 
 
 def check_columns(df: pd.DataFrame, wanted: list[str], what: str, path: str) -> None:
@@ -125,9 +165,15 @@ def prepare(spec: dict, stream_folder: Path | None = None) -> Prepared:
     target = spec["target_column"]
     features = spec["feature_columns"] or [c for c in train.columns if c != target]
     check_columns(train, features + [target], "train_data_path", spec["train_data_path"])
+    val = None
     if spec["val_data_path"]:
         val = read_table(spec["val_data_path"], opts, "val_data_path")
         check_columns(val, features + [target], "val_data_path", spec["val_data_path"])
+    check_values(train, features, target, spec["categorical_columns"], "train_data_path",
+                 spec["train_data_path"])
+    if spec["val_data_path"]:
+        check_values(val, features, target, spec["categorical_columns"], "val_data_path",
+                     spec["val_data_path"])
     else:
         train, val = split(train, spec["validation_split"], spec["seed"])
     if len(train) == 0:
@@ -151,14 +197,13 @@ def split(df: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd.D
         return df, None
     order = np.random.default_rng([seed, 0x5EED]).permutation(len(df))
     n_val = min(len(df) - 1, max(1, round(len(df) * share)))
-    return df.iloc[order[n_val:]].reset_index(drop=True), df.iloc[order[:n_val]].reset_index(drop=True)
+    return df.iloc[order[n_val:]], df.iloc[order[:n_val]]  # each row keeps its place in the file
 
 
 def detect_task(y: pd.Series, task: str) -> str:
     if y.isna().any():
-        rows = list(np.flatnonzero(y.isna().to_numpy())[:5])
-        raise DataError(f'the target column "{y.name}" has {int(y.isna().sum())} missing values '
-                        f"(rows {rows}...). Expected: a value in every row; drop or fill those rows.")
+        raise DataError(f'the target column "{y.name}" {missing(y)}. Expected: a value in every '
+                        "row; drop or fill those rows.")
     if task != "auto":
         return task
     if not pd.api.types.is_numeric_dtype(y) or pd.api.types.is_bool_dtype(y):
@@ -181,9 +226,7 @@ def _fit_column(col: pd.Series, cats, max_categories: int) -> dict:
     categorical = (name in cats) if isinstance(cats, list) else _is_text(col)
     if categorical:
         return _fit_categorical(col, max_categories, explicit=isinstance(cats, list))
-    values = _numeric(col)
-    if not np.isfinite(values[~np.isnan(values)]).all():
-        raise DataError(f'feature column "{name}" holds infinite values. Expected: finite numbers.')
+    values = _finite(col, _numeric(col))
     if np.isnan(values).all():
         raise DataError(f'feature column "{name}" has no values at all in the training rows. '
                         "Expected: numbers; drop the column from feature_columns.")
@@ -197,19 +240,30 @@ def _is_text(col: pd.Series) -> bool:
     return not (pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col))
 
 
-def _numeric(col: pd.Series) -> np.ndarray:
+def _numeric(col: pd.Series, where: str = "") -> np.ndarray:
     if pd.api.types.is_bool_dtype(col):
         return col.astype(float).to_numpy()
     if pd.api.types.is_numeric_dtype(col):
         return col.to_numpy(dtype=float, na_value=np.nan)
     converted = pd.to_numeric(col, errors="coerce")
-    bad = col.notna() & converted.isna()
+    bad = (col.notna() & converted.isna()).to_numpy()
     if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f'feature column "{col.name}" is not numeric: row {row} holds '
-                        f"{col.iloc[row]!r}. Expected: numbers; fix the value, or list the column "
-                        "in categorical_columns to one-hot encode it.")
+        first = int(np.flatnonzero(bad)[0])
+        raise DataError(f'{where}column "{col.name}" is not numeric: {rows_where(col, bad)} '
+                        f"{'holds' if bad.sum() == 1 else 'hold text, the first'} "
+                        f"{col.iloc[first]!r} ({ROWS_NOTE}). Expected: numbers; fix the value, "
+                        "or list the column in categorical_columns to one-hot encode it.")
     return converted.to_numpy(dtype=float, na_value=np.nan)
+
+
+def _finite(col: pd.Series, values: np.ndarray, where: str = "") -> np.ndarray:
+    """`values` (the numbers of `col`), once none is infinite; missing ones (NaN) are allowed."""
+    infinite = np.isinf(values)
+    if infinite.any():
+        raise DataError(f'{where}column "{col.name}" holds infinite values '
+                        f"({rows_where(col, infinite)}; {ROWS_NOTE}). Expected: finite numbers; "
+                        "fix those rows, or leave the cells empty to fill them with the mean.")
+    return values
 
 
 def _fit_categorical(col: pd.Series, max_categories: int, explicit: bool) -> dict:
@@ -252,14 +306,15 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def encode(df: pd.DataFrame, recipe: dict) -> np.ndarray:
-    """Features of `df` as the float32 matrix the model takes, by the recipe fitted on training."""
+def encode(df: pd.DataFrame, recipe: dict, where: str = "") -> np.ndarray:
+    """Features of `df` as the float32 matrix the model takes, by the recipe fitted on training.
+    `where` begins error messages (the file, for one)."""
     blocks = []
     for c in recipe["features"]:
         if c["name"] not in df.columns:
-            raise DataError(f'the data has no column "{c["name"]}", which the model was trained on.')
+            raise DataError(f'{where}the data has no column "{c["name"]}", which the model was trained on.')
         if c["kind"] == "numeric":
-            v = _numeric(df[c["name"]])
+            v = _finite(df[c["name"]], _numeric(df[c["name"]], where), where)
             blocks.append(((np.where(np.isnan(v), c["fill"], v) - c["mean"]) / c["std"])[:, None])
         else:
             text = _as_text(df[c["name"]]).to_numpy()
@@ -267,15 +322,18 @@ def encode(df: pd.DataFrame, recipe: dict) -> np.ndarray:
     return np.ascontiguousarray(np.hstack(blocks), dtype=np.float32)
 
 
-def encode_target(y: pd.Series, recipe: dict, which: str) -> np.ndarray:
+def encode_target(y: pd.Series, recipe: dict, which: str, where: str = "") -> np.ndarray:
     t = recipe["target"]
+    if y.isna().any():
+        raise DataError(f'{where}the target column "{y.name}" {missing(y)}. Expected: a value in '
+                        "every row; drop or fill those rows.")
     if t["task"] == "regression":
-        return ((_numeric(y) - t["mean"]) / t["std"]).astype(np.float32)
+        return ((_finite(y, _numeric(y, where), where) - t["mean"]) / t["std"]).astype(np.float32)
     index = {c: i for i, c in enumerate(t["classes"])}
     codes = y.map(lambda v: index.get(_plain(v), -1)).to_numpy(dtype=np.int64)
     if (codes < 0).any():
         unseen = sorted({str(v) for v, c in zip(y, codes) if c < 0})[:5]
-        raise DataError(f"the {which} data has labels the training rows do not: {unseen}. "
+        raise DataError(f"{where}the {which} data has labels the training rows do not: {unseen}. "
                         f"Expected: labels among {t['classes'][:10]}.")
     return codes
 

@@ -207,7 +207,7 @@ def iter_frames(path: str, options: dict, columns: list[str], text_columns: list
     try:
         if fmt == "parquet":
             for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
-                frame = batch.to_pandas()
+                frame = _placed(batch.to_pandas(), row)
                 row += len(frame)
                 yield frame
             return
@@ -235,12 +235,12 @@ def iter_frames(path: str, options: dict, columns: list[str], text_columns: list
                 batches.append(batch)
                 size += batch.nbytes
                 if size >= FRAME_BYTES:
-                    frame = pa.Table.from_batches(batches).to_pandas()
+                    frame = _placed(pa.Table.from_batches(batches).to_pandas(), row)
                     batches, size = [], 0
                     row += len(frame)
                     yield frame
             if batches:
-                frame = pa.Table.from_batches(batches).to_pandas()
+                frame = _placed(pa.Table.from_batches(batches).to_pandas(), row)
                 row += len(frame)
                 yield frame
     except DataError:
@@ -257,6 +257,12 @@ def iter_frames(path: str, options: dict, columns: list[str], text_columns: list
         raise DataError(f'could not read {what} "{path}" as {fmt.upper()} after row {row}: '
                         f"{type(e).__name__}: {e}.{hint} Expected: a well-formed {fmt.upper()} "
                         "file with a header row.") from None
+
+
+def _placed(frame: pd.DataFrame, first_row: int) -> pd.DataFrame:
+    """`frame` indexed by each row's place in the file (0-based), which errors name."""
+    frame.index = pd.RangeIndex(first_row, first_row + len(frame))
+    return frame
 
 
 def _split_masks(share: float, seed: int, has_val_file: bool):
@@ -276,10 +282,10 @@ class NumberStats:
         self.count = self.rows = self.missing = 0
         self.mean = self.m2 = 0.0
 
-    def add(self, values: np.ndarray, name: str) -> None:
+    def add(self, values: np.ndarray, col: pd.Series) -> None:
+        """`values`: the numbers of `col`, a block of the file's rows."""
+        D._finite(col, values)
         ok = values[~np.isnan(values)]
-        if not np.isfinite(ok).all():
-            raise DataError(f'feature column "{name}" holds infinite values. Expected: finite numbers.')
         self.rows += len(values)
         self.missing += len(values) - len(ok)
         if not len(ok):
@@ -300,15 +306,17 @@ class TextStats:
         self.rows = self.numeric = 0
         self.first_text: tuple[int, object] | None = None  # (row, value) of the first non-number
 
-    def add(self, col: pd.Series) -> None:
+    def add(self, col: pd.Series, whole: pd.Series) -> None:
+        """`col`: a block's training rows, whose values are the categories; `whole`: all the
+        block's rows, which say whether the column holds numbers (not the split)."""
         self.counts.update(D._as_text(col).value_counts().to_dict())
         if not self.explicit:
-            numbers = pd.to_numeric(col, errors="coerce")
+            numbers = pd.to_numeric(whole, errors="coerce")
             self.numeric += int(numbers.notna().sum())
-            text = np.flatnonzero((col.notna() & numbers.isna()).to_numpy())
+            text = np.flatnonzero((whole.notna() & numbers.isna()).to_numpy())
             if self.first_text is None and len(text):
-                self.first_text = (self.rows + int(text[0]), col.iloc[int(text[0])])
-        self.rows += len(col)
+                self.first_text = (int(whole.index[int(text[0])]) + 1, whole.iloc[int(text[0])])
+        self.rows += len(whole)
         if not self.explicit and len(self.counts) > self.max_categories:
             self.check()
         elif len(self.counts) > MAX_DISTINCT:
@@ -321,8 +329,8 @@ class TextStats:
             return
         if self.rows and self.numeric / self.rows >= 0.9 and self.first_text is not None:
             row, value = self.first_text  # mostly numbers: stray text is a data error
-            raise DataError(f'feature column "{self.name}" is not numeric: training row {row} '
-                            f"holds {value!r}. Expected: numbers; fix the value, or list the "
+            raise DataError(f'feature column "{self.name}" is not numeric: row {row} '
+                            f"holds {value!r} ({D.ROWS_NOTE}). Expected: numbers; fix the value, or list the "
                             "column in categorical_columns to one-hot encode it.")
         if len(self.counts) > self.max_categories:
             examples = ", ".join(repr(v) for v, _ in self.counts.most_common(3))
@@ -350,14 +358,13 @@ class TargetStats:
 
     def add(self, y: pd.Series, text: bool) -> None:
         if y.isna().any():
-            rows = [self.rows + int(i) for i in np.flatnonzero(y.isna().to_numpy())[:5]]
-            raise DataError(f'the target column "{y.name}" has missing values (rows {rows}...). '
-                            "Expected: a value in every row; drop or fill those rows.")
+            raise DataError(f'the target column "{y.name}" {D.missing(y)}. Expected: a value in '
+                            "every row; drop or fill those rows.")
         self.rows += len(y)
         self.text = self.text or text
         if not text:
             v = D._numeric(y)
-            self.numbers.add(v, self.name)
+            self.numbers.add(v, y)
             self.whole = self.whole and bool(np.all(v == np.round(v)))
         if not self.many:
             self.values.update(pd.unique(y).tolist())
@@ -417,11 +424,11 @@ def fit_streaming(spec: dict, features: list[str], val_masks) -> tuple[dict, str
                             else NumberStats())
             s = stats[c]
             if isinstance(s, TextStats):
-                s.add(col)
+                s.add(col, frame[c])
             else:
                 if D._is_text(col):  # a column that looked numeric turned out to hold text
                     D._numeric(col)
-                s.add(D._numeric(col), c)
+                s.add(D._numeric(col), col)
         if len(train):
             target_stats.add(train[target], D._is_text(train[target]) or
                              pd.api.types.is_bool_dtype(train[target]))
@@ -500,11 +507,12 @@ def _build_cache(spec: dict, features: list[str], folder: Path, fingerprint: dic
     counts = {"train": 0, "val": 0}
     files = {name: open(folder / name, "wb") for name in ("train.x", "train.y", "val.x", "val.y")}
     try:
-        def write(which: str, frame: pd.DataFrame, label: str) -> None:
+        def write(which: str, frame: pd.DataFrame, label: str, source: str) -> None:
             if not len(frame):
                 return
-            x = D.encode(frame, recipe)
-            y = np.asarray(D.encode_target(frame[target], recipe, label), dtype=y_dtype)
+            where = f'{source} "{spec[source]}": '
+            x = D.encode(frame, recipe, where)
+            y = np.asarray(D.encode_target(frame[target], recipe, label, where), dtype=y_dtype)
             files[f"{which}.x"].write(x.tobytes())
             files[f"{which}.y"].write(y.tobytes())
             counts[which] += len(frame)
@@ -513,13 +521,13 @@ def _build_cache(spec: dict, features: list[str], folder: Path, fingerprint: dic
         for frame in iter_frames(spec["train_data_path"], opts, features + [target], text_cols,
                                  "train_data_path"):
             to_val = masks(len(frame))
-            write("train", frame[~to_val] if to_val.any() else frame, "training")
+            write("train", frame[~to_val] if to_val.any() else frame, "training", "train_data_path")
             if to_val.any():
-                write("val", frame[to_val], "validation")
+                write("val", frame[to_val], "validation", "train_data_path")
         if has_val_file:
             for frame in iter_frames(spec["val_data_path"], opts, features + [target], text_cols,
                                      "val_data_path"):
-                write("val", frame, "validation")
+                write("val", frame, "validation", "val_data_path")
         for f in files.values():
             f.flush()
             os.fsync(f.fileno())

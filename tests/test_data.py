@@ -7,7 +7,7 @@ import pytest
 
 from daemon import spec as specs
 from daemon.errors import DataError
-from engines.data import decode, encode, epoch_order, prepare
+from engines.data import decode, encode, epoch_order, prepare, split
 from tests.conftest import WINE, classification_csv, regression_csv
 
 
@@ -106,7 +106,7 @@ def test_a_separate_validation_file(tmp_path):
      'no column "featrue2"'),
     (pd.DataFrame({"feature1": [1.0, 2.0], "Target": [0, 1]}), {}, 'no column "target" (did you mean "Target"?)'),
     (pd.DataFrame({"feature1": [f"{v:.3f}" for v in np.linspace(0, 1, 39)] + ["twelve"], "target": [0, 1] * 20}),
-     {"validation_split": 0.0}, "feature column \"feature1\" is not numeric: row 39 holds 'twelve'"),
+     {"validation_split": 0.0}, "column \"feature1\" is not numeric: row 40 holds 'twelve'"),
     (pd.DataFrame({"feature1": [f"id{i}" for i in range(80)], "target": [0, 1] * 40}), {},
      "holds text with 64 distinct values"),
     (pd.DataFrame({"feature1": pd.Series([], dtype=float), "target": pd.Series([], dtype=int)}), {},
@@ -114,8 +114,8 @@ def test_a_separate_validation_file(tmp_path):
     (pd.DataFrame({"feature1": [1.0, 2.0, 3.0], "target": ["a", "a", "a"]}), {"validation_split": 0.0},
      "has a single class"),
     (pd.DataFrame({"feature1": [1.0, 2.0, 3.0, 4.0], "target": [0, None, 1, 0]}), {},
-     "has 1 missing values"),
-    (pd.DataFrame({"feature1": [1.0, np.inf, 3.0, 4.0], "target": [0, 1, 1, 0]}), {}, "infinite values"),
+     "has 1 missing value (row 2; rows count from 1 below the header)"),
+    (pd.DataFrame({"feature1": [1.0, np.inf, 3.0, 4.0], "target": [0, 1, 1, 0]}), {}, "infinite values (row 2;"),
     (pd.DataFrame({"feature1": [np.nan] * 6, "target": [0, 1] * 3}), {}, "has no values at all"),
 ])
 def test_data_problems_are_clear_errors(tmp_path, table, raw, needle):
@@ -125,6 +125,42 @@ def test_data_problems_are_clear_errors(tmp_path, table, raw, needle):
         prepare(job(tmp_path, **raw))
     assert needle in str(err.value)
     assert "Expected" in str(err.value) or "Columns found" in str(err.value)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("column, bad, needle", [
+    ("target", None, 'the target column "target" has 1 missing value (row {row};'),
+    ("feature3", np.inf, 'column "feature3" holds infinite values (row {row};'),
+    ("feature2", "oops", "column \"feature2\" is not numeric: row {row} holds 'oops'"),
+])
+def test_bad_values_are_errors_in_validation_rows_too_and_name_the_files_row(
+        tmp_path, streaming, column, bad, needle):
+    """A bad value is an error whichever split its row lands in (a missing label in a
+    validation row used to read as an unseen label "nan", an infinity there went into the
+    validation loss, stray text there made the column look like text); the error names the
+    row as the file numbers it, not its place in the shuffled split."""
+    table = pd.read_csv(classification_csv(tmp_path / "clean.csv", rows=100)).astype(object)
+    spec = job(tmp_path, **({"data": {"streaming": True}} if streaming else {}))
+    if streaming:
+        from engines.stream import _split_masks
+        to_val = _split_masks(spec["validation_split"], spec["seed"], False)(len(table))
+    else:
+        to_val = np.isin(np.arange(len(table)), split(table, spec["validation_split"], spec["seed"])[1].index)
+    row = int(np.flatnonzero(to_val)[-1])  # a validation row, late in the file
+    table.loc[row, column] = bad
+    write(tmp_path, table)
+    with pytest.raises(DataError) as err:
+        prepare(spec, tmp_path / "stream")
+    assert needle.format(row=row + 1) in str(err.value)
+    assert "rows count from 1 below the header" in str(err.value)
+
+
+def test_predict_data_with_an_infinity_is_an_error_naming_the_row(tmp_path):
+    d = prepare(job(tmp_path, train_data_path=str(classification_csv(tmp_path / "train.csv"))))
+    new = pd.read_csv(tmp_path / "train.csv").head(5)
+    new.loc[3, "feature1"] = -np.inf
+    with pytest.raises(DataError, match=r'column "feature1" holds infinite values \(row 4;'):
+        encode(new, d.preprocess)
 
 
 def test_unreadable_file_is_a_data_error(tmp_path):
