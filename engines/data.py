@@ -175,7 +175,16 @@ def prepare(spec: dict, stream_folder: Path | None = None) -> Prepared:
         check_values(val, features, target, spec["categorical_columns"], "val_data_path",
                      spec["val_data_path"])
     else:
+        whole = train
         train, val = split(train, spec["validation_split"], spec["seed"])
+        if val is not None and train[target].nunique() == 1 and whole[target].nunique() > 1 \
+                and detect_task(whole[target], spec["task"]) == "classification":
+            raise DataError(
+                f'the training rows hold a single class ({_plain(train[target].iloc[0])!r}): '
+                f'train_data_path "{spec["train_data_path"]}" has {len(whole)} rows and '
+                f"{whole[target].nunique()} classes, and validation_split "
+                f"{spec['validation_split']} took {len(val)} of the rows for validation. Expected: "
+                "more rows of each class, a smaller validation_split, or a val_data_path file.")
     if len(train) == 0:
         raise DataError(f'train_data_path "{spec["train_data_path"]}" has no data rows. '
                         "Expected: a header and at least one row.")

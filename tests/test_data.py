@@ -113,6 +113,8 @@ def test_a_separate_validation_file(tmp_path):
      "has no data rows"),
     (pd.DataFrame({"feature1": [1.0, 2.0, 3.0], "target": ["a", "a", "a"]}), {"validation_split": 0.0},
      "has a single class"),
+    (pd.DataFrame({"feature1": [1.0, 2.0], "target": ["a", "b"]}), {},
+     "has 2 rows and 2 classes, and validation_split 0.2 took 1 of the rows for validation"),
     (pd.DataFrame({"feature1": [1.0, 2.0, 3.0, 4.0], "target": [0, None, 1, 0]}), {},
      "has 1 missing value (row 2; rows count from 1 below the header)"),
     (pd.DataFrame({"feature1": [1.0, np.inf, 3.0, 4.0], "target": [0, 1, 1, 0]}), {}, "infinite values (row 2;"),
