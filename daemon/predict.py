@@ -3,6 +3,11 @@
 The folder holds model.json (architecture, task, framework), preprocess.json (scaling,
 encodings, label map) and the weights (safetensors): nothing is unpickled.
 """
+import os
+import re
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
@@ -31,7 +36,39 @@ def predict_table(folder: Path, data_path: str, best: bool = False) -> pd.DataFr
         raise DataError(f"{folder} has no {name}, the {'best' if best else 'final'} weights its "
                         "model.json names. Expected: the folder as the job wrote it"
                         + ("." if best else "; --best uses the best weights, if any."))
-    engine = load_engine(arch["framework"])
+    with native_noise_filtered():
+        engine = load_engine(arch["framework"])
     predictor = engine.predictor(folder, arch, weights)
     table = read_table(data_path, {"format": "auto"}, "--data")
     return decode(predictor(encode(table, recipe, f'--data "{data_path}": ')), recipe)
+
+
+# What TensorFlow's native libraries print as they load, whatever TF_CPP_MIN_LOG_LEVEL says
+# (absl logs to the stderr file descriptor before it is initialised): noise in a command's output
+NATIVE_NOISE = re.compile(rb"All log messages before absl::InitializeLog\(\) is called|"
+                          rb"oneDNN custom operations are on")
+
+
+@contextmanager
+def native_noise_filtered():
+    """Native code's writes to stderr are held while the block runs, then passed on without the
+    lines NATIVE_NOISE matches (all of them if the block raises)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().splitlines(keepends=True)
+            kept = b"".join(line for line in lines if failed or not NATIVE_NOISE.search(line))
+            if kept:
+                sys.stderr.write(kept.decode(errors="replace"))
+                sys.stderr.flush()

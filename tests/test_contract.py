@@ -59,10 +59,12 @@ def test_the_seed_job_trains_end_to_end(tmp_path, spool, daemon_factory, framewo
     history = json.loads((out / "history.json").read_text())
     assert history["epoch"] == [1, 2, 3] and len(history["val_loss"]) == 3
     assert state.outputs["model"] == str(out / WEIGHT_FILES[framework][0])
-    predictions = subprocess.run(
+    predicted = subprocess.run(
         [sys.executable, "-m", "daemon.cli", "predict", "--spool", str(spool), "seed", "--data", str(data)],
-        capture_output=True, text=True, check=True, cwd=REPO).stdout.splitlines()
+        capture_output=True, text=True, check=True, cwd=REPO)
+    predictions = predicted.stdout.splitlines()
     assert predictions[0] == "prediction,p_0,p_1" and len(predictions) == 241
+    assert predicted.stderr == ""  # not even the lines TensorFlow's libraries print as they load
 
 
 def long_job(data, out, framework, **overrides):
