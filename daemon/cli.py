@@ -309,6 +309,10 @@ def print_one(s: JobState) -> None:
     click.echo(f"job {s.job_id}: {s.status}{why}  ({spec.get('name')})")
     click.echo(f"  epochs: {s.epochs_done}/{spec.get('epochs')}  position: epoch {s.position[0]} "
                f"step {s.position[1]}/{s.steps_per_epoch or '?'}  attempts: {s.attempts}")
+    progress = display.current_progress(s)
+    if progress:
+        click.echo(f"  now: {display.progress_line(progress, spec.get('epochs'))} "
+                   f"(as of {s.updated_at})")
     if s.history:
         click.echo(f"  last: {display.metrics(s.history[-1])}")
     if s.best_saved:

@@ -1,5 +1,5 @@
 """Human-readable lines for events and job states (`epochd tail`, `status`, `history`)."""
-from .replay import JobState
+from .replay import JobState, Status
 
 
 def seconds(value: float | None) -> str:
@@ -83,6 +83,14 @@ def progress_line(r: dict, epochs: int | None, width: int = 24) -> str:
             f"{number(r['loss'])} {r['samples_per_sec']:,.0f} samples/s eta {seconds(r['eta_seconds'])}")
 
 
+def current_progress(state: JobState) -> dict | None:
+    """The progress of the epoch a running job is in, if one is on record."""
+    p = state.last_progress
+    if state.status != Status.RUNNING or p is None or p["epoch"] != state.position[0]:
+        return None
+    return p
+
+
 def summary(state: JobState) -> dict:
     """What `status --json` prints for a job: all of it comes from the fold."""
     spec = state.spec or {}
@@ -93,7 +101,7 @@ def summary(state: JobState) -> dict:
         "framework": spec.get("framework"), "epochs_done": state.epochs_done,
         "epochs": spec.get("epochs"), "position": {"epoch": state.position[0], "step": state.position[1],
                                                    "steps_per_epoch": state.steps_per_epoch},
-        "last_metrics": last, "best": state.best_saved,
+        "progress": current_progress(state), "last_metrics": last, "best": state.best_saved,
         "early_stopping": None if es is None else {"wait": es.wait, "best_epoch": es.best_epoch,
                                                    "best_value": es.best_value},
         "learning_rate": state.learning_rate, "attempts": state.attempts, "crashes": state.crashes,

@@ -130,6 +130,27 @@ def test_tail_on_a_terminal_shows_the_latest_progress_as_a_live_line(trained, tm
     assert code == 0 and text.startswith("\repoch 2/2 [") and "\n" not in text, text
 
 
+def test_status_of_a_running_job_shows_where_it_is_in_its_epoch(trained, tmp_path):
+    """The latest progress of the epoch in progress: in the detail and in --json; none once
+    the epoch it belongs to has ended."""
+    lines = Spool(trained[0]).events_path("done").read_bytes().splitlines(keepends=True)
+    root = Spool(tmp_path / "spool")
+    root.ensure()
+    first_epoch = next(i for i, l in enumerate(lines) if b'"type":"epoch_completed"' in l)
+    root.job_dir("live").mkdir()
+    root.events_path("live").write_bytes(b"".join(lines[:first_epoch + 1]))
+    shown = invoke("status", "--spool", root.root, "live").output
+    assert "running" in shown and "now:" not in shown  # the first epoch's progress is history
+    with EventLog(root.events_path("live")) as log:
+        log.append(Progress(epoch=2, step=3, steps_per_epoch=4, samples_per_sec=1234.0,
+                            loss=0.25, eta_seconds=95.0))
+    shown = invoke("status", "--spool", root.root, "live").output
+    assert "  now: epoch 2/2 [" in shown and "3/4 loss 0.2500 1,234 samples/s eta 1m35s" in shown
+    progress = json.loads(invoke("status", "--spool", root.root, "live", "--json").output)["progress"]
+    assert progress["step"] == 3 and progress["eta_seconds"] == 95.0
+    assert json.loads(invoke("status", "--spool", trained[0], "done", "--json").output)["progress"] is None
+
+
 def on_a_terminal(*args) -> tuple[int, str]:
     """Run `epochd ARGS` with a pseudo-terminal as its stdout: its exit code and what it drew."""
     leader, follower = os.openpty()
