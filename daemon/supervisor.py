@@ -33,7 +33,7 @@ from .errors import BadJobFile, LogCorrupt, memory_limit_message
 from .eventlog import EventLog
 from .events import Failed, Interrupted
 from .notify import Notifier
-from .replay import RUNNABLE, TERMINAL, Status, fold
+from .replay import RUNNABLE, TERMINAL, JobState, Status, fold
 from .spool import (QUIET_SECONDS, Settings, Spool, accept, daemon_log, is_candidate, job_lock,
                     lock_spool, recover_acceptances, reject)
 from .sysinfo import gpu_count
@@ -408,8 +408,10 @@ class Daemon:
     # ---------------------------------------------------------------- workers
 
     def runnable(self) -> list[scheduler.Entry]:
+        """Jobs waiting to run (pending, interrupted) that no worker holds: not every job known,
+        or each tick would look again at whether finished jobs fit this machine's GPUs."""
         busy = self.children.keys() | self.orphans.keys() | self.unsettled.keys()
-        return [e for e in self.entries.values() if e.job_id not in busy]
+        return [e for e in self.entries.values() if e.status in RUNNABLE and e.job_id not in busy]
 
     def start_jobs(self, now: float) -> None:
         free = self.max_jobs - len(self.children) - len(self.orphans)
@@ -460,6 +462,10 @@ class Daemon:
         self.children[job_id] = Child(popen, log_file, gpus, memory_mb=limits.get("memory_mb"))
         self.entries[job_id] = scheduler.entry(state)
         daemon_log(self.spool, "worker_started", job_id=job_id, pid=popen.pid, gpus=list(gpus))
+        where = f"GPU {','.join(map(str, gpus))}" if gpus else "CPU"
+        log.info("job %s: %s on %s (worker pid %d)", job_id,
+                 "resuming" if state.epochs_done or state.position != (1, 0) else "starting",
+                 where, popen.pid)
 
     def enforce_memory_limits(self) -> None:
         """The backstop for limits.memory_mb: a worker checks its own memory between engine
@@ -528,7 +534,10 @@ class Daemon:
                     elif crashed:
                         self.record_crash(events, job_id, state, code)
                     self.carry_out_pending(events, job_id)
-        self.refresh(job_id)
+        state = self.refresh(job_id)
+        if state is not None:
+            level, text = outcome(state)
+            log.log(level, "job %s: %s", job_id, text)
 
     def carry_out_pending(self, events: EventLog, job_id: str) -> None:
         """A request went on record (`control_received`, accepted) but its process died before
@@ -583,13 +592,14 @@ class Daemon:
             self.entries.pop(job_id, None)
             return None
 
-    def refresh(self, job_id: str) -> None:
+    def refresh(self, job_id: str) -> JobState | None:
         state = self.fold_or_quarantine(job_id)
         if state is not None and state.status is not None:
             self.entries[job_id] = scheduler.entry(state)
             if state.status in TERMINAL and not control.retryable_failure(state) \
                     and job_id not in self.children and self.spool.drop_stream_cache(job_id):
                 log.info("job %s: removed its streaming cache (%s)", job_id, state.status)
+        return state
 
     def ping_watchdog(self, now: float) -> None:
         interval = self.notifier.watchdog_seconds
@@ -604,6 +614,26 @@ class Daemon:
             counts[e.status] = counts.get(e.status, 0) + 1
         parts = [f"{n} {s}" for s, n in sorted(counts.items()) if s not in TERMINAL]
         return f"{len(self.children) + len(self.orphans)} running; " + (", ".join(parts) or "idle")
+
+
+def outcome(state: JobState) -> tuple[int, str]:
+    """How a job stands once its worker has gone, for the daemon's own log (the journal)."""
+    match state.status:
+        case Status.COMPLETED:
+            best = state.best_saved
+            text = f"completed after {state.epochs_done} epochs ({state.stop_reason})"
+            if best:
+                text += f"; best {best['monitor']} {best['value']:.4f} at epoch {best['epoch']}"
+            return logging.INFO, text
+        case Status.FAILED:
+            e = state.last_error or {}
+            then = (f'; fix the cause, then "epochd resume {state.job_id}"'
+                    if control.retryable_failure(state) else "")
+            return logging.WARNING, f"failed: {e.get('error')}: {e.get('message')}{then}"
+        case Status.PAUSED | Status.CANCELLED:
+            epoch, step = state.position
+            return logging.INFO, f"{state.status} at epoch {epoch} step {step}"
+    return logging.INFO, f"{state.status} after its worker exited"
 
 
 def _signal_pid(pid: int, sig: int) -> None:

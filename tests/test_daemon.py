@@ -131,7 +131,7 @@ def test_a_file_arriving_just_after_the_daemon_took_another_is_not_held_behind_i
 
 def test_data_errors_fail_the_job_at_once_without_retry(tmp_path, spool, daemon_factory):
     data = classification_csv(tmp_path / "train.csv")
-    daemon_factory(spool)
+    first = daemon_factory(spool)
     drop_job(spool, "nofile.json", seed_job(tmp_path / "missing.csv"))
     drop_job(spool, "nocol.json", seed_job(data, feature_columns=["feature1", "feature9"]))
     for job_id, needle in (("nofile", "does not exist"), ("nocol", 'no column "feature9"')):
@@ -142,6 +142,15 @@ def test_data_errors_fail_the_job_at_once_without_retry(tmp_path, spool, daemon_
     wait_for_status(spool, "after", "completed")
     for job_id in ("nofile", "nocol"):
         assert [r["type"] for r in events_of(spool, job_id)] == ["job_accepted", "failed"]
+    # the daemon's own log (the journal, under systemd) says how each job ended
+    wait_until(lambda: "job after: completed after 1 epochs (max_epochs); best val_loss" in first.log(),
+               30, what="the daemon to log the outcome")
+    told = first.log()
+    assert "job after: starting on CPU (worker pid" in told
+    assert "WARNING epochd.daemon: job nofile: failed: DataError: train_data_path" in told
+    first.stop()
+    again = daemon_factory(spool)  # finished jobs are known, not runnable
+    wait_until(lambda: "3 jobs known, 0 runnable" in again.log(), 30, what="the startup line")
 
 
 def test_a_framework_that_is_not_installed_fails_the_job_with_the_install_command(tmp_path, spool, daemon_factory):
