@@ -495,7 +495,8 @@ def plot(spool, job_id, output):
     if not state.history:
         raise CliError(f"job {job_id} has no finished epoch yet; nothing to plot.", Exit.REFUSED)
     output = output or Path(f"{job_id}-learning-curves.png")
-    plot_history(state.training_history(), output, (state.spec or {}).get("name", job_id))
+    plot_history(state.training_history(), output, (state.spec or {}).get("name", job_id),
+                 state.best_saved)
     click.echo(f"wrote {output}")
 
 

@@ -2,9 +2,10 @@
 from pathlib import Path
 
 
-def plot_history(history: dict[str, list], path: Path, title: str) -> Path:
-    """Write a PNG of a `training_history` dict. matplotlib is imported here only, and drawn
-    with the Agg backend: a service has no screen."""
+def plot_history(history: dict[str, list], path: Path, title: str, best: dict | None = None) -> Path:
+    """Write a PNG of a `training_history` dict, with a dashed line at the best epoch
+    (`best`: a `best_model_saved` payload) if given. matplotlib is imported here only, and
+    drawn with the Agg backend: a service has no screen."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -20,6 +21,9 @@ def plot_history(history: dict[str, list], path: Path, title: str) -> Path:
             points = [(e, v) for e, v in zip(epochs, values) if v is not None]
             if points:
                 ax.plot(*zip(*points), marker="." if len(points) < 40 else None, label=key)
+        if best and label != "learning rate" and ax.lines:
+            ax.axvline(best["epoch"], color="grey", linestyle="--", linewidth=1,
+                       label=f"best {best['monitor']} (epoch {best['epoch']})")
         ax.set_xlabel("epoch")
         ax.set_title(label)
         ax.grid(alpha=0.3)

@@ -584,7 +584,8 @@ class Worker:
         atomic_write_with(files["model"], self.engine.save_weights)
         self.describe_model(final=True)
         _write_json(files["history"], history)
-        atomic_write_with(files["plot"], lambda p: plot_history(history, p, spec["name"]))
+        atomic_write_with(files["plot"], lambda p: plot_history(history, p, spec["name"],
+                                                                self.state.best_saved))
         files |= self.engine.export(out)
         if best_path.exists():
             files["best"] = best_path

@@ -195,6 +195,14 @@ def test_plot_and_predict(trained, tmp_path):
     assert none.exit_code == 2 and "no data to predict on" in none.output
 
 
+def test_the_plot_marks_the_best_epoch(trained, tmp_path):
+    from daemon.plot import plot_history
+    state = Spool(trained[0]).state("done")
+    plain = plot_history(state.training_history(), tmp_path / "plain.png", "t").read_bytes()
+    marked = plot_history(state.training_history(), tmp_path / "best.png", "t", state.best_saved)
+    assert state.best_saved and marked.read_bytes() != plain
+
+
 def test_predict_uses_the_best_model_so_far_while_a_job_runs_and_after_it_is_cancelled(
         tmp_path, spool, daemon_factory):
     """model.json and preprocess.json are written with the first best weights: `predict --best`
