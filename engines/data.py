@@ -131,6 +131,8 @@ def check_values(df: pd.DataFrame, features: list[str], target: str, cats, what:
     if y.isna().any():
         raise DataError(f'{what} "{path}": the target column "{target}" {missing(y)}. Expected: a '
                         "value in every row; drop or fill those rows.")
+    if not _is_text(y):
+        _finite(y, _numeric(y), f'{what} "{path}": ')
     for name in features:
         col = df[name]
         if isinstance(cats, list) and name in cats:

@@ -118,6 +118,8 @@ def test_a_separate_validation_file(tmp_path):
     (pd.DataFrame({"feature1": [1.0, 2.0, 3.0, 4.0], "target": [0, None, 1, 0]}), {},
      "has 1 missing value (row 2; rows count from 1 below the header)"),
     (pd.DataFrame({"feature1": [1.0, np.inf, 3.0, 4.0], "target": [0, 1, 1, 0]}), {}, "infinite values (row 2;"),
+    (pd.DataFrame({"feature1": [1.0, 2.0, 3.0], "target": [1.5, -np.inf, 2.5]}), {},
+     'column "target" holds infinite values (row 2;'),
     (pd.DataFrame({"feature1": [np.nan] * 6, "target": [0, 1] * 3}), {}, "has no values at all"),
 ])
 def test_data_problems_are_clear_errors(tmp_path, table, raw, needle):
