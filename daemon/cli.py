@@ -19,8 +19,9 @@ from . import __version__, control, display
 from .errors import BadJobFile, EpochdError, JobNotFound, LogCorrupt, SpoolLocked
 from .eventlog import LogFollower
 from .fsutil import rename_noreplace
-from .replay import TERMINAL, JobState, Status, apply
-from .spool import VALID_ID, Settings, Spool, sanitise
+from .replay import RUNNABLE, TERMINAL, JobState, Status, apply
+from .spool import (VALID_ID, Settings, Spool, daemon_serving, is_candidate, last_daemon_start,
+                    sanitise)
 
 BUNDLED_SPOOL = Path(__file__).resolve().parent.parent / "spool"
 POLL_SECONDS = 0.2
@@ -64,6 +65,10 @@ def require_spool(spool: Spool) -> None:
 def load_state(spool: Spool, job_id: str) -> JobState:
     require_spool(spool)
     if not VALID_ID.match(job_id) or not spool.events_path(job_id).exists():
+        if VALID_ID.match(job_id) and (spool.incoming / f"{job_id}.json").is_file():
+            why = unserved(spool) or "a running daemon takes it within seconds; try again then"
+            raise CliError(f"job {job_id} is not accepted yet: incoming/{job_id}.json waits for "
+                           f"the daemon. {why[0].upper()}{why[1:]}.", Exit.NOT_FOUND)
         raise CliError(str(JobNotFound(job_id, spool.root)), Exit.NOT_FOUND)
     try:
         return spool.state(job_id)
@@ -182,6 +187,7 @@ def submit(spool, job_file, name, follow, no_path_check):
                        + "\n  - ".join(problems), Exit.USAGE)
     job_id = drop_job(root, data, name or job_file.stem)
     click.echo(f"submitted {job_file} as incoming/{job_id}.json; job id {job_id} (once accepted)")
+    warn_if_unserved(root)
     if follow:
         sys.exit(follow_job(root, job_id, wait_for_accept=True))
 
@@ -276,7 +282,7 @@ def status(spool, job_id, as_json):
     root = Spool(spool)
     if job_id:
         state = load_state(root, job_id)
-        return echo_json(display.summary(state)) if as_json else print_one(state)
+        return echo_json(display.summary(state)) if as_json else print_one(root, state)
     require_spool(root)
     states = []
     for jid in root.job_ids():
@@ -286,11 +292,19 @@ def status(spool, job_id, as_json):
             states.append(JobState(job_id=jid, last_error={"error": "LogCorrupt", "message": str(e)}))
     if as_json:
         return echo_json([display.summary(s) for s in states])
+    waiting = sorted(e.name for e in os.scandir(root.incoming)
+                     if is_candidate(e.name) and e.is_file(follow_symlinks=False))
+    if waiting:
+        shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
+        click.echo(f"not accepted yet, in incoming/: {shown}")
     if not states:
-        return click.echo(f"no jobs in {root.root}")
-    click.echo(f"{'JOB':<24} {'STATUS':<12} {'EPOCH':>9} {'LAST LOSS':>10} {'BEST':>18}  UPDATED")
-    for s in states:
-        click.echo(status_row(s))
+        click.echo(f"no jobs in {root.root}")
+    else:
+        click.echo(f"{'JOB':<24} {'STATUS':<12} {'EPOCH':>9} {'LAST LOSS':>10} {'BEST':>18}  UPDATED")
+        for s in states:
+            click.echo(status_row(s))
+    if waiting or any(s.status in RUNNABLE | {Status.RUNNING} for s in states):
+        warn_if_unserved(root)
 
 
 def status_row(s: JobState) -> str:
@@ -303,7 +317,15 @@ def status_row(s: JobState) -> str:
             f"{display.number(loss):>10} {best:>18}  {s.updated_at or '-'}")
 
 
-def print_one(s: JobState) -> None:
+def waiting(root: Spool, s: JobState) -> str:
+    started = last_daemon_start(root) or {}
+    slots = f" (at most {started['max_jobs']} at once)" if started.get("max_jobs") else ""
+    then = "continues" if s.status == Status.INTERRUPTED else "starts"
+    return (f"queued: the daemon{slots} {then} it when a slot is free, higher priority first, "
+            "then in order of arrival")
+
+
+def print_one(root: Spool, s: JobState) -> None:
     spec = s.spec or {}
     why = f" ({s.stop_reason})" if s.status == Status.COMPLETED and s.stop_reason else ""
     click.echo(f"job {s.job_id}: {s.status}{why}  ({spec.get('name')})")
@@ -329,6 +351,8 @@ def print_one(s: JobState) -> None:
         click.echo(f"  outputs: {', '.join(f'{k}={v}' for k, v in s.outputs.items())}")
     hint = {Status.PAUSED: f'resume it with "epochd resume {s.job_id}"',
             Status.RUNNING: f'follow it with "epochd tail -f {s.job_id}"'}.get(s.status)
+    if s.status in RUNNABLE:
+        hint = unserved(root) or waiting(root, s)
     if control.retryable_failure(s):
         hint = f'fix the cause, then "epochd resume {s.job_id}" continues from the last checkpoint'
     if hint:
@@ -457,6 +481,21 @@ def request(spool: Path, job_id: str, action: str, reason: str | None) -> None:
     control.drop(root, job_id, action, reason)
     note = f" ({decision.why})" if decision.kind == "repeat" else ""
     click.echo(f"{action} requested for {job_id}{note}; follow with \"epochd tail -f {job_id}\"")
+    warn_if_unserved(root)
+
+
+def unserved(root: Spool) -> str | None:
+    """What to say when no daemon serves the spool: files dropped there wait for one."""
+    if daemon_serving(root) is not False:
+        return None
+    return (f'no daemon is serving {root.root}: nothing happens until one does ("epochd serve '
+            f'--spool {root.root}", or "systemctl start epochd")')
+
+
+def warn_if_unserved(root: Spool) -> None:
+    why = unserved(root)
+    if why:
+        click.echo(f"note: {why}", err=True)
 
 
 def control_command(action: str, doc: str):

@@ -149,6 +149,42 @@ def lock_spool(spool: Spool) -> FileLock:
     return lock
 
 
+def daemon_serving(spool: Spool) -> bool | None:
+    """Whether a daemon holds this spool's daemon.lock, read from /proc/locks: None where that
+    cannot be told. It looks without trying the lock itself, which would make a daemon
+    starting at that moment exit as if another one served the spool."""
+    try:
+        st = spool.lock_file.stat()
+    except FileNotFoundError:
+        return False  # no daemon has ever served it
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2297168 0 EOF"; "1: -> FLOCK ..." waits
+            return any(len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == key
+                       for fields in (line.split() for line in f))
+    except OSError:
+        return None
+
+
+def last_daemon_start(spool: Spool, tail_bytes: int = 1 << 20) -> dict | None:
+    """The last `started` line of daemon.jsonl (its options: max_jobs, gpus), read from the
+    file's end."""
+    try:
+        with open(spool.daemon_log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        if b'"event":"started"' in line:
+            try:
+                return orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+    return None
+
+
 # ------------------------------------------------------------------ the daemon's own log
 
 def daemon_log(spool: Spool, event: str, **fields) -> None:

@@ -236,6 +236,40 @@ def test_predict_uses_the_best_model_so_far_while_a_job_runs_and_after_it_is_can
     assert ended.exit_code == Exit.REFUSED and "it ended without a final model; --best" in ended.output
 
 
+def test_without_a_daemon_the_cli_says_nothing_runs_until_one_does(tmp_path, spool, daemon_factory):
+    """Files dropped where no daemon serves wait silently; the CLI says so (to stderr), and
+    says why a queued job waits once one serves."""
+    from daemon.spool import daemon_serving
+    data = classification_csv(tmp_path / "train.csv", rows=20000)
+    job = tmp_path / "long.json"
+    job.write_text(json.dumps(seed_job(data, epochs=50, batch_size=2, algorithm_params={"hidden_units": [16]})))
+    assert daemon_serving(Spool(spool)) is False
+    submitted = invoke("submit", "--spool", spool, job)
+    assert submitted.exit_code == 0 and f"note: no daemon is serving {spool}" in submitted.output
+    listed = invoke("status", "--spool", spool).output
+    assert "not accepted yet, in incoming/: long.json" in listed and "no daemon is serving" in listed
+    early = invoke("status", "--spool", spool, "long")
+    assert early.exit_code == Exit.NOT_FOUND
+    assert "job long is not accepted yet: incoming/long.json waits for the daemon. No daemon" in early.output
+
+    d = daemon_factory(spool, "--max-jobs", "1")
+    assert daemon_serving(Spool(spool)) is True
+    wait_for_status(spool, "long", "running")
+    assert "not accepted yet" not in invoke("status", "--spool", spool).output
+    drop_job(spool, "next.json", seed_job(data, epochs=1))
+    wait_for_status(spool, "next", "pending")
+    queued = invoke("status", "--spool", spool, "next").output
+    assert "queued: the daemon (at most 1 at once) starts it when a slot is free" in queued
+    assert "no daemon" not in queued
+    paused = invoke("pause", "--spool", spool, "long")
+    assert paused.exit_code == 0 and "note:" not in paused.output
+    wait_for_status(spool, "next", "completed")
+    d.stop()
+    assert daemon_serving(Spool(spool)) is False
+    resumed = invoke("resume", "--spool", spool, "long")
+    assert resumed.exit_code == 0 and "no daemon is serving" in resumed.output
+
+
 def test_predict_on_a_job_that_ended_before_any_model_was_saved_says_so(tmp_path, spool):
     from daemon.events import Cancelled
     Spool(spool).job_dir("early").mkdir()
