@@ -152,19 +152,29 @@ def lock_spool(spool: Spool) -> FileLock:
 def daemon_serving(spool: Spool) -> bool | None:
     """Whether a daemon holds this spool's daemon.lock, read from /proc/locks: None where that
     cannot be told. It looks without trying the lock itself, which would make a daemon
-    starting at that moment exit as if another one served the spool."""
+    starting at that moment exit as if another one served the spool.
+
+    A lock on the file's device and inode says yes. So does any lock held by the pid the file
+    names (`epochd pid N on HOST`, written by the daemon that holds it), for filesystems such
+    as overlayfs whose locks /proc/locks lists under another device and inode."""
     try:
         st = spool.lock_file.stat()
+        holder = spool.lock_file.read_text(errors="replace").split()
     except FileNotFoundError:
         return False  # no daemon has ever served it
     key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    here = len(holder) == 5 and holder[4] == socket.gethostname()
+    pid = holder[2] if here and holder[2].isdigit() else None
     try:
         with open("/proc/locks") as f:
             # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2297168 0 EOF"; "1: -> FLOCK ..." waits
-            return any(len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == key
-                       for fields in (line.split() for line in f))
+            for fields in (line.split() for line in f):
+                if len(fields) > 5 and fields[1] == "FLOCK" and (fields[5] == key or fields[4] == pid):
+                    return True
     except OSError:
         return None
+    # no lock seen: nobody serves it, unless the daemon that last wrote the file runs elsewhere
+    return False if here or not holder else None
 
 
 def last_daemon_start(spool: Spool, tail_bytes: int = 1 << 20) -> dict | None:
