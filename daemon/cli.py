@@ -317,7 +317,7 @@ def status_row(s: JobState) -> str:
             f"{display.number(loss):>10} {best:>18}  {s.updated_at or '-'}")
 
 
-def waiting(root: Spool, s: JobState) -> str:
+def queued_hint(root: Spool, s: JobState) -> str:
     started = last_daemon_start(root) or {}
     slots = f" (at most {started['max_jobs']} at once)" if started.get("max_jobs") else ""
     then = "continues" if s.status == Status.INTERRUPTED else "starts"
@@ -352,7 +352,7 @@ def print_one(root: Spool, s: JobState) -> None:
     hint = {Status.PAUSED: f'resume it with "epochd resume {s.job_id}"',
             Status.RUNNING: f'follow it with "epochd tail -f {s.job_id}"'}.get(s.status)
     if s.status in RUNNABLE:
-        hint = unserved(root) or waiting(root, s)
+        hint = unserved(root) or queued_hint(root, s)
     if control.retryable_failure(s):
         hint = f'fix the cause, then "epochd resume {s.job_id}" continues from the last checkpoint'
     if hint:
