@@ -402,7 +402,9 @@ def tail(spool, job_id, follow, raw, verbose, last):
     Example: epochd tail -n 5 -f wine   (the last five lines, then follow)
     """
     root = Spool(spool)
-    load_state(root, job_id)
+    state = load_state(root, job_id)
+    if follow and state.status not in TERMINAL:
+        warn_if_unserved(root)
     sys.exit(follow_job(root, job_id, follow=follow, raw=raw, verbose=verbose, last=last))
 
 

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 from click.testing import CliRunner
@@ -268,6 +269,16 @@ def test_without_a_daemon_the_cli_says_nothing_runs_until_one_does(tmp_path, spo
     assert daemon_serving(Spool(spool)) is False
     resumed = invoke("resume", "--spool", spool, "long")
     assert resumed.exit_code == 0 and "no daemon is serving" in resumed.output
+    follower = subprocess.Popen([sys.executable, "-m", "daemon.cli", "tail", "-f", "--spool", str(spool),
+                                 "long"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stopper = threading.Timer(30, follower.kill)  # should it say nothing, the read still ends
+    stopper.start()
+    try:  # it follows a job nothing will move; first it says so
+        assert "no daemon is serving" in follower.stderr.readline()
+    finally:
+        stopper.cancel()
+        follower.kill()
+        follower.wait()
 
 
 def test_predict_on_a_job_that_ended_before_any_model_was_saved_says_so(tmp_path, spool):
