@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 MISSING = "<missing>"
 ROWS_NOTE = "rows count from 1 below the header"
+FEATURE, TARGET = "feature column", "target column"  # what a column is, in errors
 CLASSIFICATION_MAX_INT_CLASSES = 20
 PREPROCESS_VERSION = 1
 
@@ -120,7 +121,7 @@ def rows_where(col: pd.Series, mask) -> str:
 
 def missing(y: pd.Series) -> str:
     n = int(y.isna().sum())
-    return (f"has {n} missing value{'s' if n > 1 else ''} "
+    return (f"has missing values in {n} row{'s' if n > 1 else ''} "
             f"({rows_where(y, y.isna())}; {ROWS_NOTE})")
 
 
@@ -132,7 +133,7 @@ def check_values(df: pd.DataFrame, features: list[str], target: str, cats, what:
         raise DataError(f'{what} "{path}": the target column "{target}" {missing(y)}. Expected: a '
                         "value in every row; drop or fill those rows.")
     if not _is_text(y):
-        _finite(y, _numeric(y), f'{what} "{path}": ')
+        _finite(y, _numeric(y, f'{what} "{path}": ', TARGET), f'{what} "{path}": ', TARGET)
     for name in features:
         col = df[name]
         if isinstance(cats, list) and name in cats:
@@ -251,7 +252,7 @@ def _is_text(col: pd.Series) -> bool:
     return not (pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col))
 
 
-def _numeric(col: pd.Series, where: str = "") -> np.ndarray:
+def _numeric(col: pd.Series, where: str = "", kind: str = FEATURE) -> np.ndarray:
     if pd.api.types.is_bool_dtype(col):
         return col.astype(float).to_numpy()
     if pd.api.types.is_numeric_dtype(col):
@@ -260,18 +261,18 @@ def _numeric(col: pd.Series, where: str = "") -> np.ndarray:
     bad = (col.notna() & converted.isna()).to_numpy()
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
-        raise DataError(f'{where}column "{col.name}" is not numeric: {rows_where(col, bad)} '
+        raise DataError(f'{where}{kind} "{col.name}" is not numeric: {rows_where(col, bad)} '
                         f"{'holds' if bad.sum() == 1 else 'hold text, the first'} "
                         f"{col.iloc[first]!r} ({ROWS_NOTE}). Expected: numbers; fix the value, "
                         "or list the column in categorical_columns to one-hot encode it.")
     return converted.to_numpy(dtype=float, na_value=np.nan)
 
 
-def _finite(col: pd.Series, values: np.ndarray, where: str = "") -> np.ndarray:
+def _finite(col: pd.Series, values: np.ndarray, where: str = "", kind: str = FEATURE) -> np.ndarray:
     """`values` (the numbers of `col`), once none is infinite; missing ones (NaN) are allowed."""
     infinite = np.isinf(values)
     if infinite.any():
-        raise DataError(f'{where}column "{col.name}" holds infinite values '
+        raise DataError(f'{where}{kind} "{col.name}" holds infinite values '
                         f"({rows_where(col, infinite)}; {ROWS_NOTE}). Expected: finite numbers; "
                         "fix those rows, or leave the cells empty to fill them with the mean.")
     return values
@@ -300,7 +301,7 @@ def _as_text(col: pd.Series) -> pd.Series:
 
 def _fit_target(y: pd.Series, task: str) -> dict:
     if task == "regression":
-        values = _numeric(y)
+        values = _numeric(y, kind=TARGET)
         std = float(np.std(values))
         return {"name": str(y.name), "task": task, "mean": float(np.mean(values)),
                 "std": std if std > 0 else 1.0}
@@ -339,7 +340,7 @@ def encode_target(y: pd.Series, recipe: dict, which: str, where: str = "") -> np
         raise DataError(f'{where}the target column "{y.name}" {missing(y)}. Expected: a value in '
                         "every row; drop or fill those rows.")
     if t["task"] == "regression":
-        return ((_finite(y, _numeric(y, where), where) - t["mean"]) / t["std"]).astype(np.float32)
+        return ((_finite(y, _numeric(y, where, TARGET), where, TARGET) - t["mean"]) / t["std"]).astype(np.float32)
     index = {c: i for i, c in enumerate(t["classes"])}
     codes = y.map(lambda v: index.get(_plain(v), -1)).to_numpy(dtype=np.int64)
     if (codes < 0).any():

@@ -282,9 +282,9 @@ class NumberStats:
         self.count = self.rows = self.missing = 0
         self.mean = self.m2 = 0.0
 
-    def add(self, values: np.ndarray, col: pd.Series) -> None:
+    def add(self, values: np.ndarray, col: pd.Series, kind: str = D.FEATURE) -> None:
         """`values`: the numbers of `col`, a block of the file's rows."""
-        D._finite(col, values)
+        D._finite(col, values, kind=kind)
         ok = values[~np.isnan(values)]
         self.rows += len(values)
         self.missing += len(values) - len(ok)
@@ -363,8 +363,8 @@ class TargetStats:
         self.rows += len(y)
         self.text = self.text or text
         if not text:
-            v = D._numeric(y)
-            self.numbers.add(v, y)
+            v = D._numeric(y, kind=D.TARGET)
+            self.numbers.add(v, y, D.TARGET)
             self.whole = self.whole and bool(np.all(v == np.round(v)))
         if not self.many:
             self.values.update(pd.unique(y).tolist())

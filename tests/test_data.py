@@ -106,7 +106,7 @@ def test_a_separate_validation_file(tmp_path):
      'no column "featrue2"'),
     (pd.DataFrame({"feature1": [1.0, 2.0], "Target": [0, 1]}), {}, 'no column "target" (did you mean "Target"?)'),
     (pd.DataFrame({"feature1": [f"{v:.3f}" for v in np.linspace(0, 1, 39)] + ["twelve"], "target": [0, 1] * 20}),
-     {"validation_split": 0.0}, "column \"feature1\" is not numeric: row 40 holds 'twelve'"),
+     {"validation_split": 0.0}, "feature column \"feature1\" is not numeric: row 40 holds 'twelve'"),
     (pd.DataFrame({"feature1": [f"id{i}" for i in range(80)], "target": [0, 1] * 40}), {},
      "holds text with 64 distinct values"),
     (pd.DataFrame({"feature1": pd.Series([], dtype=float), "target": pd.Series([], dtype=int)}), {},
@@ -116,10 +116,10 @@ def test_a_separate_validation_file(tmp_path):
     (pd.DataFrame({"feature1": [1.0, 2.0], "target": ["a", "b"]}), {},
      "has 2 rows and 2 classes, and validation_split 0.2 took 1 of the rows for validation"),
     (pd.DataFrame({"feature1": [1.0, 2.0, 3.0, 4.0], "target": [0, None, 1, 0]}), {},
-     "has 1 missing value (row 2; rows count from 1 below the header)"),
+     "has missing values in 1 row (row 2; rows count from 1 below the header)"),
     (pd.DataFrame({"feature1": [1.0, np.inf, 3.0, 4.0], "target": [0, 1, 1, 0]}), {}, "infinite values (row 2;"),
     (pd.DataFrame({"feature1": [1.0, 2.0, 3.0], "target": [1.5, -np.inf, 2.5]}), {},
-     'column "target" holds infinite values (row 2;'),
+     'target column "target" holds infinite values (row 2;'),
     (pd.DataFrame({"feature1": [np.nan] * 6, "target": [0, 1] * 3}), {}, "has no values at all"),
 ])
 def test_data_problems_are_clear_errors(tmp_path, table, raw, needle):
@@ -133,9 +133,9 @@ def test_data_problems_are_clear_errors(tmp_path, table, raw, needle):
 
 @pytest.mark.parametrize("streaming", [False, True])
 @pytest.mark.parametrize("column, bad, needle", [
-    ("target", None, 'the target column "target" has 1 missing value (row {row};'),
-    ("feature3", np.inf, 'column "feature3" holds infinite values (row {row};'),
-    ("feature2", "oops", "column \"feature2\" is not numeric: row {row} holds 'oops'"),
+    ("target", None, 'the target column "target" has missing values in 1 row (row {row};'),
+    ("feature3", np.inf, 'feature column "feature3" holds infinite values (row {row};'),
+    ("feature2", "oops", "feature column \"feature2\" is not numeric: row {row} holds 'oops'"),
 ])
 def test_bad_values_are_errors_in_validation_rows_too_and_name_the_files_row(
         tmp_path, streaming, column, bad, needle):

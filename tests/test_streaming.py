@@ -205,7 +205,7 @@ def test_text_columns_and_types_that_change_further_down_the_file(tmp_path):
 @pytest.mark.parametrize("body, problem", [
     ("a,target\n", "no training rows"),
     ("a,target\n1,x\n2,x\n3,x\n", "single class"),
-    ("a,target\n1,x\n2,\n3,y\n", r"missing value \(row 2;"),
+    ("a,target\n1,x\n2,\n3,y\n", r"missing values in 1 row \(row 2;"),
     ("a,b\n1,2\n", 'no column "target"'),
 ])
 def test_data_errors_while_streaming_say_what_and_what_next(tmp_path, body, problem):
