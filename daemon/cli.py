@@ -292,17 +292,17 @@ def status(spool, job_id, as_json):
             states.append(JobState(job_id=jid, last_error={"error": "LogCorrupt", "message": str(e)}))
     if as_json:
         return echo_json([display.summary(s) for s in states])
-    waiting = sorted(e.name for e in os.scandir(root.incoming)
-                     if is_candidate(e.name) and e.is_file(follow_symlinks=False))
-    if waiting:
-        shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
-        click.echo(f"not accepted yet, in incoming/: {shown}")
     if not states:
         click.echo(f"no jobs in {root.root}")
     else:
         click.echo(f"{'JOB':<24} {'STATUS':<12} {'EPOCH':>9} {'LAST LOSS':>10} {'BEST':>18}  UPDATED")
         for s in states:
             click.echo(status_row(s))
+    waiting = sorted(e.name for e in os.scandir(root.incoming)
+                     if is_candidate(e.name) and e.is_file(follow_symlinks=False))
+    if waiting:
+        shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
+        click.echo(f"not accepted yet, in incoming/: {shown}")
     if waiting or any(s.status in RUNNABLE | {Status.RUNNING} for s in states):
         warn_if_unserved(root)
 
