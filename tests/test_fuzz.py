@@ -120,6 +120,58 @@ def test_a_bad_value_is_named_in_its_rejection(tmp_path):
     check()
 
 
+# ------------------------------------------------------------------ data files
+
+CELLS = (st.floats(allow_nan=True, allow_infinity=True, width=32) | st.integers(-3, 3)
+         | st.sampled_from(["", "abc", "1e400", "-inf", "NaN", "true", "2024-01-02", "ünï", " 3 ",
+                            "1,5", "0x10", 10**30, -(10**30), None]))
+TARGETS = st.integers(0, 2) | st.floats(-5, 5) | st.sampled_from(["x", "y", "", None, "inf", 7.5])
+
+
+@st.composite
+def tables(draw):
+    rows = draw(st.integers(1, 30))
+    column = lambda cells: draw(st.lists(cells, min_size=rows, max_size=rows))  # noqa: E731
+    numbers = st.floats(-3, 3, width=32)
+    table = {f"f{i}": column(numbers | CELLS if draw(st.booleans()) else numbers) for i in range(3)}
+    table["target"] = column(draw(st.sampled_from(
+        [TARGETS, st.integers(0, 1), st.floats(-5, 5) | st.just(float("inf"))])))
+    raw = {"target_column": "target", "epochs": 1}
+    if draw(st.booleans()):
+        raw["data"] = {"streaming": True}
+    if draw(st.booleans()):
+        raw["task"] = draw(st.sampled_from(["classification", "regression"]))
+    if draw(st.booleans()):
+        raw["categorical_columns"] = ["f1"]
+    return table, raw
+
+
+def check_table(table, raw, tmp: Path) -> None:
+    """A table is prepared into finite matrices, or it is a DataError: never another exception,
+    never a NaN or an infinity passed on to training."""
+    import numpy as np
+    import pandas as pd
+
+    from daemon.errors import DataError
+    from engines.data import prepare
+    path = tmp / "t.csv"
+    pd.DataFrame(table).to_csv(path, index=False)
+    spec = specs.normalise(specs.validate({**raw, "train_data_path": str(path)}), job_id="j",
+                           base_dir=tmp, spool_root=tmp / "spool", allow_roots=[])
+    try:
+        data = prepare(spec, tmp / "stream")
+    except DataError as e:
+        assert "Expected" in str(e) or "Columns found" in str(e), str(e)
+        return
+    if data.stream is None:
+        for a in (data.x_train, data.x_val, data.y_train, data.y_val):
+            assert a is None or np.isfinite(a.astype(float)).all()
+
+
+def test_any_small_table_trains_on_finite_numbers_or_is_a_data_error(tmp_path):
+    FAST(given(tables())(lambda t: check_table(*t, tmp_path)))()
+
+
 @pytest.mark.slow
 def test_fuzz_long_run(tmp_path):
     SLOW(given(job_objects | seed_mutations)(lambda raw: check_outcome(raw, tmp_path)))()
