@@ -159,9 +159,14 @@ def daemon_serving(spool: Spool) -> bool | None:
     as overlayfs whose locks /proc/locks lists under another device and inode."""
     try:
         st = spool.lock_file.stat()
-        holder = spool.lock_file.read_text(errors="replace").split()
     except FileNotFoundError:
         return False  # no daemon has ever served it
+    except OSError:
+        return None
+    try:
+        holder = spool.lock_file.read_text(errors="replace").split()
+    except OSError:  # not readable by this user (it is the service user's): the lock alone tells
+        holder = []
     key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     here = len(holder) == 5 and holder[4] == socket.gethostname()
     pid = holder[2] if here and holder[2].isdigit() else None
@@ -174,7 +179,8 @@ def daemon_serving(spool: Spool) -> bool | None:
     except OSError:
         return None
     # no lock seen: nobody serves it, unless the daemon that last wrote the file runs elsewhere
-    return False if here or not holder else None
+    # (or, where the file could not be read, under a filesystem that lists its lock otherwise)
+    return False if here else None
 
 
 def last_daemon_start(spool: Spool, tail_bytes: int = 1 << 20) -> dict | None:
