@@ -190,7 +190,7 @@ def last_daemon_start(spool: Spool, tail_bytes: int = 1 << 20) -> dict | None:
         with open(spool.daemon_log, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
             lines = f.read().splitlines()
-    except FileNotFoundError:
+    except OSError:  # none yet, or not this user's to read
         return None
     for line in reversed(lines):
         if b'"event":"started"' in line:
