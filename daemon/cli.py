@@ -195,20 +195,10 @@ def submit(spool, job_file, name, follow, no_path_check):
 def daemon_settings(spool: Spool) -> Settings:
     """The base folder and --allow-root folders of the daemon that last started on `spool` (its
     `started` line in daemon.jsonl); `serve`'s defaults when none has."""
-    try:
-        lines = spool.daemon_log.read_bytes().splitlines()
-    except OSError:
-        lines = []
-    for line in reversed(lines):
-        if b'"started"' not in line:  # the log keeps growing by job: parse only candidates
-            continue
-        try:
-            entry = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(entry, dict) and entry.get("event") == "started" and "base_dir" in entry:
-            return Settings(base_dir=Path(entry["base_dir"]),
-                            allow_roots=tuple(Path(r) for r in entry.get("allow_roots") or ()))
+    entry = last_daemon_start(spool)
+    if entry and "base_dir" in entry:
+        return Settings(base_dir=Path(entry["base_dir"]),
+                        allow_roots=tuple(Path(r) for r in entry.get("allow_roots") or ()))
     return serve_settings(spool, None, ())
 
 

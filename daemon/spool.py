@@ -183,21 +183,32 @@ def daemon_serving(spool: Spool) -> bool | None:
     return False if here else None
 
 
-def last_daemon_start(spool: Spool, tail_bytes: int = 1 << 20) -> dict | None:
-    """The last `started` line of daemon.jsonl (its options: max_jobs, gpus), read from the
-    file's end."""
+def last_daemon_start(spool: Spool, block: int = 1 << 20) -> dict | None:
+    """The last `started` line of daemon.jsonl (the daemon's options: base_dir, allow_roots,
+    max_jobs, gpus), read from the file's end a block at a time: the log grows by job."""
     try:
-        with open(spool.daemon_log, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
-            lines = f.read().splitlines()
+        f = open(spool.daemon_log, "rb")
     except OSError:  # none yet, or not this user's to read
         return None
-    for line in reversed(lines):
-        if b'"event":"started"' in line:
-            try:
-                return orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        rest = b""  # the start of a line cut by the block boundary
+        while end > 0:
+            start = max(0, end - block)
+            f.seek(start)
+            chunk = f.read(end - start) + rest
+            lines = chunk.split(b"\n")
+            rest, lines = (lines[0], lines[1:]) if start > 0 else (b"", lines)
+            for line in reversed(lines):
+                if b'"started"' not in line:  # parse only candidates
+                    continue
+                try:
+                    entry = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(entry, dict) and entry.get("event") == "started":
+                    return entry
+            end = start
     return None
 
 

@@ -377,6 +377,22 @@ def test_submit_resolves_paths_as_the_daemon_will_and_refuses_what_it_would_not_
     assert record["spec"]["train_data_path"] == str(data)
 
 
+def test_the_last_daemon_start_is_found_however_far_back_it_is(tmp_path):
+    """daemon.jsonl grows by job: the last `started` line is read back from the end, a block at
+    a time, whatever the block boundaries cut."""
+    from daemon.spool import last_daemon_start
+    root = Spool(tmp_path / "spool")
+    root.ensure()
+    assert last_daemon_start(root) is None
+    started = [json.dumps({"event": "started", "pid": pid, "base_dir": "/b"}) for pid in (1, 2)]
+    jobs = [json.dumps({"event": "accepted", "job_id": f"j{i}"}) for i in range(2000)]
+    root.daemon_log.write_text("\n".join(started + jobs) + "\n")
+    for block in (7, 100, 4096, 1 << 20):
+        assert last_daemon_start(root, block)["pid"] == 2, block
+    root.daemon_log.write_text("\n".join(jobs) + "\n")
+    assert last_daemon_start(root, 100) is None
+
+
 def test_rename_noreplace_moves_or_refuses_and_never_overwrites(tmp_path):
     """What submit's drop rests on: the file moves in one step, or FileExistsError and both files
     stay as they were."""
