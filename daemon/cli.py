@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 import orjson
 
-from . import __version__, control, display
+from . import __version__, control, display, scheduler
 from .errors import BadJobFile, EpochdError, JobNotFound, LogCorrupt, SpoolLocked
 from .eventlog import LogFollower
 from .fsutil import rename_noreplace
@@ -311,8 +311,14 @@ def queued_hint(root: Spool, s: JobState) -> str:
     started = last_daemon_start(root) or {}
     slots = f" (at most {started['max_jobs']} at once)" if started.get("max_jobs") else ""
     then = "continues" if s.status == Status.INTERRUPTED else "starts"
-    return (f"queued: the daemon{slots} {then} it when a slot is free, higher priority first, "
+    hint = (f"queued: the daemon{slots} {then} it when a slot is free, higher priority first, "
             "then in order of arrival")
+    if s.status == Status.INTERRUPTED and s.crashes and s.last_crash_at:
+        after = scheduler.retry_delay_seconds(s.crashes)
+        limit = (f"; one past {started['max_retries']} fails it" if "max_retries" in started else "")
+        hint += (f", {after:.0f} s after its last crash at {s.last_crash_at} ({s.crashes} in a "
+                 f"row{limit}; worker.log in its folder says why)")
+    return hint
 
 
 def print_one(root: Spool, s: JobState) -> None:

@@ -251,7 +251,8 @@ class Daemon:
     def startup(self) -> None:
         settings = self.options.settings
         daemon_log(self.spool, "started", pid=os.getpid(), version=__version__,
-                   max_jobs=self.max_jobs, gpus=self.gpus, base_dir=str(settings.base_dir),
+                   max_jobs=self.max_jobs, max_retries=self.options.max_retries, gpus=self.gpus,
+                   base_dir=str(settings.base_dir),
                    allow_roots=[str(r) for r in settings.allow_roots])
         if not settings.allow_roots:
             log.warning("no --allow-root given: job files may read and write anywhere this user can")

@@ -281,6 +281,22 @@ def test_without_a_daemon_the_cli_says_nothing_runs_until_one_does(tmp_path, spo
         follower.wait()
 
 
+def test_a_job_waiting_out_a_crash_says_when_it_is_retried(spool):
+    from daemon.events import Interrupted
+    from daemon.spool import daemon_log, lock_spool
+    daemon_log(Spool(spool), "started", pid=1, max_jobs=2, max_retries=3, base_dir=str(spool.parent))
+    Spool(spool).job_dir("shaky").mkdir()
+    with EventLog(Spool(spool).events_path("shaky")) as log:
+        log.append(JobAccepted(job_id="shaky", source_file="shaky.json", spec={"epochs": 2},
+                               spec_sha256="a", file_sha256="b"))
+        for _ in range(2):
+            log.append(Interrupted(reason="worker killed by signal 9", crash=True, epoch=1, step=0))
+    with lock_spool(Spool(spool)):  # as a serving daemon holds it
+        shown = invoke("status", "--spool", spool, "shaky").output
+    assert "queued: the daemon (at most 2 at once) continues it when a slot is free" in shown
+    assert ", 2 s after its last crash at 20" in shown and "(2 in a row; one past 3 fails it;" in shown
+
+
 def test_predict_on_a_job_that_ended_before_any_model_was_saved_says_so(tmp_path, spool):
     from daemon.events import Cancelled
     Spool(spool).job_dir("early").mkdir()
