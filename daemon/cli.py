@@ -579,16 +579,17 @@ def model_folder(spool: Spool, job_id: str, best: bool = False) -> Path:
     if best and state.best_saved is not None:  # the best model so far, whatever the status
         return (spool.job_dir(job_id) / state.best_saved["path"]).parent
     if state.status != Status.COMPLETED:
+        best_epoch = None if state.best_saved is None else state.best_saved["epoch"]
         if state.status in TERMINAL:
-            what = "it ended before any model was saved" if state.best_saved is None else (
-                f'it ended without a final model; --best uses its best (epoch {state.best_saved["epoch"]})')
+            what = ("it ended before any model was saved" if best_epoch is None else
+                    f"it ended without a final model; --best uses its best (epoch {best_epoch})")
         elif best:
             what = ("its first best model is saved when its first epoch ends: wait for that "
                     f'("epochd tail -f {job_id}")')
         else:
-            so_far = ("" if state.best_saved is None else
-                      f'; --best uses its best so far (epoch {state.best_saved["epoch"]})')
-            what = f'it has no final model yet: wait for it to complete ("epochd tail -f {job_id}"){so_far}'
+            so_far = "" if best_epoch is None else f"; --best uses its best so far (epoch {best_epoch})"
+            what = ("it has no final model yet: wait for it to complete "
+                    f'("epochd tail -f {job_id}"){so_far}')
         raise CliError(f"job {job_id} is {state.status}; {what}.", Exit.REFUSED)
     return (spool.job_dir(job_id) / state.outputs["model_json"]).parent
 

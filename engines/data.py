@@ -324,7 +324,8 @@ def encode(df: pd.DataFrame, recipe: dict, where: str = "") -> np.ndarray:
     blocks = []
     for c in recipe["features"]:
         if c["name"] not in df.columns:
-            raise DataError(f'{where}the data has no column "{c["name"]}", which the model was trained on.')
+            raise DataError(f'{where}the data has no column "{c["name"]}", which the model was '
+                            "trained on.")
         if c["kind"] == "numeric":
             v = _finite(df[c["name"]], _numeric(df[c["name"]], where), where)
             blocks.append(((np.where(np.isnan(v), c["fill"], v) - c["mean"]) / c["std"])[:, None])
@@ -340,7 +341,8 @@ def encode_target(y: pd.Series, recipe: dict, which: str, where: str = "") -> np
         raise DataError(f'{where}the target column "{y.name}" {missing(y)}. Expected: a value in '
                         "every row; drop or fill those rows.")
     if t["task"] == "regression":
-        return ((_finite(y, _numeric(y, where, TARGET), where, TARGET) - t["mean"]) / t["std"]).astype(np.float32)
+        values = _finite(y, _numeric(y, where, TARGET), where, TARGET)
+        return ((values - t["mean"]) / t["std"]).astype(np.float32)
     index = {c: i for i, c in enumerate(t["classes"])}
     codes = y.map(lambda v: index.get(_plain(v), -1)).to_numpy(dtype=np.int64)
     if (codes < 0).any():
