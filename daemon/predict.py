@@ -21,16 +21,18 @@ def predict_table(folder: Path, data_path: str, best: bool = False) -> pd.DataFr
     from engines.data import decode, encode, read_table
     folder = Path(folder)
     try:
-        arch = orjson.loads((folder / "model.json").read_bytes())
-        recipe = orjson.loads((folder / "preprocess.json").read_bytes())
+        if best and (folder / "best.json").is_file():  # written with a run's first best weights
+            both = orjson.loads((folder / "best.json").read_bytes())
+            arch, recipe = both["model"], both["preprocess"]
+        else:
+            arch = orjson.loads((folder / "model.json").read_bytes())
+            recipe = orjson.loads((folder / "preprocess.json").read_bytes())
     except FileNotFoundError as e:
+        so_far = ("; --best uses the best weights so far" if (folder / "best.json").is_file()
+                  else "")
         raise DataError(f"{folder} has no {Path(e.filename).name}. Expected: a model folder "
-                        "written by a completed epochd job (output_path).") from None
+                        f"written by a completed epochd job (output_path){so_far}.") from None
     name = arch["best_weights"] if best else arch["weights"]
-    if name is None:  # written while the job runs: only its best weights so far are there
-        raise DataError(f"{folder} holds no final model yet: job {arch.get('job_id')} has not "
-                        "completed. Expected: a completed job's folder; --best uses the best "
-                        "weights so far.")
     weights = folder / name
     if not weights.is_file():
         raise DataError(f"{folder} has no {name}, the {'best' if best else 'final'} weights its "

@@ -94,7 +94,7 @@ class Worker:
         self.cached_at = events.offset if events is not None else 0  # log bytes the fold cache covers
         self.spec = self.state.spec
         self.engine = None
-        self.described = False  # model.json and preprocess.json written in this run
+        self.described = False  # best.json written in this run
         self.epoch, self.step = self.state.position
         self.timers = Timers()
         self.last_checkpoint_at = self.last_progress_at = time.monotonic()
@@ -250,7 +250,9 @@ class Worker:
             path = self.out_dir / self.engine_cls.best_file
             if self.leader:
                 if not self.described:
-                    self.describe_model(final=False)
+                    _write_json(self.out_dir / "best.json", {"model": self.model_description(),
+                                                             "preprocess": self.data.preprocess})
+                    self.described = True
                 atomic_write_with(path, self.engine.save_weights)
             self.record(BestModelSaved(epoch=self.epoch, monitor=self.monitor, value=best_value,
                                        path=relative_to_or_absolute(path, self.job_dir)))
@@ -582,7 +584,8 @@ class Worker:
                  "preprocess": out / "preprocess.json", "history": out / "history.json",
                  "plot": out / "learning_curves.png"}
         atomic_write_with(files["model"], self.engine.save_weights)
-        self.describe_model(final=True)
+        _write_json(files["model_json"], self.model_description())
+        _write_json(files["preprocess"], self.data.preprocess)
         _write_json(files["history"], history)
         atomic_write_with(files["plot"], lambda p: plot_history(history, p, spec["name"],
                                                                 self.state.best_saved))
@@ -592,19 +595,15 @@ class Worker:
         faults.point("finish.unrecorded")
         self.record_completed(files)
 
-    def describe_model(self, final: bool) -> None:
-        """model.json and preprocess.json, which `epochd predict` rebuilds the model from.
-
-        Written before the first best weights of a run, so that the best model so far can be
-        used while the job runs, and after it is paused, cancelled or has failed; model.json
-        names the final weights ("weights") only once they are written, at the end."""
+    def model_description(self) -> dict:
+        """model.json: what `epochd predict` rebuilds the network from. At the end it goes into
+        model.json beside preprocess.json; with the first best weights of a run, both go into
+        best.json, so that the best model so far can be used while the job runs and after it
+        is paused, cancelled or has failed, while a finished model of an earlier job in the
+        same folder stays whole until this one ends."""
         from engines import architecture
-        arch = {**architecture(self.spec, self.data),
-                "weights": self.engine_cls.weights_file if final else None,
+        return {**architecture(self.spec, self.data), "weights": self.engine_cls.weights_file,
                 "best_weights": self.engine_cls.best_file, "job_id": self.job_id}
-        _write_json(self.out_dir / "preprocess.json", self.data.preprocess)
-        _write_json(self.out_dir / "model.json", arch)
-        self.described = True
 
     def record_completed(self, files: dict) -> None:
         best = self.state.best_saved

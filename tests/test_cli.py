@@ -206,20 +206,26 @@ def test_the_plot_marks_the_best_epoch(trained, tmp_path):
 
 def test_predict_uses_the_best_model_so_far_while_a_job_runs_and_after_it_is_cancelled(
         tmp_path, spool, daemon_factory):
-    """model.json and preprocess.json are written with the first best weights: `predict --best`
-    works on a running or paused job and on a cancelled one; without --best it says there is
-    no final model yet, and where the best so far is."""
+    """best.json (model and preprocessing) is written with the first best weights: `predict
+    --best` works on a running or paused job and on a cancelled one; without --best it says
+    there is no final model yet, and where the best so far is. A finished model of an earlier
+    job in the same folder stays whole meanwhile."""
     from daemon import control
     data = classification_csv(tmp_path / "train.csv", rows=20000)
     out = tmp_path / "out"
     daemon_factory(spool)
+    drop_job(spool, "before.json", seed_job(classification_csv(tmp_path / "small.csv"), out, epochs=1,
+                                            algorithm_params={"hidden_units": [8]}))
+    wait_for_status(spool, "before", "completed")
+    earlier = invoke("predict", "--spool", spool, out, data).output
     # batch 2: epochs of thousands of steps, so that the job is still running when paused
     drop_job(spool, "run.json", seed_job(data, out, epochs=50, batch_size=2,
                                          algorithm_params={"hidden_units": [16]}))
     wait_for_event(spool, "run", "best_model_saved")
     control.drop(Spool(spool), "run", "pause")
     wait_for_status(spool, "run", "paused")
-    assert json.loads((out / "model.json").read_text())["weights"] is None
+    assert json.loads((out / "best.json").read_text())["model"]["job_id"] == "run"
+    assert json.loads((out / "model.json").read_text())["job_id"] == "before"
     final = invoke("predict", "--spool", spool, "run", data)
     assert final.exit_code == Exit.REFUSED
     assert "run is paused; it has no final model yet" in final.output
@@ -227,8 +233,15 @@ def test_predict_uses_the_best_model_so_far_while_a_job_runs_and_after_it_is_can
     best = invoke("predict", "--spool", spool, "run", data, "--best")
     assert best.exit_code == Exit.OK and len(best.output.splitlines()) == 20001
     assert invoke("predict", "--spool", spool, out, data, "--best").output == best.output
-    folder = invoke("predict", "--spool", spool, out, data)
-    assert folder.exit_code == 1 and "holds no final model yet: job run has not completed" in folder.output
+    assert invoke("predict", "--spool", spool, out, data).output == earlier  # still the earlier job's
+    only = tmp_path / "only"  # a folder whose job has not ended: its best so far, nothing final
+    only.mkdir()
+    for name in ("best.json", "best.safetensors"):
+        (only / name).write_bytes((out / name).read_bytes())
+    assert invoke("predict", "--spool", spool, only, data, "--best").output == best.output
+    unfinished = invoke("predict", "--spool", spool, only, data)
+    assert unfinished.exit_code == 1
+    assert "has no model.json" in unfinished.output and "--best uses the best weights so far" in unfinished.output
 
     control.drop(Spool(spool), "run", "cancel")
     wait_for_status(spool, "run", "cancelled")
