@@ -1,7 +1,8 @@
 """`epochd predict`: rebuild a trained model from its output folder alone and apply it.
 
 The folder holds model.json (architecture, task, framework), preprocess.json (scaling,
-encodings, label map) and the weights (safetensors): nothing is unpickled.
+encodings, label map) and the weights (safetensors): nothing is unpickled. With --best, best.json
+(both descriptions of the best weights, written as soon as a run has them) when there is one.
 """
 import os
 import re
@@ -21,7 +22,8 @@ def predict_table(folder: Path, data_path: str, best: bool = False) -> pd.DataFr
     from engines.data import decode, encode, read_table
     folder = Path(folder)
     try:
-        if best and (folder / "best.json").is_file():  # written with a run's first best weights
+        described_by = "best.json" if best and (folder / "best.json").is_file() else "model.json"
+        if described_by == "best.json":  # written with a run's first best weights
             both = orjson.loads((folder / "best.json").read_bytes())
             arch, recipe = both["model"], both["preprocess"]
         else:
@@ -36,7 +38,7 @@ def predict_table(folder: Path, data_path: str, best: bool = False) -> pd.DataFr
     weights = folder / name
     if not weights.is_file():
         raise DataError(f"{folder} has no {name}, the {'best' if best else 'final'} weights its "
-                        "model.json names. Expected: the folder as the job wrote it"
+                        f"{described_by} names. Expected: the folder as the job wrote it"
                         + ("." if best else "; --best uses the best weights, if any."))
     with native_noise_filtered():
         engine = load_engine(arch["framework"])
