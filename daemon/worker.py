@@ -767,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = dist.get("backend", "auto")
         if backend == "auto":
             backend = "nccl" if gpu_count_asked(spec.get("devices")) else "gloo"
-        return launch_ranks(spool, args.job, dist, cpu_share, backend)
+        return launch_ranks(spool, args.job, dist, cpu_share, backend, flags)
 
 
 def run_multi_worker(spool: Spool, job_id: str, events: EventLog, flags: Flags, cpu_share: int,
@@ -786,14 +786,16 @@ def run_multi_worker(spool: Spool, job_id: str, events: EventLog, flags: Flags, 
     return 0
 
 
-def launch_ranks(spool: Spool, job_id: str, dist: dict, cpu_share: int, backend: str = "gloo") -> int:
+def launch_ranks(spool: Spool, job_id: str, dist: dict, cpu_share: int, backend: str = "gloo",
+                 flags: Flags | None = None) -> int:
     """DDP: start this machine's `processes` ranks through torch's elastic launcher, with no
     restarts: a rank that dies ends the attempt, and the daemon's retry resumes it from the
     last checkpoint like any crash. One machine: a c10d rendezvous on a free loopback port.
     Several (`nnodes`): the static rendezvous at `rdzv_endpoint`, which node 0 hosts, so that
     machine k's ranks are k * processes onwards and node 0 holds rank 0. This process holds
     the job's lock while they run and passes a shutdown signal on to them. Exit code 0 when
-    the run ended on record (the leader's final event), else 1."""
+    the run ended on record (the leader's final event), else 1. On the other machines the
+    launcher first makes sure node 0's rendezvous is this attempt's (`fresh_rendezvous`)."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
     _short_exit_barrier()
@@ -814,13 +816,63 @@ def launch_ranks(spool: Spool, job_id: str, dist: dict, cpu_share: int, backend:
             rdzv_backend="static", rdzv_endpoint=endpoint,
             rdzv_configs={"rank": dist["node_rank"], "timeout": int(dist["rdzv_timeout"])},
             max_restarts=0, monitor_interval=0.1, start_method="spawn", logs_specs=logs)
-    log.info("job %s: starting %d DDP ranks on node %d of %d (%s, rendezvous %s)", job_id, ranks,
-             dist.get("node_rank", 0), nnodes, backend, endpoint)
     try:
+        if nnodes > 1 and dist["node_rank"] != 0 and not fresh_rendezvous(
+                job_id, endpoint, dist["node_rank"], dist["rdzv_timeout"], flags or Flags()):
+            return 0  # shut down while waiting: nothing ran
+        log.info("job %s: starting %d DDP ranks on node %d of %d (%s, rendezvous %s)", job_id, ranks,
+                 dist.get("node_rank", 0), nnodes, backend, endpoint)
         elastic_launch(config, rank_main)(str(spool.root), job_id, max(1, cpu_share // ranks), backend)
     except Exception as e:  # ChildFailedError, SignalException: the log says whether it matters
         log.error("job %s: the ranks ended with %s: %s", job_id, type(e).__name__, e)
     return 1 if foldcache.replay(spool.events_path(job_id)).status == Status.RUNNING else 0
+
+
+def fresh_rendezvous(job_id: str, endpoint: str, node_rank: int, timeout: float, flags: Flags) -> bool:
+    """Wait until node 0's rendezvous store at `endpoint` is one this machine has not been to.
+
+    A store outlives its attempt by a few seconds on node 0 (its launcher's exit barrier and
+    exit). A machine whose daemon restarts quickly would join that finished rendezvous: its
+    agent finds every key of the last round already set and starts its ranks at once, and
+    they wait in vain for a node 0 that is by then hosting a new store, until `rdzv_timeout`
+    ends both attempts. So each visit marks the store with this machine's node rank (an atomic
+    `add`): a store that has seen this node before belongs to an earlier attempt, and the
+    machine waits for node 0's next one. False when a shutdown came while waiting; raises
+    TimeoutError after `timeout` seconds."""
+    import datetime
+    from torch.distributed import TCPStore
+    host, port = endpoint.rsplit(":", 1)
+    deadline, said = time.monotonic() + timeout, False
+    while not flags.shutdown:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:  # a plain connect first: the store's client would log each refused try loudly
+            socket.create_connection((host.strip("[]"), int(port)), timeout=min(left, 5)).close()
+        except OSError:
+            time.sleep(min(0.5, max(left, 0)))
+            continue
+        try:
+            store = TCPStore(host.strip("[]"), int(port), is_master=False,
+                             timeout=datetime.timedelta(seconds=max(1.0, min(left, 30))))
+            visits = store.add(f"epochd/visited/node{node_rank}", 1)
+            del store  # disconnects
+        except RuntimeError as e:  # the store went away between connect and add
+            log.info("job %s: node 0's rendezvous store at %s did not answer (%s); trying again",
+                     job_id, endpoint, str(e).splitlines()[0])
+            time.sleep(0.5)
+            continue
+        if visits == 1:
+            return True
+        if not said:
+            log.info("job %s: node 0's rendezvous at %s still serves an earlier attempt; waiting for "
+                     "node 0 to start the next one", job_id, endpoint)
+            said = True
+        time.sleep(0.5)
+    if flags.shutdown:
+        return False
+    raise TimeoutError(f"node 0's rendezvous at {endpoint} did not start a new attempt within "
+                       f"rdzv_timeout ({timeout:g} s): is epochd running the job on node 0?")
 
 
 EXIT_BARRIER_SECONDS = 2

@@ -70,6 +70,11 @@ def events_of(spool: Path, job_id: str) -> list[dict]:
     return read_records(Spool(spool).events_path(job_id))
 
 
+def daemon_records(spool: Path) -> list[dict]:
+    """The daemon's own journal, daemon.jsonl, as records."""
+    return [json.loads(line) for line in (Path(spool) / "daemon.jsonl").read_text().splitlines()]
+
+
 def wait_for_event(spool: Path, job_id: str, type_: str, count: int = 1, timeout: float = 90.0) -> list[dict]:
     """The job's events once `count` events of `type_` are in its log."""
     def found():

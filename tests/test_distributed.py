@@ -3,17 +3,22 @@ elastic launcher train one job; rank 0 alone writes the log, checkpoints and out
 resume reach every rank and resume bit for bit. TensorFlow MirroredStrategy: two replicas on two
 logical CPU devices in one worker, the same guarantees. Several machines: two daemons on two
 spools join one job over loopback, through DDP's rendezvous or MultiWorkerMirroredStrategy."""
+import datetime
+import logging
 import os
 import signal
 import socket
+import threading
 
 import numpy as np
 import pytest
 
 from daemon import control
 from daemon.spool import Spool
-from tests.conftest import (DaemonProcess, classification_csv, drop_job, events_of, last, model_weights,
-                            same_weights, seed_job, wait_for_event, wait_for_status, wait_until)
+from daemon.worker import Flags, fresh_rendezvous
+from tests.conftest import (DaemonProcess, classification_csv, daemon_records, drop_job, events_of, last,
+                            model_weights, same_weights, seed_job, wait_for_event, wait_for_status,
+                            wait_until)
 
 DDP = {"distributed": {"processes": 2}, "devices": "cpu"}
 
@@ -157,6 +162,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rendezvous_store(port: int):
+    """What node 0's launcher hosts at rdzv_endpoint: a TCPStore server."""
+    from torch.distributed import TCPStore
+    return TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                    timeout=datetime.timedelta(seconds=30))
+
+
+def test_a_machine_waits_out_node_0s_finished_rendezvous_and_joins_the_next(caplog):
+    """Node 0's store of a finished attempt is still up when node 1's daemon comes back: node 1
+    has been to it before, so it waits (visiting again and again) until node 0 hosts a new
+    store on the same port, and joins that one."""
+    caplog.set_level(logging.INFO, logger="epochd.worker")
+    port = free_port()
+    old = rendezvous_store(port)
+    assert fresh_rendezvous("j", f"127.0.0.1:{port}", 1, 30, Flags())  # the earlier attempt's visit
+    done = []
+    waiting = threading.Thread(target=lambda: done.append(
+        fresh_rendezvous("j", f"127.0.0.1:{port}", 1, 60, Flags())), daemon=True)
+    waiting.start()
+    wait_until(lambda: int(old.get("epochd/visited/node1")) >= 3, 30, what="node 1 to visit the old store again")
+    assert waiting.is_alive() and not done
+    assert "still serves an earlier attempt" in caplog.text
+    del old  # node 0's launcher exits ...
+    new = rendezvous_store(port)  # ... and its next attempt hosts a new store
+    waiting.join(60)
+    assert done == [True]
+    assert int(new.get("epochd/visited/node1")) == 1
+    assert fresh_rendezvous("j", f"127.0.0.1:{port}", 2, 30, Flags())  # another machine's first visit
+
+
+def test_a_machine_waiting_for_node_0_gives_up_after_rdzv_timeout_or_at_shutdown():
+    port = free_port()
+    store = rendezvous_store(port)
+    assert fresh_rendezvous("j", f"127.0.0.1:{port}", 1, 30, Flags())
+    with pytest.raises(TimeoutError, match=rf"127.0.0.1:{port} did not start a new attempt within rdzv_timeout"):
+        fresh_rendezvous("j", f"127.0.0.1:{port}", 1, 1.5, Flags())
+    del store
+    flags = Flags()
+    flags.shutdown = True  # SIGTERM while nobody listens on the port
+    assert fresh_rendezvous("j", f"127.0.0.1:{port}", 1, 30, flags) is False
+    with pytest.raises(TimeoutError):
+        fresh_rendezvous("j", f"127.0.0.1:{port}", 1, 1.0, Flags())
+
+
 def two_node_job(data, out, node_rank: int, port: int, **overrides) -> dict:
     dist = {"strategy": "ddp", "processes": 1, "nnodes": 2, "node_rank": node_rank,
             "rdzv_endpoint": f"127.0.0.1:{port}", "rdzv_id": "two-nodes", "rdzv_timeout": 120}
@@ -284,6 +333,9 @@ def test_two_machines_pause_together_stop_together_and_resume_bit_for_bit(tmp_pa
             d.stop()
     for state in states:
         assert [h["epoch"] for h in state.history] == [1, 2]
+    for s in spools:  # the run, the resumed run, the one after the restart: no rendezvous failed
+        exits = [r for r in daemon_records(s) if r["event"] == "worker_exited" and r["job_id"] == "j"]
+        assert len(exits) == 3, (s, exits)
     assert any(r["type"] == "checkpoint_rejected" for r in events_of(spools[1], "j"))
     ref = model_weights(tmp_path / "ref" / "model.safetensors")
     for k in (0, 1):
