@@ -21,7 +21,7 @@ from .eventlog import LogFollower
 from .fsutil import rename_noreplace
 from .replay import RUNNABLE, TERMINAL, JobState, Status, apply
 from .spool import (VALID_ID, Settings, Spool, daemon_serving, is_candidate, last_daemon_start,
-                    sanitise)
+                    live_worker, sanitise)
 
 BUNDLED_SPOOL = Path(__file__).resolve().parent.parent / "spool"
 POLL_SECONDS = 0.2
@@ -272,7 +272,9 @@ def status(spool, job_id, as_json):
     root = Spool(spool)
     if job_id:
         state = load_state(root, job_id)
-        return echo_json(display.summary(state)) if as_json else print_one(root, state)
+        if as_json:
+            return echo_json({**display.summary(state), "worker": worker_of(root, state)})
+        return print_one(root, state)
     require_spool(root)
     states = []
     for jid in root.job_ids():
@@ -321,6 +323,30 @@ def queued_hint(root: Spool, s: JobState) -> str:
     return hint
 
 
+def worker_of(root: Spool, s: JobState) -> dict | None:
+    """{"pid", "since"} of the job's worker while the daemon has one running for it."""
+    if s.status not in RUNNABLE | {Status.RUNNING}:
+        return None
+    entry = live_worker(root, s.job_id)
+    return {"pid": entry["pid"], "since": entry["ts"]} if entry else None
+
+
+def starting_hint(s: JobState, worker: dict) -> str:
+    """A queued or interrupted job whose worker runs but has not started its run: it loads,
+    or, on several machines, waits for the others (which can take up to rdzv_timeout)."""
+    dist = (s.spec or {}).get("distributed") or {}
+    started = f"starting: its worker (pid {worker['pid']}) runs since {worker['since']}"
+    if dist.get("nnodes", 1) > 1 or dist.get("workers"):
+        where = (f"at the rendezvous {dist['rdzv_endpoint']}" if dist.get("rdzv_endpoint")
+                 else f"({', '.join(dist.get('workers') or [])})")
+        return (f"{started} and waits for the other machines {where}, as node "
+                f"{dist.get('node_rank', 0)} of {dist.get('nnodes') or len(dist.get('workers') or [])}: "
+                f"start the job on each of them. Without them for rdzv_timeout "
+                f"({dist.get('rdzv_timeout', 900):g} s) it ends and the daemon starts it again; "
+                f"worker.log in the job's folder says more")
+    return f"{started}: the first step comes once it has read the data"
+
+
 def print_one(root: Spool, s: JobState) -> None:
     spec = s.spec or {}
     why = f" ({s.stop_reason})" if s.status == Status.COMPLETED and s.stop_reason else ""
@@ -348,7 +374,10 @@ def print_one(root: Spool, s: JobState) -> None:
     hint = {Status.PAUSED: f'resume it with "epochd resume {s.job_id}"',
             Status.RUNNING: f'follow it with "epochd tail -f {s.job_id}"'}.get(s.status)
     if s.status in RUNNABLE:
-        hint = unserved(root) or queued_hint(root, s)
+        hint = unserved(root)
+        if hint is None:
+            worker = worker_of(root, s)
+            hint = starting_hint(s, worker) if worker else queued_hint(root, s)
     if control.retryable_failure(s):
         hint = f'fix the cause, then "epochd resume {s.job_id}" continues from the last checkpoint'
     if hint:

@@ -183,13 +183,13 @@ def daemon_serving(spool: Spool) -> bool | None:
     return False if here else None
 
 
-def last_daemon_start(spool: Spool, block: int = 1 << 20) -> dict | None:
-    """The last `started` line of daemon.jsonl (the daemon's options: base_dir, allow_roots,
-    max_jobs, gpus), read from the file's end a block at a time: the log grows by job."""
+def daemon_log_backwards(spool: Spool, *marks: bytes, block: int = 1 << 20):
+    """The entries of daemon.jsonl from the last one back, read from the file's end a block at
+    a time (the log grows by job); only lines holding one of `marks` are parsed, if any given."""
     try:
         f = open(spool.daemon_log, "rb")
     except OSError:  # none yet, or not this user's to read
-        return None
+        return
     with f:
         end = f.seek(0, os.SEEK_END)
         rest = b""  # the start of a line cut by the block boundary
@@ -200,15 +200,45 @@ def last_daemon_start(spool: Spool, block: int = 1 << 20) -> dict | None:
             lines = chunk.split(b"\n")
             rest, lines = (lines[0], lines[1:]) if start > 0 else (b"", lines)
             for line in reversed(lines):
-                if b'"started"' not in line:  # parse only candidates
+                if not line or (marks and not any(m in line for m in marks)):
                     continue
                 try:
                     entry = orjson.loads(line)
                 except orjson.JSONDecodeError:
                     continue
-                if isinstance(entry, dict) and entry.get("event") == "started":
-                    return entry
+                if isinstance(entry, dict):
+                    yield entry
             end = start
+
+
+def last_daemon_start(spool: Spool, block: int = 1 << 20) -> dict | None:
+    """The last `started` line of daemon.jsonl (the daemon's options: base_dir, allow_roots,
+    max_jobs, gpus, max_retries)."""
+    for entry in daemon_log_backwards(spool, b'"started"', block=block):
+        if entry.get("event") == "started":
+            return entry
+    return None
+
+
+def live_worker(spool: Spool, job_id: str, block: int = 1 << 20) -> dict | None:
+    """The `worker_started` entry of the job's worker if the serving daemon started one that has
+    not exited (daemon.jsonl since the daemon's last start), with its pid still alive."""
+    quoted = orjson.dumps(job_id)
+    for entry in daemon_log_backwards(spool, b'"started"', quoted, block=block):
+        event = entry.get("event")
+        if event == "started":
+            return None  # before this daemon: its own workers are the ones it logged since
+        if entry.get("job_id") != job_id or event not in ("worker_started", "worker_exited"):
+            continue
+        if event == "worker_exited" or not isinstance(entry.get("pid"), int):
+            return None
+        try:
+            os.kill(entry["pid"], 0)
+        except ProcessLookupError:
+            return None
+        except OSError:  # another user's (the service's): it exists
+            pass
+        return entry
     return None
 
 

@@ -422,6 +422,50 @@ def test_the_last_daemon_start_is_found_however_far_back_it_is(tmp_path):
     assert last_daemon_start(root, 100) is None
 
 
+def test_status_says_a_queued_job_is_starting_while_the_daemon_has_its_worker_running(tmp_path):
+    """The worker the serving daemon started for a job and has not seen exit, read back from
+    daemon.jsonl since the daemon's last start, with its pid alive: `status JOB` says the job is
+    starting (and --json gives the worker) instead of that it waits for a slot."""
+    from daemon.spool import live_worker, lock_spool
+    root = Spool(tmp_path / "spool")
+    root.ensure()
+    for job_id in ("q", "gone", "old", "dead"):
+        root.job_dir(job_id).mkdir()
+        with EventLog(root.events_path(job_id)) as log:
+            log.append(JobAccepted(job_id=job_id, source_file=f"{job_id}.json", spec={"epochs": 2},
+                                   spec_sha256="a", file_sha256="b"))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    live, dead = sleeper.pid, exited.pid
+    lines = [{"event": "started", "pid": 1},
+             {"event": "worker_started", "job_id": "old", "pid": live, "ts": "t0"},
+             {"event": "started", "pid": 2},  # a daemon since: "old"'s worker is not its own
+             {"event": "worker_started", "job_id": "q", "pid": live, "ts": "t1"},
+             {"event": "worker_started", "job_id": "gone", "pid": live, "ts": "t1"},
+             {"event": "worker_started", "job_id": "dead", "pid": dead, "ts": "t1"},
+             {"event": "accepted", "job_id": "q2"},
+             {"event": "worker_exited", "job_id": "gone", "code": 0}]
+    root.daemon_log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    lock = lock_spool(root)  # as if a daemon served the spool, or status would say none does
+    try:
+        for block in (16, 1 << 20):
+            assert live_worker(root, "q", block)["pid"] == live
+            assert [live_worker(root, j, block) for j in ("gone", "old", "dead", "q2")] == [None] * 4
+        shown = invoke("status", "--spool", root.root, "q").output
+        assert f"starting: its worker (pid {live}) runs since t1: the first step comes once it has read the data" \
+            in shown, shown
+        assert "when a slot is free" not in shown
+        assert json.loads(invoke("status", "--spool", root.root, "q", "--json").output)["worker"] == \
+            {"pid": live, "since": "t1"}
+        assert "queued: the daemon" in invoke("status", "--spool", root.root, "gone").output
+        assert json.loads(invoke("status", "--spool", root.root, "gone", "--json").output)["worker"] is None
+    finally:
+        lock.release()
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_rename_noreplace_moves_or_refuses_and_never_overwrites(tmp_path):
     """What submit's drop rests on: the file moves in one step, or FileExistsError and both files
     stay as they were."""
