@@ -197,11 +197,13 @@ class Daemon:
     def tick(self, now: float) -> None:
         """One step of the loop; tests may call it directly with their own `now`."""
         self.enforce_memory_limits()
-        self.reap()
+        freed = self.reap()
         if self.signals:
             self.stop_workers(now)
         else:
-            if self.nudged or now - self.last_scan >= self.options.rescan_seconds:
+            # a job whose worker just ended may have a request waiting for it (a pause that came
+            # while the worker waited for other machines): carry it out before a restart
+            if freed or self.nudged or now - self.last_scan >= self.options.rescan_seconds:
                 self.nudged = False
                 self.accept_incoming(now)
                 self.handle_requests(now)
@@ -483,7 +485,9 @@ class Daemon:
                 child.killed_for = memory_limit_message(rss, child.memory_mb)
                 child.popen.kill()
 
-    def reap(self) -> None:
+    def reap(self) -> bool:
+        """Settle the workers that have exited; True when a job's worker is gone."""
+        freed = False
         for job_id, child in list(self.children.items()):
             code = child.popen.poll()
             if code is None:
@@ -509,6 +513,8 @@ class Daemon:
                 continue
             del self.unsettled[job_id]
             self.unwritable.discard(job_id)
+            freed = True
+        return freed
 
     def settle(self, job_id: str, code: int | None, killed_for: str | None = None) -> None:
         """A worker is gone. If it left no final word, say on its behalf what happened."""

@@ -16,9 +16,11 @@ import hashlib
 import logging
 import math
 import os
+import select
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -786,6 +788,53 @@ def run_multi_worker(spool: Spool, job_id: str, events: EventLog, flags: Flags, 
     return 0
 
 
+class MeetingWatch:
+    """Leaves a meeting of machines at once on a pause, a cancel or a shutdown.
+
+    Before its ranks start, the launcher of a DDP job on several machines waits for the others
+    at the rendezvous for up to `rdzv_timeout` (15 minutes by default), node 0 inside C++,
+    where Python's signal handlers wait for the call to return, and nobody reads control
+    files. This thread watches for both meanwhile (control/ four times a second; signals
+    through the wakeup fd, which the C-level handler writes at once) and, as long as the ranks
+    have not started (`started` not called), ends the process: nothing has run, the job's log
+    is untouched, and the daemon carries out the request, or its own shutdown, as for a job
+    without a worker. Make it in the main thread. (TensorFlow's cluster registration holds the
+    GIL while it waits, so no thread could do this there.)"""
+
+    def __init__(self, spool: Spool, job_id: str, waiting_for: str):
+        self.spool, self.job_id, self.waiting_for = spool, job_id, waiting_for
+        self.gate = threading.Lock()
+        self.running = False
+        self.read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        self.previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        threading.Thread(target=self.watch, name="meeting-watch", daemon=True).start()
+
+    def started(self) -> None:
+        """The machines have met and the run begins: from here on its own checks take over."""
+        with self.gate:
+            if self.running:
+                return
+            self.running = True
+        if threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(self.previous_fd)
+
+    def watch(self) -> None:
+        while True:
+            ready, _, _ = select.select([self.read_fd], [], [], 0.25)
+            why = "a shutdown signal" if ready else next(
+                (f"a {r.action} request" for r in control.pending_for(self.spool, self.job_id)
+                 if r.action in ("pause", "cancel")), None)
+            with self.gate:
+                if self.running:
+                    return
+                if why:
+                    log.info("job %s: %s came while waiting for %s; leaving before the run starts",
+                             self.job_id, why, self.waiting_for)
+                    sys.stdout.flush()
+                    os._exit(0)
+
+
 def launch_ranks(spool: Spool, job_id: str, dist: dict, cpu_share: int, backend: str = "gloo",
                  flags: Flags | None = None) -> int:
     """DDP: start this machine's `processes` ranks through torch's elastic launcher, with no
@@ -816,6 +865,9 @@ def launch_ranks(spool: Spool, job_id: str, dist: dict, cpu_share: int, backend:
             rdzv_backend="static", rdzv_endpoint=endpoint,
             rdzv_configs={"rank": dist["node_rank"], "timeout": int(dist["rdzv_timeout"])},
             max_restarts=0, monitor_interval=0.1, start_method="spawn", logs_specs=logs)
+    global _meeting
+    _meeting = MeetingWatch(spool, job_id, f"the other machines at the rendezvous {endpoint}") \
+        if nnodes > 1 and _agent_tells_start() else None
     try:
         if nnodes > 1 and dist["node_rank"] != 0 and not fresh_rendezvous(
                 job_id, endpoint, dist["node_rank"], dist["rdzv_timeout"], flags or Flags()):
@@ -843,6 +895,8 @@ def fresh_rendezvous(job_id: str, endpoint: str, node_rank: int, timeout: float,
     from torch.distributed import TCPStore
     host, port = endpoint.rsplit(":", 1)
     deadline, said = time.monotonic() + timeout, False
+    log.info("job %s: node %d looks for node 0's rendezvous at %s (for up to %g s)", job_id, node_rank,
+             endpoint, timeout)
     while not flags.shutdown:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -876,6 +930,19 @@ def fresh_rendezvous(job_id: str, endpoint: str, node_rank: int, timeout: float,
 
 
 EXIT_BARRIER_SECONDS = 2
+_meeting: MeetingWatch | None = None  # this launcher's, while its machines meet
+
+
+def _agent_tells_start() -> bool:
+    """Whether torch's agent starts its ranks through the method `_short_exit_barrier` hooks
+    (torch 1.9 onwards). Checked rather than assumed: without it a MeetingWatch would not know
+    that the run had started, and a pause would end the ranks' launcher under them."""
+    try:
+        from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    except ImportError:
+        return False
+    return callable(getattr(LocalElasticAgent, "_start_workers", None))
+
 
 
 def _short_exit_barrier() -> None:
@@ -895,6 +962,11 @@ def _short_exit_barrier() -> None:
         def __init__(self, *args, **kwargs):
             kwargs.setdefault("exit_barrier_timeout", EXIT_BARRIER_SECONDS)
             super().__init__(*args, **kwargs)
+
+        def _start_workers(self, *args, **kwargs):  # the rendezvous is over: the ranks start
+            if _meeting is not None:
+                _meeting.started()
+            return super()._start_workers(*args, **kwargs)
     launcher.LocalElasticAgent = Agent
 
 

@@ -4,6 +4,7 @@ resume reach every rank and resume bit for bit. TensorFlow MirroredStrategy: two
 logical CPU devices in one worker, the same guarantees. Several machines: two daemons on two
 spools join one job over loopback, through DDP's rendezvous or MultiWorkerMirroredStrategy."""
 import datetime
+import json
 import logging
 import os
 import signal
@@ -175,20 +176,21 @@ def test_a_machine_waits_out_node_0s_finished_rendezvous_and_joins_the_next(capl
     store on the same port, and joins that one."""
     caplog.set_level(logging.INFO, logger="epochd.worker")
     port = free_port()
-    old = rendezvous_store(port)
+    hosted = [rendezvous_store(port)]  # the earlier attempt's
     assert fresh_rendezvous("j", f"127.0.0.1:{port}", 1, 30, Flags())  # the earlier attempt's visit
     done = []
     waiting = threading.Thread(target=lambda: done.append(
         fresh_rendezvous("j", f"127.0.0.1:{port}", 1, 60, Flags())), daemon=True)
     waiting.start()
-    wait_until(lambda: int(old.get("epochd/visited/node1")) >= 3, 30, what="node 1 to visit the old store again")
+    wait_until(lambda: int(hosted[0].get("epochd/visited/node1")) >= 3, 30,
+               what="node 1 to visit the old store again")
     assert waiting.is_alive() and not done
     assert "still serves an earlier attempt" in caplog.text
-    del old  # node 0's launcher exits ...
-    new = rendezvous_store(port)  # ... and its next attempt hosts a new store
+    hosted[0] = None  # node 0's launcher exits (the store's last reference) ...
+    hosted[0] = rendezvous_store(port)  # ... and its next attempt hosts a new store
     waiting.join(60)
     assert done == [True]
-    assert int(new.get("epochd/visited/node1")) == 1
+    assert int(hosted[0].get("epochd/visited/node1")) == 1
     assert fresh_rendezvous("j", f"127.0.0.1:{port}", 2, 30, Flags())  # another machine's first visit
 
 
@@ -269,6 +271,50 @@ def test_the_machines_of_a_job_differ_only_where_each_has_its_own_setting():
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_machine_waiting_for_the_others_pauses_cancels_and_stops_at_once(tmp_path):
+    """Node 1's machine waits for a node 0 that never comes, and node 0's for a node 1 that
+    never comes (`rdzv_timeout` 600 s). `status` says so; a pause on node 1, a cancel on node
+    0 and a SIGTERM of node 1's daemon each take effect within seconds, not after the wait.
+    Node 1's daemon rescans only hourly: the pause is carried out because its worker left."""
+    from click.testing import CliRunner
+    from daemon.cli import cli
+    data = classification_csv(tmp_path / "train.csv", rows=200)
+    spools = two_machine_spools(tmp_path)
+    ports = [free_port(), free_port()]  # each machine its own endpoint: they never meet
+    daemons = [DaemonProcess(spools[0]), DaemonProcess(spools[1], "--rescan-seconds", "3600")]
+    try:
+        for k in (0, 1):
+            job = two_node_job(data, tmp_path / f"out{k}", k, ports[k])
+            job["distributed"]["rdzv_timeout"] = 600
+            drop_job(spools[k], "j.json", job)
+        for k in (0, 1):
+            wait_until(lambda: any(r["event"] == "worker_started" for r in daemon_records(spools[k])), 60,
+                       what=f"node {k}'s worker")
+            shown = CliRunner().invoke(cli, ["status", "--spool", str(spools[k]), "j"]).output
+            assert (f"waits for the other machines at the rendezvous 127.0.0.1:{ports[k]}, as node {k} of 2"
+                    in shown), shown
+            worker = json.loads(CliRunner().invoke(cli, ["status", "--spool", str(spools[k]), "j", "--json"]).output)
+            assert worker["status"] == "pending" and worker["worker"]["pid"] > 0
+        wait_until(lambda: "starting 1 DDP ranks on node 0" in (spools[0] / "jobs/j/worker.log").read_text(),
+                   60, what="node 0 to host its rendezvous")
+        control.drop(Spool(spools[1]), "j", "pause")
+        control.drop(Spool(spools[0]), "j", "cancel")
+        wait_for_status(spools[1], "j", "paused", timeout=30)
+        wait_for_status(spools[0], "j", "cancelled", timeout=30)
+        control.drop(Spool(spools[1]), "j", "resume")
+        wait_until(lambda: (spools[1] / "jobs/j/worker.log").read_text().count("looks for node 0's rendezvous")
+                   == 2, 60, what="node 1's worker to wait again")
+        assert daemons[1].stop(timeout=30) == 0  # its worker left the wait at once: not killed
+    finally:
+        for d in daemons:
+            d.stop()
+    for k in (0, 1):
+        assert "leaving before the run starts" in (spools[k] / "jobs/j/worker.log").read_text()
+        assert not [r for r in events_of(spools[k], "j") if r["type"] in ("run_started", "interrupted", "failed")]
+    assert events_of(spools[1], "j")[-1]["type"] == "resumed"  # pending again, for the next start
+
+
 def test_machines_given_different_job_files_fail_together_naming_the_difference(tmp_path):
     """Node 1's job file has another batch_size: both machines fail at the start, before any
     step, each saying what differs, instead of hanging in a collective."""
