@@ -778,13 +778,23 @@ def run_multi_worker(spool: Spool, job_id: str, events: EventLog, flags: Flags, 
     process is node `node_rank` of a MultiWorkerMirroredStrategy. Like a DDP machine's leader
     it writes this machine's log, checkpoints and outputs, and takes node 0's decisions, which
     travel over the strategy's own collectives. A peer's death surfaces as an error in a
-    collective: the process then dies without a final word, a crash the daemon retries."""
-    from engines.tf_engine import Collectives
+    collective: the process then dies without a final word, a crash the daemon retries.
+    Machines that do not all register within `rdzv_timeout` are no crash: as with DDP's
+    rendezvous, the worker ends without a word and the daemon starts it again."""
+    import tensorflow as tf
+    from engines.tf_engine import Collectives, machines_met
     dist = spec["distributed"]
     comm = Collectives(spec)
     worker = Worker(spool, job_id, events, flags, cpu_share, rank=dist["node_rank"],
                     world=dist["nnodes"], comm=comm)
-    worker.run()
+    try:
+        worker.run()
+    except tf.errors.DeadlineExceededError as e:
+        if machines_met():
+            raise
+        log.warning("job %s: the other machines (%s) did not all register within rdzv_timeout (%g s): "
+                    "start the job on each of them; the daemon starts this one again (%s)", job_id,
+                    ", ".join(dist["workers"]), dist["rdzv_timeout"], str(e).splitlines()[0])
     return 0
 
 

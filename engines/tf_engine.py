@@ -562,6 +562,11 @@ def _mirrored_cpus(replicas: int) -> tf.distribute.MirroredStrategy:
 _multi_worker: list[tf.distribute.MultiWorkerMirroredStrategy] = []
 
 
+def machines_met() -> bool:
+    """Whether this process's MultiWorkerMirroredStrategy exists: every machine registered."""
+    return bool(_multi_worker)
+
+
 def multi_worker_strategy(spec: dict) -> tf.distribute.MultiWorkerMirroredStrategy:
     """The process's one MultiWorkerMirroredStrategy (it must come before any other use of the
     runtime, and once): the machines of `distributed.workers`, this one `node_rank`, its

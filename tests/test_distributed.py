@@ -431,6 +431,28 @@ def test_one_tensorflow_job_on_two_machines_multi_worker_mirrored(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_tensorflow_machine_whose_partner_never_comes_waits_again_and_takes_a_pause(tmp_path):
+    """Node 1 of a TensorFlow job alone: each rdzv_timeout (10 s) without node 0 ends its worker
+    with no crash on record (it would fail the job after --max-retries), the daemon starts it
+    again, and a pause made meanwhile is carried out when that wait ends."""
+    data = classification_csv(tmp_path / "train.csv", rows=200)
+    spools = two_machine_spools(tmp_path)
+    daemon = DaemonProcess(spools[1], "--max-retries", "1")
+    try:
+        job = two_worker_job(data, tmp_path / "out1", 1, [free_port(), free_port()])
+        job["distributed"]["rdzv_timeout"] = 10
+        drop_job(spools[1], "j.json", job)
+        wait_until(lambda: sum(r["event"] == "worker_started" for r in daemon_records(spools[1])) == 3, 180,
+                   what="node 1's worker to start a third time")
+        control.drop(Spool(spools[1]), "j", "pause")
+        wait_for_status(spools[1], "j", "paused", timeout=90)
+    finally:
+        daemon.stop()
+    assert (spools[1] / "jobs/j/worker.log").read_text().count("did not all register within rdzv_timeout") >= 2
+    assert not [r for r in events_of(spools[1], "j") if r["type"] in ("run_started", "interrupted", "failed")]
+
+
+@pytest.mark.slow
 def test_a_port_another_program_holds_fails_the_job_until_it_is_free_then_resume_runs_it(tmp_path):
     """Node 0's entry in workers names a port another program listens on: node 0's run fails at
     once, retryable, saying which port and what to do; freed, `resume` runs the job with node 1."""
