@@ -23,6 +23,7 @@ Decisions (the README repeats them):
   job sees the same batches as one that never stopped.
 """
 import difflib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,17 @@ def check_columns(df: pd.DataFrame, wanted: list[str], what: str, path: str) -> 
         near = difflib.get_close_matches(c, [str(x) for x in df.columns], n=1, cutoff=0.6)
         hints.append(f'"{c}"' + (f' (did you mean "{near[0]}"?)' if near else ""))
     raise DataError(f"{what} \"{path}\" has no column {', '.join(hints)}. Columns found: "
-                    f"{', '.join(map(str, df.columns[:30]))}. Fix the job's column names.")
+                    f"{', '.join(map(str, df.columns[:30]))}. {_names_fix(df.columns)}")
+
+
+def _names_fix(found) -> str:
+    """What to change: the column names, or, when the whole header came out as one column that
+    holds a separator, the file's delimiter (a semicolon CSV from a spreadsheet, a TSV)."""
+    seps = [s for s in ";\t|," if len(found) == 1 and s in str(found[0])]
+    if seps:
+        return (f"The header was read as one column but holds {seps[0]!r}: set "
+                f'"data": {{"delimiter": {json.dumps(seps[0])}}} in the job file.')
+    return "Fix the job's column names."
 
 
 def prepare(spec: dict, stream_folder: Path | None = None) -> Prepared:

@@ -159,6 +159,31 @@ def test_bad_values_are_errors_in_validation_rows_too_and_name_the_files_row(
     assert "rows count from 1 below the header" in str(err.value)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("sep", [";", "\t", "|"])
+def test_a_file_with_another_delimiter_names_the_delimiter_setting(tmp_path, streaming, sep):
+    """A semicolon CSV (a spreadsheet's export in many locales) or a TSV read with the default
+    "," is one column named after the whole header: the error says which delimiter to set,
+    and with it set the same file trains."""
+    pd.read_csv(classification_csv(tmp_path / "clean.csv", rows=60)).to_csv(
+        tmp_path / "train.csv", sep=sep, index=False)
+    data = {"streaming": True} if streaming else {}
+    with pytest.raises(DataError) as err:
+        prepare(job(tmp_path, data=data), tmp_path / "stream")
+    assert f'"data": {{"delimiter": "{sep}"}}'.replace("\t", "\\t") in str(err.value)
+    assert "Columns found" in str(err.value)
+    d = prepare(job(tmp_path, data={**data, "delimiter": sep}), tmp_path / "stream2")
+    assert d.task == "classification" and d.preprocess["target"]["classes"] == [0, 1]
+
+
+def test_a_missing_column_in_a_comma_file_asks_for_the_column_names(tmp_path):
+    classification_csv(tmp_path / "train.csv", rows=60)
+    with pytest.raises(DataError) as err:
+        prepare(job(tmp_path, feature_columns=["feature1", "featur2"]))
+    assert '"featur2" (did you mean "feature2"?)' in str(err.value)
+    assert "Fix the job's column names." in str(err.value) and "delimiter" not in str(err.value)
+
+
 def test_predict_data_with_an_infinity_is_an_error_naming_the_row(tmp_path):
     d = prepare(job(tmp_path, train_data_path=str(classification_csv(tmp_path / "train.csv"))))
     new = pd.read_csv(tmp_path / "train.csv").head(5)
