@@ -52,6 +52,8 @@ def test_status_lists_jobs_and_shows_one_as_json(trained):
     assert [j["job_id"] for j in every] == ["done"]
     detail = invoke("status", "--spool", spool, "done").output
     assert detail.startswith("job done: completed (max_epochs)") and "outputs: model=" in detail
+    # no "position: epoch 3 step 0": a finished job is not at an epoch past its last
+    assert "  epochs: 2/2  attempts: 1\n" in detail and "position" not in detail
 
 
 def test_history_json_is_the_seeds_training_history(trained):
