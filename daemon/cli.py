@@ -489,14 +489,22 @@ def render(r: dict, epochs: int | None, raw: bool, live: bool, verbose: bool) ->
 def wait_accepted(spool: Spool, job_id: str) -> bool:
     """After a submit: until the daemon accepts the file or rejects it (then show why)."""
     error_file = spool.rejected / f"{job_id}.error.json"
-    click.echo("waiting for the daemon to pick it up (is `epochd serve` running?)")
+    said_at = time.monotonic() + SLOW_PICKUP_SECONDS  # a serving daemon takes a file in milliseconds
     while not spool.events_path(job_id).exists():
         if error_file.exists():
             report = orjson.loads(error_file.read_bytes())
             click.echo(f"rejected: {'; '.join(report['errors'])}", err=True)
             return False
+        if said_at is not None and time.monotonic() > said_at:
+            why = unserved(spool)  # said at submit too; again here, once the wait is noticeable
+            click.echo(f"still waiting for a daemon to take incoming/{job_id}.json"
+                       + (f"; {why}" if why else ""), err=True)
+            said_at = None
         time.sleep(POLL_SECONDS)
     return True
+
+
+SLOW_PICKUP_SECONDS = 3
 
 
 # ------------------------------------------------------------------ control

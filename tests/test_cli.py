@@ -12,7 +12,7 @@ from daemon.cli import Exit, cli
 from daemon.eventlog import EventLog
 from daemon.events import ControlReceived, EpochCompleted, JobAccepted, Progress
 from daemon.spool import Spool
-from tests.conftest import classification_csv, drop_job, seed_job, wait_for_event, wait_for_status
+from tests.conftest import REPO, classification_csv, drop_job, seed_job, wait_for_event, wait_for_status
 
 
 @pytest.fixture(scope="module")
@@ -371,10 +371,34 @@ def test_submit_follow_through_a_real_daemon(tmp_path, spool, daemon_factory):
     daemon_factory(spool)
     result = invoke("submit", "--spool", spool, job, "--follow")
     assert result.exit_code == Exit.OK and "completed: 1 epochs" in result.output
+    assert "waiting" not in result.output  # a serving daemon takes it at once: nothing to say
     bad = tmp_path / "fails.json"
     bad.write_text(json.dumps(seed_job(tmp_path / "missing.csv")))
     failed = invoke("submit", "--spool", spool, bad, "--follow", "--no-path-check")
     assert failed.exit_code == Exit.JOB_FAILED and "does not exist" in failed.output
+
+
+def test_submit_follow_says_once_that_it_still_waits_when_no_daemon_serves(tmp_path, spool, daemon_factory):
+    """epochd submit JOB --follow with no daemon: the note at submit, then after a few seconds
+    one line that it still waits and why; a daemon started then takes the job and the command
+    follows it to its end."""
+    job = tmp_path / "later.json"
+    job.write_text(json.dumps(seed_job(classification_csv(tmp_path / "train.csv"), epochs=1)))
+    submit = subprocess.Popen([sys.executable, "-m", "daemon.cli", "submit", "--spool", str(spool),
+                               str(job), "--follow"], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    stopper = threading.Timer(60, submit.kill)  # should it hang, the reads still end
+    stopper.start()
+    try:
+        assert "no daemon is serving" in submit.stderr.readline()
+        waiting = submit.stderr.readline()
+        assert "still waiting for a daemon to take incoming/later.json; no daemon is serving" in waiting
+        daemon_factory(spool)
+        out, err = submit.communicate()
+    finally:
+        stopper.cancel()
+        submit.kill()
+    assert submit.returncode == Exit.OK and "completed: 1 epochs" in out and "waiting" not in err
 
 
 def test_submit_resolves_paths_as_the_daemon_will_and_refuses_what_it_would_not_run(
