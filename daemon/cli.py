@@ -290,13 +290,23 @@ def status(spool, job_id, as_json):
         click.echo(f"{'JOB':<24} {'STATUS':<12} {'EPOCH':>9} {'LAST LOSS':>10} {'BEST':>18}  UPDATED")
         for s in states:
             click.echo(status_row(s))
-    waiting = sorted(e.name for e in os.scandir(root.incoming)
-                     if is_candidate(e.name) and e.is_file(follow_symlinks=False))
+    entries = [e for e in os.scandir(root.incoming) if e.is_file(follow_symlinks=False)]
+    waiting = sorted(e.name for e in entries if is_candidate(e.name))
     if waiting:
-        shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
-        click.echo(f"not accepted yet, in incoming/: {shown}")
+        click.echo(f"not accepted yet, in incoming/: {some(waiting)}")
+    # what the daemon never takes, as DESIGN says, and a user may not know: job.JSON, job.txt
+    # (dotfiles and *.tmp are someone's writing in progress: not worth a word)
+    ignored = sorted(e.name for e in entries if not is_candidate(e.name)
+                     and not e.name.startswith(".") and not e.name.endswith(".tmp"))
+    if ignored:
+        click.echo(f"never taken, not named *.json, in incoming/: {some(ignored)} (a job file "
+                   "must end in .json: rename it, or use epochd submit FILE)")
     if waiting or any(s.status in RUNNABLE | {Status.RUNNING} for s in states):
         warn_if_unserved(root)
+
+
+def some(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def status_row(s: JobState) -> str:

@@ -258,7 +258,8 @@ def daemon_log(spool: Spool, event: str, **fields) -> None:
 # ------------------------------------------------------------------ job ids
 
 def sanitise(stem: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).lstrip("._-")[:60]
+    # "my job (1)" -> "my-job-1": no separator left dangling at either end
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).lstrip("._-")[:60].rstrip("._-")
     return cleaned or "job"
 
 

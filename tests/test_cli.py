@@ -252,6 +252,18 @@ def test_predict_uses_the_best_model_so_far_while_a_job_runs_and_after_it_is_can
     assert ended.exit_code == Exit.REFUSED and "it ended without a final model; --best" in ended.output
 
 
+def test_status_names_files_in_incoming_that_the_daemon_never_takes(spool):
+    """job.JSON or job.txt sit in incoming/ for ever (only *.json counts): status says so and
+    what to do; someone's dotfile or *.tmp being written is not mentioned."""
+    for name in ("exp.JSON", "notes.txt", "ok.json", ".exp.json.swp", "half.json.tmp"):
+        (spool / "incoming" / name).write_text("{}")
+    listed = invoke("status", "--spool", spool).output
+    assert "not accepted yet, in incoming/: ok.json\n" in listed
+    assert ("never taken, not named *.json, in incoming/: exp.JSON, notes.txt (a job file must "
+            "end in .json: rename it, or use epochd submit FILE)") in listed
+    assert ".swp" not in listed and "half" not in listed
+
+
 def test_without_a_daemon_the_cli_says_nothing_runs_until_one_does(tmp_path, spool, daemon_factory):
     """Files dropped where no daemon serves wait silently; the CLI says so (to stderr), and
     says why a queued job waits once one serves."""

@@ -279,8 +279,10 @@ def test_job_ids_come_from_file_names_and_never_collide(tmp_path, spool, daemon_
     wait_for_status(spool, "same", "completed")
     drop_job(spool, "same.json", seed_job(data, epochs=1))
     drop_job(spool, "we ird!name.json", seed_job(data, epochs=1))
+    drop_job(spool, "my job (1).json", seed_job(data, epochs=1))
     assert wait_for_event(spool, "same-2", "job_accepted")[0]["source_file"] == "same.json"
     assert wait_for_event(spool, "we-ird-name", "job_accepted")[0]["source_file"] == "we ird!name.json"
+    assert wait_for_event(spool, "my-job-1", "job_accepted")[0]["source_file"] == "my job (1).json"
     assert [r["type"] for r in events_of(spool, "same")].count("job_accepted") == 1
 
 
