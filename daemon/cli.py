@@ -596,7 +596,9 @@ def plot(spool, job_id, output):
               help="CSV to write. Default: standard output.")
 @click.option("--best", is_flag=True, help="Use the best weights instead of the final ones; "
               "also works while the job runs, and after it was paused, cancelled or failed.")
-def predict(spool, model, data, data_option, output, best):
+@click.option("--delimiter", default=",", show_default=True, callback=lambda _c, _p, v: one_char(v),
+              help='The CSV\'s field separator: one character, or "tab".')
+def predict(spool, model, data, data_option, output, best, delimiter):
     """Apply a trained model to a table. MODEL is a job id or a folder with model.json; DATA
     a CSV or Parquet file with the feature columns.
 
@@ -613,7 +615,7 @@ def predict(spool, model, data, data_option, output, best):
                                f"feature columns, e.g. epochd predict {model} new.csv")
     folder = Path(model) if Path(model).is_dir() else model_folder(Spool(spool), model, best)
     try:
-        table = predict_table(folder, data_path, best=best)
+        table = predict_table(folder, data_path, best=best, delimiter=delimiter)
     except EpochdError as e:
         raise CliError(str(e)) from None
     if output is None:
@@ -621,6 +623,14 @@ def predict(spool, model, data, data_option, output, best):
     else:
         table.to_csv(output, index=False)
         click.echo(f"wrote {len(table)} predictions to {output}")
+
+
+def one_char(value: str) -> str:
+    """A separator as given on a command line: one character, or a tab as "tab" or "\\t"."""
+    value = {"tab": "\t", "\\t": "\t"}.get(value.lower(), value)
+    if len(value) != 1:
+        raise click.BadParameter(f'expected one character, e.g. ";" or "tab". Received: {value!r}.')
+    return value
 
 
 def model_folder(spool: Spool, job_id: str, best: bool = False) -> Path:

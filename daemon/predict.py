@@ -17,9 +17,9 @@ import pandas as pd
 from .errors import DataError
 
 
-def predict_table(folder: Path, data_path: str, best: bool = False) -> pd.DataFrame:
+def predict_table(folder: Path, data_path: str, best: bool = False, delimiter: str = ",") -> pd.DataFrame:
     from engines import load_engine
-    from engines.data import decode, encode, read_table
+    from engines.data import check_columns, decode, encode, read_table
     folder = Path(folder)
     try:
         described_by = "best.json" if best and (folder / "best.json").is_file() else "model.json"
@@ -43,7 +43,11 @@ def predict_table(folder: Path, data_path: str, best: bool = False) -> pd.DataFr
     with native_noise_filtered():
         engine = load_engine(arch["framework"])
     predictor = engine.predictor(folder, arch, weights)
-    table = read_table(data_path, {"format": "auto"}, "--data")
+    table = read_table(data_path, {"format": "auto", "delimiter": delimiter}, "--data")
+    names = [c["name"] for c in recipe["features"]]
+    check_columns(table, names, "--data", data_path, fixes=(
+        f"Expected: every feature column the model was trained on ({', '.join(names[:30])}); "
+        "other columns are ignored.", "pass --delimiter {sep}"))
     return decode(predictor(encode(table, recipe, f'--data "{data_path}": ')), recipe)
 
 

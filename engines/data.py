@@ -144,26 +144,35 @@ def check_values(df: pd.DataFrame, features: list[str], target: str, cats, what:
         _finite(col, _numeric(col, f'{what} "{path}": '), f'{what} "{path}": ')
 
 
-def check_columns(df: pd.DataFrame, wanted: list[str], what: str, path: str) -> None:
+JOB_FIXES = ("Fix the job's column names.", 'set "data": {{"delimiter": {sep}}} in the job file')
+
+
+def check_columns(df: pd.DataFrame, wanted: list[str], what: str, path: str,
+                  fixes: tuple[str, str] = JOB_FIXES) -> None:
+    """DataError unless `df` has every `wanted` column. `fixes`: what to do about wrong names,
+    and about a wrong delimiter (a template taking the JSON-quoted separator as `sep`)."""
     missing = [c for c in wanted if c not in df.columns]
     if not missing:
         return
+    spare = [str(x) for x in df.columns if x not in wanted]  # a column in use is no typo
     hints = []
     for c in missing:
-        near = difflib.get_close_matches(c, [str(x) for x in df.columns], n=1, cutoff=0.6)
+        near = difflib.get_close_matches(c, spare, n=1, cutoff=0.6)
+        if near:
+            spare.remove(near[0])  # one column is one missing name's typo, not two
         hints.append(f'"{c}"' + (f' (did you mean "{near[0]}"?)' if near else ""))
     raise DataError(f"{what} \"{path}\" has no column {', '.join(hints)}. Columns found: "
-                    f"{', '.join(map(str, df.columns[:30]))}. {_names_fix(df.columns)}")
+                    f"{', '.join(map(str, df.columns[:30]))}. {_fix(df.columns, fixes)}")
 
 
-def _names_fix(found) -> str:
+def _fix(found, fixes: tuple[str, str]) -> str:
     """What to change: the column names, or, when the whole header came out as one column that
     holds a separator, the file's delimiter (a semicolon CSV from a spreadsheet, a TSV)."""
     seps = [s for s in ";\t|," if len(found) == 1 and s in str(found[0])]
     if seps:
-        return (f"The header was read as one column but holds {seps[0]!r}: set "
-                f'"data": {{"delimiter": {json.dumps(seps[0])}}} in the job file.')
-    return "Fix the job's column names."
+        return (f"The header was read as one column but holds {seps[0]!r}: "
+                f"{fixes[1].format(sep=json.dumps(seps[0]))}.")
+    return fixes[0]
 
 
 def prepare(spec: dict, stream_folder: Path | None = None) -> Prepared:
@@ -177,8 +186,10 @@ def prepare(spec: dict, stream_folder: Path | None = None) -> Prepared:
     opts = spec["data"]
     train = read_table(spec["train_data_path"], opts, "train_data_path")
     target = spec["target_column"]
+    # without feature_columns the features are the other columns: only the target can be missing
+    check_columns(train, (spec["feature_columns"] or []) + [target], "train_data_path",
+                  spec["train_data_path"])
     features = spec["feature_columns"] or [c for c in train.columns if c != target]
-    check_columns(train, features + [target], "train_data_path", spec["train_data_path"])
     val = None
     if spec["val_data_path"]:
         val = read_table(spec["val_data_path"], opts, "val_data_path")

@@ -474,8 +474,9 @@ def prepare_streaming(spec: dict, folder: Path) -> D.Prepared:
     opts = spec["data"]
     target = spec["target_column"]
     train_cols = _columns(spec["train_data_path"], opts, "train_data_path")
+    _check_names(train_cols, (spec["feature_columns"] or []) + [target], "train_data_path",
+                 spec["train_data_path"])
     features = spec["feature_columns"] or [c for c in train_cols if c != target]
-    _check_names(train_cols, features + [target], "train_data_path", spec["train_data_path"])
     if spec["val_data_path"]:
         val_cols = _columns(spec["val_data_path"], opts, "val_data_path")
         _check_names(val_cols, features + [target], "val_data_path", spec["val_data_path"])

@@ -198,6 +198,31 @@ def test_plot_and_predict(trained, tmp_path):
     assert none.exit_code == 2 and "no data to predict on" in none.output
 
 
+def test_predict_reads_other_delimiters_and_names_what_the_data_lacks(trained, tmp_path):
+    """epochd predict JOB new.csv where new.csv lacks a column, or is a semicolon/tab file:
+    the error names the model's columns, or the --delimiter to pass; with it, the
+    predictions are those of the comma file."""
+    import pandas as pd
+    spool, data = trained
+    table = pd.read_csv(data)
+    want = invoke("predict", "--spool", spool, "done", data).output
+    for sep, flag in ((";", ";"), ("\t", "tab"), ("|", "|")):
+        other = tmp_path / "other.csv"
+        table.to_csv(other, sep=sep, index=False)
+        refused = invoke("predict", "--spool", spool, "done", other)
+        assert refused.exit_code == Exit.ERROR
+        assert f"The header was read as one column but holds {sep!r}: pass --delimiter " in refused.output
+        assert invoke("predict", "--spool", spool, "done", other, "--delimiter", flag).output == want
+    short = tmp_path / "short.csv"
+    table.drop(columns=["feature3"]).rename(columns={"feature2": "feature_2"}).to_csv(short, index=False)
+    lacking = invoke("predict", "--spool", spool, "done", short)
+    assert lacking.exit_code == Exit.ERROR
+    assert 'has no column "feature2" (did you mean "feature_2"?), "feature3". Columns found:' in lacking.output
+    assert "Expected: every feature column the model was trained on (feature1, feature2, feature3" in lacking.output
+    bad = invoke("predict", "--spool", spool, "done", data, "--delimiter", ";;")
+    assert bad.exit_code == 2 and "expected one character" in bad.output
+
+
 def test_the_plot_marks_the_best_epoch(trained, tmp_path):
     from daemon.plot import plot_history
     state = Spool(trained[0]).state("done")
