@@ -62,10 +62,16 @@ def require_spool(spool: Spool) -> None:
                        f'"epochd serve --spool {spool.root}" to create it.', Exit.NOT_FOUND)
 
 
+def not_accepted_yet(spool: Spool, job_id: str) -> bool:
+    """The job's file waits in incoming/ for the daemon to take it."""
+    return (bool(VALID_ID.match(job_id)) and not spool.events_path(job_id).exists()
+            and (spool.incoming / f"{job_id}.json").is_file())
+
+
 def load_state(spool: Spool, job_id: str) -> JobState:
     require_spool(spool)
     if not VALID_ID.match(job_id) or not spool.events_path(job_id).exists():
-        if VALID_ID.match(job_id) and (spool.incoming / f"{job_id}.json").is_file():
+        if not_accepted_yet(spool, job_id):
             why = unserved(spool) or "a running daemon takes it within seconds; try again then"
             raise CliError(f"job {job_id} is not accepted yet: incoming/{job_id}.json waits for "
                            f"the daemon. {why[0].upper()}{why[1:]}.", Exit.NOT_FOUND)
@@ -521,6 +527,15 @@ SLOW_PICKUP_SECONDS = 3
 
 def request(spool: Path, job_id: str, action: str, reason: str | None) -> None:
     root = Spool(spool)
+    require_spool(root)
+    if not_accepted_yet(root, job_id):
+        # the daemon holds a request for a job it has yet to take until it takes it
+        control.drop(root, job_id, action, reason)
+        click.echo(f"{action} requested for {job_id}, which waits in incoming/ to be accepted: "
+                   f"it is carried out as soon as the daemon takes the job; follow with "
+                   f"\"epochd tail -f {job_id}\"")
+        warn_if_unserved(root)
+        return
     state = load_state(root, job_id)
     decision = control.decide(state.status, action, control.retryable_failure(state))
     if decision.kind == "reject":

@@ -370,7 +370,7 @@ def record_acceptance(spool: Spool, job_id: str, source: str | None, data: bytes
 def reject(spool: Spool, folder: Path, name: str, errors: list[str], kind: str = "job file",
            what_next: str | None = None, as_name: str | None = None) -> Path:
     """Move folder/<name> into rejected/ (never following it) beside <stem>.error.json."""
-    dest = _free_name(spool.rejected, as_name or name)
+    dest = _free_name(spool.rejected, as_name or name, kind == "job file")
     stem = dest.stem if kind == "job file" else dest.name
     report = {"file": name, "kind": kind, "rejected_at": utc_now(), "errors": errors,
               "what_next": what_next or "fix the file and drop it into incoming/ again "
@@ -385,11 +385,13 @@ def reject(spool: Spool, folder: Path, name: str, errors: list[str], kind: str =
     return dest
 
 
-def _free_name(folder: Path, name: str) -> Path:
+def _free_name(folder: Path, name: str, by_stem: bool = True) -> Path:
+    """A name in `folder` that neither a file nor its error report uses: <stem>.error.json for
+    a job file (`by_stem`), <name>.error.json for a control file (exp.pause beside exp.json)."""
     candidate = folder / name
     p = Path(name)
     for n in itertools.count(2):
-        error_file = folder / f"{candidate.stem}.error.json"
+        error_file = folder / f"{candidate.stem if by_stem else candidate.name}.error.json"
         if not os.path.lexists(candidate) and not error_file.exists():
             return candidate
         candidate = folder / f"{p.stem}-{n}{p.suffix}"

@@ -390,6 +390,8 @@ class Daemon:
 
     def apply_request(self, request: control.Request) -> None:
         job_id = request.job_id
+        if job_id not in self.entries and job_id not in self.quarantined and self.waits_in_incoming(job_id):
+            return  # its job file is still to be taken (quiet for 2 s first, say): so is this
         if job_id not in self.entries:
             why = (f"job {job_id} is quarantined: {self.quarantined[job_id]}" if job_id in self.quarantined
                    else f'there is no job "{job_id}" in this spool')
@@ -407,6 +409,13 @@ class Daemon:
                 events.append(control.idle_outcome(state, request.action, outcome[1]))
         log.info("job %s: %s request %s", job_id, request.action, outcome[0].kind if outcome else "rejected")
         self.refresh(job_id)
+
+    def waits_in_incoming(self, job_id: str) -> bool:
+        """incoming/<job_id>.json is a file the daemon has yet to take (or reject)."""
+        try:
+            return stat.S_ISREG((self.spool.incoming / f"{job_id}.json").lstat().st_mode)
+        except FileNotFoundError:
+            return False
 
     # ---------------------------------------------------------------- workers
 

@@ -130,3 +130,27 @@ def test_a_failure_from_outside_the_job_can_be_resumed_or_cancelled():
 def test_control_file_names():
     assert control.parse_name("exp.1.pause") == ("exp.1", "pause")
     assert control.parse_name("exp.stop") is None and control.parse_name(".x.pause") is None
+
+
+def test_a_request_for_a_job_still_in_incoming_waits_for_its_acceptance(tmp_path, spool, daemon_factory):
+    """Submit a job and pause it while no daemon serves (epochd pause works on a job still in
+    incoming/), then start the daemon: its file is taken only once quiet for 2 s, and the pause
+    waits for it instead of going to rejected/ as a request for no job. The job is accepted
+    paused and never starts; a request for a file that is then rejected is rejected too."""
+    from daemon.cli import cli
+    from click.testing import CliRunner
+    data = classification_csv(tmp_path / "train.csv")
+    drop_job(spool, "early.json", seed_job(data, epochs=1))
+    said = CliRunner().invoke(cli, ["pause", "--spool", str(spool), "early", "--reason", "not yet"])
+    assert said.exit_code == 0 and "waits in incoming/ to be accepted" in said.output
+    assert (spool / "control" / "early.pause").exists()
+    drop_job(spool, "broken.json", b"{not json")
+    control.drop(Spool(spool), "broken", "cancel")
+    daemon_factory(spool)
+    state = wait_for_status(spool, "early", "paused", timeout=30)
+    assert [r["type"] for r in events_of(spool, "early")] == ["job_accepted", "control_received", "paused"]
+    assert state.controls[0]["reason"] == "not yet" and not (spool / "rejected" / "early.pause").exists()
+    wait_until(lambda: (spool / "rejected" / "broken.cancel.error.json").exists(), 30,
+               what="the request for a rejected job file to be rejected")
+    assert (spool / "rejected" / "broken.error.json").exists()
+    assert (spool / "rejected" / "broken.cancel").exists()  # its own name: beside broken.json's report
