@@ -22,7 +22,9 @@ class LogCorrupt(EpochdError):
         super().__init__(
             f"event log {path} is corrupt at line {line_no}: {reason}. "
             "Valid lines follow it, so this is damage rather than a torn last write; "
-            "the job is quarantined. Inspect the file, restore it from a backup, or cancel the job.")
+            "the daemon leaves the job alone (quarantined) until the file changes. Inspect it and "
+            "restore it from a backup: the daemon takes the job up again once it reads clean. To "
+            "drop the job, move its folder out of jobs/.")
 
 
 class JobNotFound(EpochdError):

@@ -153,6 +153,7 @@ class Daemon:
         self.last_disk_error = 0.0
         self.entries: dict[str, scheduler.Entry] = {}
         self.quarantined: dict[str, str] = {}
+        self.quarantine_marks: dict[str, tuple[int, int] | None] = {}  # each log's size, mtime then
         self.arrived: set[str] = set()              # names inotify saw renamed in or closed
         self.nudged = False                         # inotify saw something: scan now
         self.signals = 0
@@ -205,6 +206,7 @@ class Daemon:
             # while the worker waited for other machines): carry it out before a restart
             if freed or self.nudged or now - self.last_scan >= self.options.rescan_seconds:
                 self.nudged = False
+                self.recheck_quarantined()
                 self.accept_incoming(now)
                 self.handle_requests(now)
                 self.last_scan = now
@@ -401,12 +403,19 @@ class Daemon:
         lock = job_lock(self.spool, job_id)
         if not lock.acquire():
             return  # a worker we do not know yet holds it; it will consume the request
-        with lock, EventLog(self.spool.events_path(job_id)) as events:
-            state = fold(events.records)
-            outcome = control.consume(self.spool, request, state.status, events.append,
-                                      control.retryable_failure(state))
-            if outcome and outcome[0].kind == "act":
-                events.append(control.idle_outcome(state, request.action, outcome[1]))
+        try:
+            with lock, EventLog(self.spool.events_path(job_id)) as events:
+                state = fold(events.records)
+                outcome = control.consume(self.spool, request, state.status, events.append,
+                                          control.retryable_failure(state))
+                if outcome and outcome[0].kind == "act":
+                    events.append(control.idle_outcome(state, request.action, outcome[1]))
+        except LogCorrupt as e:  # damaged since the daemon last read it: once, not every tick
+            self.quarantine(job_id, e)
+            reject(self.spool, self.spool.control, request.path.name,
+                   [f"job {job_id} is quarantined: {e}"], kind="control file",
+                   what_next=f'run "epochd status {job_id}"')
+            return
         log.info("job %s: %s request %s", job_id, request.action, outcome[0].kind if outcome else "rejected")
         self.refresh(job_id)
 
@@ -601,12 +610,40 @@ class Daemon:
         try:
             return foldcache.replay(self.spool.events_path(job_id))
         except LogCorrupt as e:
-            if job_id not in self.quarantined:
-                self.quarantined[job_id] = str(e)
-                daemon_log(self.spool, "quarantined", job_id=job_id, error=str(e))
-                log.error("job %s quarantined: %s", job_id, e)
-            self.entries.pop(job_id, None)
+            self.quarantine(job_id, e)
             return None
+
+    def quarantine(self, job_id: str, error: LogCorrupt) -> None:
+        """Keep a job with a damaged log out of every decision until its log changes."""
+        if job_id not in self.quarantined:
+            self.quarantined[job_id] = str(error)
+            daemon_log(self.spool, "quarantined", job_id=job_id, error=str(error))
+            log.error("job %s quarantined: %s", job_id, error)
+        self.quarantine_marks[job_id] = self.log_mark(job_id)
+        self.entries.pop(job_id, None)
+
+    def log_mark(self, job_id: str) -> tuple[int, int] | None:
+        try:
+            st = self.spool.events_path(job_id).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def recheck_quarantined(self) -> None:
+        """A quarantined log that changed (restored from a backup, say) is read again: the job
+        is back if it reads clean, and stays quarantined, with the new error, if not."""
+        for job_id, mark in list(self.quarantine_marks.items()):
+            if self.log_mark(job_id) == mark:
+                continue
+            del self.quarantined[job_id], self.quarantine_marks[job_id]
+            if self.log_mark(job_id) is None:  # its folder or log was removed: the job is gone
+                daemon_log(self.spool, "unquarantined", job_id=job_id, log="removed")
+                continue
+            state = self.refresh(job_id)
+            if state is not None:
+                daemon_log(self.spool, "unquarantined", job_id=job_id, log="reads clean",
+                           status=str(state.status))
+                log.info("job %s: its log reads clean again (%s); back in service", job_id, state.status)
 
     def refresh(self, job_id: str) -> JobState | None:
         state = self.fold_or_quarantine(job_id)

@@ -261,6 +261,44 @@ def test_a_corrupt_log_quarantines_that_job_and_the_others_run(tmp_path, spool, 
     assert any(e["event"] == "quarantined" and e["job_id"] == "c" for e in entries)
 
 
+def test_a_log_damaged_while_the_daemon_runs_is_quarantined_once_and_back_once_restored(
+        tmp_path, spool, daemon_factory):
+    """A request for a job whose log was damaged under a running daemon: rejected once with
+    the reason (it used to stay in control/ with an error line in daemon.jsonl every tick).
+    Restoring the log from a backup brings the job back without a restart: a pause made
+    then is carried out."""
+    data = classification_csv(tmp_path / "train.csv")
+    daemon_factory(spool)
+    drop_job(spool, "q.json", seed_job(data, epochs=1))
+    wait_for_status(spool, "q", "completed")
+
+    def journal():
+        return [json.loads(l) for l in (spool / "daemon.jsonl").read_text().splitlines()]
+    wait_until(lambda: any(e["event"] == "worker_exited" and e["job_id"] == "q" for e in journal()),
+               30, what="the daemon to see q's worker exit")  # so that it has read the log whole
+    log = Spool(spool).events_path("q")
+    backup = log.read_bytes()
+    lines = backup.splitlines(keepends=True)
+    lines[1] = lines[1].replace(b'"attempt":1', b'"attempt":7')
+    log.write_bytes(b"".join(lines))
+    (spool / "control" / "q.cancel").write_text("")
+    report = spool / "rejected" / "q.cancel.error.json"
+    wait_until(report.exists, 30, what="the request for a damaged job to be rejected")
+    assert "job q is quarantined: event log" in report.read_text()
+    drop_job(spool, "after.json", seed_job(data, epochs=1))  # the daemon serves on meanwhile
+    wait_for_status(spool, "after", "completed")
+    assert [e["event"] for e in journal() if e.get("job_id") == "q"].count("quarantined") == 1
+    assert not any(e["event"] == "error" for e in journal())
+
+    log.write_bytes(backup)  # restored: back in service
+    wait_until(lambda: any(e["event"] == "unquarantined" and e["job_id"] == "q" for e in journal()),
+               30, what="the restored job to be back")
+    (spool / "control" / "q.resume").write_text("")
+    report = spool / "rejected" / "q.resume.error.json"
+    wait_until(report.exists, 30, what="the resume of a completed job to be refused")
+    assert "the job is completed; there is nothing to resume" in report.read_text()
+
+
 def test_requests_for_unknown_jobs_and_stray_control_files_are_rejected(spool, daemon_factory):
     daemon_factory(spool)
     (spool / "control" / "ghost.pause").write_text("")
