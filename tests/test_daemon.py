@@ -333,3 +333,19 @@ def test_regression_job_end_to_end(tmp_path, spool, daemon_factory):
     state = wait_for_status(spool, "reg", "completed")
     last = state.history[-1]
     assert last["train_accuracy"] is None and {"val_mae", "val_rmse", "val_r2"} <= set(last)
+
+
+def test_queued_jobs_run_by_priority_then_by_arrival(tmp_path, spool, daemon_factory):
+    """With one slot taken, jobs dropped meanwhile run highest priority first, and among
+    equals the one accepted first (run_started's order)."""
+    data = classification_csv(tmp_path / "train.csv")
+    longer = classification_csv(tmp_path / "longer.csv", rows=20000)  # seconds: the queue forms
+    daemon_factory(spool, "--max-jobs", "1")
+    drop_job(spool, "busy.json", seed_job(longer, epochs=2))
+    wait_for_event(spool, "busy", "job_accepted")
+    for name, priority in (("low", 0), ("high", 5), ("low2", 0), ("mid", 1)):
+        drop_job(spool, f"{name}.json", seed_job(data, epochs=1, priority=priority))
+        wait_for_event(spool, name, "job_accepted")  # arrival order is acceptance order
+    started = {job: wait_for_event(spool, job, "run_started", timeout=120)[-1]["ts"]
+               for job in ("busy", "low", "high", "low2", "mid")}
+    assert sorted(started, key=started.get) == ["busy", "high", "mid", "low", "low2"]
