@@ -615,7 +615,7 @@ class Daemon:
 
     def quarantine(self, job_id: str, error: LogCorrupt) -> None:
         """Keep a job with a damaged log out of every decision until its log changes."""
-        if job_id not in self.quarantined:
+        if self.quarantined.get(job_id) != str(error):  # new, or damaged anew: said once each
             self.quarantined[job_id] = str(error)
             daemon_log(self.spool, "quarantined", job_id=job_id, error=str(error))
             log.error("job %s quarantined: %s", job_id, error)
@@ -633,14 +633,16 @@ class Daemon:
         """A quarantined log that changed (restored from a backup, say) is read again: the job
         is back if it reads clean, and stays quarantined, with the new error, if not."""
         for job_id, mark in list(self.quarantine_marks.items()):
-            if self.log_mark(job_id) == mark:
+            current = self.log_mark(job_id)
+            if current == mark:
                 continue
-            del self.quarantined[job_id], self.quarantine_marks[job_id]
-            if self.log_mark(job_id) is None:  # its folder or log was removed: the job is gone
+            if current is None:  # its folder or log was removed: the job is gone
+                del self.quarantined[job_id], self.quarantine_marks[job_id]
                 daemon_log(self.spool, "unquarantined", job_id=job_id, log="removed")
                 continue
-            state = self.refresh(job_id)
+            state = self.refresh(job_id)  # still damaged: quarantined again, with the new mark
             if state is not None:
+                del self.quarantined[job_id], self.quarantine_marks[job_id]
                 daemon_log(self.spool, "unquarantined", job_id=job_id, log="reads clean",
                            status=str(state.status))
                 log.info("job %s: its log reads clean again (%s); back in service", job_id, state.status)
