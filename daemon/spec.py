@@ -367,6 +367,10 @@ def _machine_conflicts(d: Distributed, gpus: int):
             yield f'distributed address "{endpoint}" has no valid port; expected 1..65535'
 
 
+def has_validation(s: JobSpec) -> bool:
+    return s.val_data_path is not None or s.validation_split > 0
+
+
 def _conflicts(s: JobSpec):
     ap = s.algorithm_params
     if ap.early_stopping_patience is not None and s.early_stopping is not None:
@@ -407,6 +411,13 @@ def _conflicts(s: JobSpec):
                'GPUs, or use "auto" (gloo on the CPU)')
     if s.val_data_path is not None and "validation_split" in s.model_fields_set:
         yield "give val_data_path or validation_split, not both"
+    if not has_validation(s):  # a val_ metric that was asked for by name cannot be had
+        for where, policy in (("early_stopping", s.early_stopping),
+                              ("learning_rate_scheduler", s.learning_rate_scheduler or ap.learning_rate_scheduler)):
+            if policy is not None and "monitor" in policy.model_fields_set and policy.monitor.startswith("val_"):
+                yield (f'{where}.monitor is "{policy.monitor}", but the job has no validation data '
+                       "(validation_split 0 and no val_data_path). Expected: a validation_split "
+                       'above 0, a val_data_path, or a train_ metric such as "train_loss"')
     features = s.feature_columns or []
     if len(set(features)) != len(features):
         dupes = sorted({c for c in features if features.count(c) > 1})
@@ -596,6 +607,12 @@ def normalise(spec: JobSpec, *, job_id: str, base_dir: Path, spool_root: Path,
     out["learning_rate_scheduler"] = (out["learning_rate_scheduler"] or ap["learning_rate_scheduler"]
                                       or NoSchedule(name="none").model_dump())
     ap["early_stopping_patience"] = ap["learning_rate_scheduler"] = None
+    if not has_validation(spec):
+        # without validation data the policies watch the training loss unless told otherwise
+        # (a val_ metric asked for by name is refused in _conflicts)
+        for policy in (out["early_stopping"], out["learning_rate_scheduler"]):
+            if policy and policy.get("monitor") == "val_loss":  # the default
+                policy["monitor"] = "train_loss"
     opt = out["optimizer"]
     if opt["weight_decay"] is None:
         opt["weight_decay"] = 0.01 if opt["name"] == "adamw" else 0.0

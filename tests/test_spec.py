@@ -127,11 +127,32 @@ def test_defaults_are_filled_and_the_seeds_short_forms_moved(tmp_path):
     (minimal(feature_columns=["a", "target"]), ['target column "target" is also in feature_columns']),
     (minimal(algorithm_params={"early_stopping_patience": 3}, early_stopping={"patience": 4}),
      ["early stopping is given twice"]),
+    (minimal(validation_split=0, early_stopping={"monitor": "val_accuracy"}),
+     ['early_stopping.monitor is "val_accuracy", but the job has no validation data',
+      'a train_ metric such as "train_loss"']),
+    (minimal(validation_split=0, learning_rate_scheduler={"name": "plateau", "monitor": "val_loss"}),
+     ['learning_rate_scheduler.monitor is "val_loss", but the job has no validation data']),
 ])
 def test_bad_fields_say_what_was_received_and_expected(raw, needles):
     message = "\n".join(errors_of(raw))
     for needle in needles:
         assert needle in message, message
+
+
+def test_without_validation_data_the_policies_watch_the_training_loss(tmp_path):
+    """The seed's early_stopping_patience (or a plateau schedule) with validation_split 0: the
+    default monitor, val_loss, cannot be had, so train_loss is watched (it used to fail the
+    job once its data was read). With validation data the default stays val_loss."""
+    def normalised(**extra):
+        return spec.normalise(spec.validate(spec.example_job() | extra), job_id="j", base_dir=tmp_path,
+                              spool_root=tmp_path / "spool", allow_roots=[])
+    n = normalised(validation_split=0, learning_rate_scheduler="plateau",
+                   algorithm_params={"early_stopping_patience": 5})
+    assert n["early_stopping"]["monitor"] == "train_loss" and n["learning_rate_scheduler"]["monitor"] == "train_loss"
+    assert normalised(validation_split=0, algorithm_params={}, early_stopping={"monitor": "train_accuracy"})[
+        "early_stopping"]["monitor"] == "train_accuracy"
+    assert normalised()["early_stopping"]["monitor"] == "val_loss"
+    assert normalised(val_data_path=str(tmp_path / "v.csv"))["early_stopping"]["monitor"] == "val_loss"
 
 
 def test_every_problem_in_a_file_is_listed_at_once():
