@@ -65,7 +65,7 @@ def require_spool(spool: Spool) -> None:
 def not_accepted_yet(spool: Spool, job_id: str) -> bool:
     """The job's file waits in incoming/ for the daemon to take it."""
     return (bool(VALID_ID.match(job_id)) and not spool.events_path(job_id).exists()
-            and (spool.incoming / f"{job_id}.json").is_file())
+            and spool.in_incoming(job_id))
 
 
 def load_state(spool: Spool, job_id: str) -> JobState:

@@ -70,6 +70,13 @@ class Spool:
             raise ValueError(f"invalid job id {job_id!r}")
         return self.jobs / job_id
 
+    def in_incoming(self, job_id: str) -> bool:
+        """incoming/<job_id>.json is a file (never followed) the daemon has yet to take or reject."""
+        try:
+            return stat.S_ISREG((self.incoming / f"{job_id}.json").lstat().st_mode)
+        except FileNotFoundError:
+            return False
+
     def events_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "events.jsonl"
 

@@ -152,8 +152,8 @@ class Daemon:
         self.unwritable: set[str] = set()  # of those, the ones already reported
         self.last_disk_error = 0.0
         self.entries: dict[str, scheduler.Entry] = {}
-        self.quarantined: dict[str, str] = {}
-        self.quarantine_marks: dict[str, tuple[int, int] | None] = {}  # each log's size, mtime then
+        # job -> (why, its log's size and mtime then): out of every decision until the log changes
+        self.quarantined: dict[str, tuple[str, tuple[int, int] | None]] = {}
         self.arrived: set[str] = set()              # names inotify saw renamed in or closed
         self.nudged = False                         # inotify saw something: scan now
         self.signals = 0
@@ -392,10 +392,10 @@ class Daemon:
 
     def apply_request(self, request: control.Request) -> None:
         job_id = request.job_id
-        if job_id not in self.entries and job_id not in self.quarantined and self.waits_in_incoming(job_id):
+        if job_id not in self.entries and job_id not in self.quarantined and self.spool.in_incoming(job_id):
             return  # its job file is still to be taken (quiet for 2 s first, say): so is this
         if job_id not in self.entries:
-            why = (f"job {job_id} is quarantined: {self.quarantined[job_id]}" if job_id in self.quarantined
+            why = (f"job {job_id} is quarantined: {self.quarantined[job_id][0]}" if job_id in self.quarantined
                    else f'there is no job "{job_id}" in this spool')
             reject(self.spool, self.spool.control, request.path.name, [why], kind="control file",
                    what_next='run "epochd status" to list the jobs')
@@ -418,13 +418,6 @@ class Daemon:
             return
         log.info("job %s: %s request %s", job_id, request.action, outcome[0].kind if outcome else "rejected")
         self.refresh(job_id)
-
-    def waits_in_incoming(self, job_id: str) -> bool:
-        """incoming/<job_id>.json is a file the daemon has yet to take (or reject)."""
-        try:
-            return stat.S_ISREG((self.spool.incoming / f"{job_id}.json").lstat().st_mode)
-        except FileNotFoundError:
-            return False
 
     # ---------------------------------------------------------------- workers
 
@@ -615,11 +608,10 @@ class Daemon:
 
     def quarantine(self, job_id: str, error: LogCorrupt) -> None:
         """Keep a job with a damaged log out of every decision until its log changes."""
-        if self.quarantined.get(job_id) != str(error):  # new, or damaged anew: said once each
-            self.quarantined[job_id] = str(error)
+        if self.quarantined.get(job_id, ("",))[0] != str(error):  # new, or damaged anew: said once each
             daemon_log(self.spool, "quarantined", job_id=job_id, error=str(error))
             log.error("job %s quarantined: %s", job_id, error)
-        self.quarantine_marks[job_id] = self.log_mark(job_id)
+        self.quarantined[job_id] = (str(error), self.log_mark(job_id))
         self.entries.pop(job_id, None)
 
     def log_mark(self, job_id: str) -> tuple[int, int] | None:
@@ -632,17 +624,17 @@ class Daemon:
     def recheck_quarantined(self) -> None:
         """A quarantined log that changed (restored from a backup, say) is read again: the job
         is back if it reads clean, and stays quarantined, with the new error, if not."""
-        for job_id, mark in list(self.quarantine_marks.items()):
+        for job_id, (_, mark) in list(self.quarantined.items()):
             current = self.log_mark(job_id)
             if current == mark:
                 continue
             if current is None:  # its folder or log was removed: the job is gone
-                del self.quarantined[job_id], self.quarantine_marks[job_id]
+                del self.quarantined[job_id]
                 daemon_log(self.spool, "unquarantined", job_id=job_id, log="removed")
                 continue
             state = self.refresh(job_id)  # still damaged: quarantined again, with the new mark
             if state is not None:
-                del self.quarantined[job_id], self.quarantine_marks[job_id]
+                del self.quarantined[job_id]
                 daemon_log(self.spool, "unquarantined", job_id=job_id, log="reads clean",
                            status=str(state.status))
                 log.info("job %s: its log reads clean again (%s); back in service", job_id, state.status)
