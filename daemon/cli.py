@@ -25,6 +25,7 @@ from .spool import (VALID_ID, Settings, Spool, daemon_serving, is_candidate, las
 
 BUNDLED_SPOOL = Path(__file__).resolve().parent.parent / "spool"
 POLL_SECONDS = 0.2
+SLOW_PICKUP_SECONDS = 3  # submit --follow says it still waits after this; a daemon takes ~3 ms
 
 
 class Exit(IntEnum):
@@ -518,9 +519,6 @@ def wait_accepted(spool: Spool, job_id: str) -> bool:
             said_at = None
         time.sleep(POLL_SECONDS)
     return True
-
-
-SLOW_PICKUP_SECONDS = 3
 
 
 # ------------------------------------------------------------------ control
