@@ -294,9 +294,10 @@ def status(spool, job_id, as_json):
     if not states:
         click.echo(f"no jobs in {root.root}")
     else:
-        click.echo(f"{'JOB':<24} {'STATUS':<12} {'EPOCH':>9} {'LAST LOSS':>10} {'BEST':>18}  UPDATED")
+        width = max(24, *(len(s.job_id or "") for s in states))  # ids run to 64 characters
+        click.echo(f"{'JOB':<{width}} {'STATUS':<12} {'EPOCH':>9} {'LAST LOSS':>10} {'BEST':>18}  UPDATED")
         for s in states:
-            click.echo(status_row(s))
+            click.echo(status_row(s, width))
     entries = [e for e in os.scandir(root.incoming) if e.is_file(follow_symlinks=False)]
     waiting = sorted(e.name for e in entries if is_candidate(e.name))
     if waiting:
@@ -316,13 +317,13 @@ def some(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def status_row(s: JobState) -> str:
+def status_row(s: JobState, width: int = 24) -> str:
     epochs = (s.spec or {}).get("epochs", "?")
     last = s.history[-1] if s.history else {}
     loss = last.get("val_loss", last.get("train_loss"))
     best = (f"{s.best_saved['value']:.4f} (e{s.best_saved['epoch']})" if s.best_saved else "-")
     shown = s.status or "corrupt"
-    return (f"{(s.job_id or '?'):<24} {shown:<12} {s.epochs_done:>4}/{epochs:<4} "
+    return (f"{(s.job_id or '?'):<{width}} {shown:<12} {s.epochs_done:>4}/{epochs:<4} "
             f"{display.number(loss):>10} {best:>18}  {s.updated_at or '-'}")
 
 

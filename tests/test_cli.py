@@ -82,6 +82,18 @@ def test_history_names_its_columns_for_the_task_and_says_when_there_is_none(tmp_
     assert row.split() == ["1", "0.2500", "1.5000", "0.5000", "2.5000", "0.001", "1.00"]
 
 
+def test_the_status_table_keeps_its_columns_with_long_job_ids(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    for job_id in ("a", "b" * 40):
+        spool.job_dir(job_id).mkdir()
+        with EventLog(spool.events_path(job_id)) as log:
+            log.append(JobAccepted(job_id=job_id, source_file=f"{job_id}.json", spec={"epochs": 3},
+                                   spec_sha256="a", file_sha256="b"))
+    lines = invoke("status", "--spool", spool.root).output.splitlines()[:3]
+    assert len({line.index(word) for line, word in zip(lines, ("STATUS", "pending", "pending"))}) == 1
+
+
 def test_tail_prints_the_story_and_raw_json(trained):
     spool, _ = trained
     out = invoke("tail", "--spool", spool, "done").output
