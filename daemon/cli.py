@@ -629,9 +629,11 @@ def predict(spool, model, data, data_option, output, best, delimiter):
                                f"feature columns, e.g. epochd predict {model} new.csv")
     folder = Path(model) if Path(model).is_dir() else model_folder(Spool(spool), model, best)
     try:
-        table = predict_table(folder, data_path, best=best, delimiter=delimiter)
+        table, notes = predict_table(folder, data_path, best=best, delimiter=delimiter)
     except EpochdError as e:
         raise CliError(str(e)) from None
+    for note in notes:  # on stderr, so that the predictions on stdout stay a clean CSV
+        click.echo(f"note: {note}", err=True)
     if output is None:
         click.echo(table.to_csv(index=False), nl=False)
     else:

@@ -17,9 +17,12 @@ import pandas as pd
 from .errors import DataError
 
 
-def predict_table(folder: Path, data_path: str, best: bool = False, delimiter: str = ",") -> pd.DataFrame:
+def predict_table(folder: Path, data_path: str, best: bool = False,
+                  delimiter: str = ",") -> tuple[pd.DataFrame, list[str]]:
+    """The predictions for the table at `data_path`, and notes on what in it the model was not
+    trained on (categorical values it has no category for)."""
     from engines import load_engine
-    from engines.data import check_columns, decode, encode, read_table
+    from engines.data import check_columns, decode, encode, read_table, unseen_categories
     folder = Path(folder)
     try:
         described_by = "best.json" if best and (folder / "best.json").is_file() else "model.json"
@@ -48,7 +51,8 @@ def predict_table(folder: Path, data_path: str, best: bool = False, delimiter: s
     check_columns(table, names, "--data", data_path, fixes=(
         f"Expected: every feature column the model was trained on ({', '.join(names[:30])}); "
         "other columns are ignored.", "pass --delimiter {sep}"))
-    return decode(predictor(encode(table, recipe, f'--data "{data_path}": ')), recipe)
+    predictions = decode(predictor(encode(table, recipe, f'--data "{data_path}": ')), recipe)
+    return predictions, unseen_categories(table, recipe)
 
 
 # What TensorFlow's native libraries print as they load, whatever TF_CPP_MIN_LOG_LEVEL says

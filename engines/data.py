@@ -357,6 +357,25 @@ def encode(df: pd.DataFrame, recipe: dict, where: str = "") -> np.ndarray:
     return np.ascontiguousarray(np.hstack(blocks), dtype=np.float32)
 
 
+def unseen_categories(df: pd.DataFrame, recipe: dict) -> list[str]:
+    """One line per categorical feature of `df` holding values its recipe has no category for
+    (they encode as all zeros): the column, how many rows, and up to three of the values."""
+    notes = []
+    for c in recipe["features"]:
+        if c["kind"] != "categorical" or c["name"] not in df.columns:
+            continue
+        text = _as_text(df[c["name"]])
+        unseen = text[~text.isin(c["categories"])]
+        if len(unseen):
+            values = unseen.value_counts()
+            shown = ", ".join(repr(v) for v in values.index[:3]) + (", ..." if len(values) > 3 else "")
+            notes.append(f'column "{c["name"]}": {len(unseen)} of {len(df)} rows hold '
+                         f"{len(values)} value{'s' if len(values) > 1 else ''} the model has no "
+                         f"category for ({shown}); they encode as none of its "
+                         f"{len(c['categories'])} categories")
+    return notes
+
+
 def encode_target(y: pd.Series, recipe: dict, which: str, where: str = "") -> np.ndarray:
     t = recipe["target"]
     if y.isna().any():

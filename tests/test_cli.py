@@ -1,10 +1,13 @@
 """The CLI on real spools, through click's CliRunner (and a real daemon for submit --follow)."""
+import io
 import json
 import os
 import subprocess
 import sys
 import threading
 
+import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -23,9 +26,13 @@ def trained(tmp_path_factory):
     spool = tmp / "spool"
     Spool(spool).ensure()
     data = classification_csv(tmp / "train.csv")
+    table = pd.read_csv(data)  # and a text column, one-hot encoded over its three values
+    table.insert(3, "colour", np.random.default_rng(5).choice(["red", "green", "blue"], len(table)))
+    table.to_csv(data, index=False)
     d = DaemonProcess(spool)
     try:
-        drop_job(spool, "done.json", seed_job(data, epochs=2))
+        drop_job(spool, "done.json", seed_job(data, epochs=2, feature_columns=[
+            "feature1", "feature2", "feature3", "colour"]))
         wait_for_status(spool, "done", "completed")
     finally:
         d.stop()
@@ -233,6 +240,24 @@ def test_predict_reads_other_delimiters_and_names_what_the_data_lacks(trained, t
     assert "Expected: every feature column the model was trained on (feature1, feature2, feature3" in lacking.output
     bad = invoke("predict", "--spool", spool, "done", data, "--delimiter", ";;")
     assert bad.exit_code == 2 and "expected one character" in bad.output
+
+
+def test_predict_notes_categorical_values_the_model_was_not_trained_on(trained, tmp_path):
+    """A value of a text column that training never saw encodes as none of its categories:
+    predict still predicts every row, and says on stderr which column, how many rows and
+    which values, so that the CSV on stdout stays clean."""
+    spool, data = trained
+    table = pd.read_csv(data)
+    assert invoke("predict", "--spool", spool, "done", data).stderr == ""
+    table.loc[[0, 5, 9], "colour"] = ["purple", "teal", "purple"]
+    newer = tmp_path / "newer.csv"
+    table.to_csv(newer, index=False)
+    result = invoke("predict", "--spool", spool, "done", newer)
+    assert result.exit_code == 0
+    assert len(pd.read_csv(io.StringIO(result.stdout))) == len(table)
+    assert result.stderr == (f'note: column "colour": 3 of {len(table)} rows hold 2 values the '
+                             "model has no category for ('purple', 'teal'); they encode as none of "
+                             "its 3 categories\n")
 
 
 def test_the_plot_marks_the_best_epoch(trained, tmp_path):
