@@ -612,7 +612,9 @@ def plot(spool, job_id, output):
               "also works while the job runs, and after it was paused, cancelled or failed.")
 @click.option("--delimiter", default=",", show_default=True, callback=lambda _c, _p, v: one_char(v),
               help='The CSV\'s field separator: one character, or "tab".')
-def predict(spool, model, data, data_option, output, best, delimiter):
+@click.option("--encoding", default="utf-8", show_default=True, callback=lambda _c, _p, v: text_encoding(v),
+              help='The CSV\'s text encoding, e.g. "cp1252" (Excel on Windows) or "latin-1".')
+def predict(spool, model, data, data_option, output, best, delimiter, encoding):
     """Apply a trained model to a table. MODEL is a job id or a folder with model.json; DATA
     a CSV or Parquet file with the feature columns.
 
@@ -629,7 +631,8 @@ def predict(spool, model, data, data_option, output, best, delimiter):
                                f"feature columns, e.g. epochd predict {model} new.csv")
     folder = Path(model) if Path(model).is_dir() else model_folder(Spool(spool), model, best)
     try:
-        table, notes = predict_table(folder, data_path, best=best, delimiter=delimiter)
+        table, notes = predict_table(folder, data_path, best=best, delimiter=delimiter,
+                                     encoding=encoding)
     except EpochdError as e:
         raise CliError(str(e)) from None
     for note in notes:  # on stderr, so that the predictions on stdout stay a clean CSV
@@ -647,6 +650,14 @@ def one_char(value: str) -> str:
     if len(value) != 1:
         raise click.BadParameter(f'expected one character, e.g. ";" or "tab". Received: {value!r}.')
     return value
+
+
+def text_encoding(value: str) -> str:
+    from .spec import text_encoding as known
+    try:
+        return known(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def model_folder(spool: Spool, job_id: str, best: bool = False) -> Path:

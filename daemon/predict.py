@@ -17,12 +17,12 @@ import pandas as pd
 from .errors import DataError
 
 
-def predict_table(folder: Path, data_path: str, best: bool = False,
-                  delimiter: str = ",") -> tuple[pd.DataFrame, list[str]]:
+def predict_table(folder: Path, data_path: str, best: bool = False, delimiter: str = ",",
+                  encoding: str = "utf-8") -> tuple[pd.DataFrame, list[str]]:
     """The predictions for the table at `data_path`, and notes on what in it the model was not
     trained on (categorical values it has no category for)."""
     from engines import load_engine
-    from engines.data import check_columns, decode, encode, read_table, unseen_categories
+    from engines.data import Fixes, check_columns, decode, encode, read_table, unseen_categories
     folder = Path(folder)
     try:
         described_by = "best.json" if best and (folder / "best.json").is_file() else "model.json"
@@ -46,11 +46,13 @@ def predict_table(folder: Path, data_path: str, best: bool = False,
     with native_noise_filtered():
         engine = load_engine(arch["framework"])
     predictor = engine.predictor(folder, arch, weights)
-    table = read_table(data_path, {"format": "auto", "delimiter": delimiter}, "--data")
     names = [c["name"] for c in recipe["features"]]
-    check_columns(table, names, "--data", data_path, fixes=(
-        f"Expected: every feature column the model was trained on ({', '.join(names[:30])}); "
-        "other columns are ignored.", "pass --delimiter {sep}"))
+    fixes = Fixes(f"Expected: every feature column the model was trained on "
+                  f"({', '.join(names[:30])}); other columns are ignored.",
+                  "pass --delimiter {sep}", "pass --encoding {enc}")
+    table = read_table(data_path, {"format": "auto", "delimiter": delimiter, "encoding": encoding},
+                       "--data", fixes)
+    check_columns(table, names, "--data", data_path, fixes)
     predictions = decode(predictor(encode(table, recipe, f'--data "{data_path}": ')), recipe)
     return predictions, unseen_categories(table, recipe)
 

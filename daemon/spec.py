@@ -217,9 +217,22 @@ class Limits(Strict):
                                        description="seconds >= 1 of training, all runs together, or null")
 
 
+def text_encoding(name: str) -> str:
+    """`name` if Python has a text codec by that name; ValueError otherwise."""
+    try:
+        "a".encode(name)  # a LookupError for names Python lacks and for bytes codecs (base64)
+    except LookupError:
+        raise ValueError(f"{name!r} is not a text encoding Python knows; expected one such as "
+                         '"utf-8", "cp1252", "latin-1" or "utf-16"') from None
+    return name
+
+
 class DataOptions(Strict):
     format: Literal["auto", "csv", "parquet"] = Field("auto", description='"auto", "csv" or "parquet"')
     delimiter: str = Field(",", min_length=1, max_length=1, description='one character, e.g. ","')
+    encoding: str = Field("utf-8", min_length=1, max_length=40,
+                          description='a text encoding, e.g. "utf-8", "cp1252" (Excel on Windows), '
+                                      '"latin-1" or "utf-16"')
     streaming: bool = Field(False, description="true or false: train from disk in chunks, for "
                                               "data larger than memory")
     chunk_rows: int = Field(65_536, ge=1, le=1 << 24,
@@ -228,6 +241,9 @@ class DataOptions(Strict):
                                 description="a whole number >= 1: streaming chunks shuffled together")
     max_categories: int = Field(50, ge=2, le=10_000,
                                 description="a whole number >= 2: distinct values a text column may have")
+
+
+    _check_encoding = field_validator("encoding")(lambda v: text_encoding(v))
 
 
 class JobSpec(Strict):

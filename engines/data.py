@@ -1,7 +1,9 @@
 """The data pipeline every engine shares: tables in, float32 matrices and a JSON recipe out.
 
 Decisions (the README repeats them):
-- CSV (read through pyarrow) or Parquet, chosen by `data.format` or the file's extension.
+- CSV (read through pyarrow) or Parquet, chosen by `data.format` or the file's extension. A CSV
+  is text in `data.encoding` (UTF-8 unless told); a value that does not decode is a data error
+  naming the encoding to set, never a category made of bytes.
 - Task `auto`: a text, boolean or categorical target means classification; a numeric target
   whose values are all whole numbers with at most 20 distinct values means classification;
   anything else is regression.
@@ -27,7 +29,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -95,21 +97,94 @@ def table_format(path: str, options: dict) -> str:
     return fmt
 
 
-def read_table(path: str, options: dict, what: str) -> pd.DataFrame:
+class Fixes(NamedTuple):
+    """What an error about a table tells its user to change: the job file, or predict's options."""
+    names: str      # the column names are wrong
+    delimiter: str  # a template: {sep} is the JSON-quoted separator
+    encoding: str   # a template: {enc} is the JSON-quoted text encoding
+
+
+JOB_FIXES = Fixes("Fix the job's column names.", 'set "data": {{"delimiter": {sep}}} in the job file',
+                  'set "data": {{"encoding": {enc}}} in the job file')
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def read_table(path: str, options: dict, what: str, fixes: Fixes = JOB_FIXES) -> pd.DataFrame:
     check_file(path, what)
     p, fmt = Path(path), table_format(path, options)
+    encoding = options.get("encoding", "utf-8")
+    if fmt == "csv":
+        check_byte_order_mark(path, encoding, what, fixes)
     try:
         if fmt == "parquet":
             df = pd.read_parquet(p)
         else:
-            df = pd.read_csv(p, sep=options.get("delimiter", ","), engine="pyarrow")
+            df = pd.read_csv(p, sep=options.get("delimiter", ","), engine="pyarrow",
+                             encoding=encoding)
     except Exception as e:  # pyarrow and pandas raise many types for unreadable files
+        expected = (encoding_hint(path, encoding, fixes) if fmt == "csv" and not_text(e) else
+                    f"Expected: a well-formed {fmt.upper()} file with a header row.")
         raise DataError(f'could not read {what} "{path}" as {fmt.upper()}: '
-                        f"{type(e).__name__}: {e}. Expected: a well-formed {fmt.upper()} file "
-                        "with a header row.") from None
+                        f"{type(e).__name__}: {e}. {expected}") from None
+    if fmt == "csv":
+        check_text(df, path, what, encoding, fixes)
     # the index is the row's place in the file (0-based), which splitting keeps: what error
     # messages name (a Parquet file written from pandas may bring an index of its own)
     return df.reset_index(drop=True)
+
+
+# A CSV is read as text in `data.encoding` (UTF-8 unless told). pyarrow reads a column whose bytes
+# are not UTF-8 as bytes rather than failing: left alone, b'caf\xe9' would become a category.
+def check_byte_order_mark(path: str, encoding: str, what: str, fixes: Fixes) -> None:
+    """A UTF-16 file (Excel's "Unicode text") read as UTF-8 parses as one garbled column."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head in UTF16_BOMS and "16" not in encoding:
+        raise DataError(f'{what} "{path}" is UTF-16 text (it begins with a UTF-16 byte-order '
+                        f'mark). Expected: {encoding} text: '
+                        f"{fixes.encoding.format(enc=json.dumps('utf-16'))}, or save it as UTF-8.")
+
+
+def not_text(e: Exception) -> bool:
+    """Whether a reader's exception says that bytes did not decode."""
+    return isinstance(e, UnicodeError) or any(w in str(e).lower() for w in ("utf8", "utf-8", "decode"))
+
+
+def encoding_hint(path: str, encoding: str, fixes: Fixes, sample: bytes | None = None) -> str:
+    """What was expected, what the bytes probably are (cp1252 where they decode as such, else
+    latin-1) and what to set: how an error about undecodable text ends."""
+    if sample is None:
+        with open(path, "rb") as f:
+            sample = f.read(1 << 16)
+    guess = "cp1252" if _decodes(sample, "cp1252") else "latin-1"
+    return (f"Expected: {encoding} text. The file may be {guess} (Excel on Windows writes cp1252): "
+            f"{fixes.encoding.format(enc=json.dumps(guess))}, or save it as UTF-8.")
+
+
+def _decodes(data: bytes, encoding: str) -> bool:
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def check_text(df: pd.DataFrame, path: str, what: str, encoding: str, fixes: Fixes,
+               first_row: int = 0) -> None:
+    """DataError for a column pyarrow read as bytes: the first row whose bytes do not decode.
+    `first_row`: the row in the file of the frame's first row (a streaming block's)."""
+    for name in df.columns:
+        col = df[name]
+        if col.dtype != object:
+            continue
+        first = col.first_valid_index()
+        if first is None or not isinstance(col.loc[first], bytes):
+            continue
+        at = next((i for i, v in enumerate(col) if isinstance(v, bytes) and not _decodes(v, "utf-8")), 0)
+        value = col.iloc[at]
+        raise DataError(f'{what} "{path}" column "{name}" holds text that is not {encoding}: row '
+                        f"{first_row + at + 1} holds {value!r} ({ROWS_NOTE}). "
+                        f"{encoding_hint(path, encoding, fixes, value)}")
 
 
 def rows_where(col: pd.Series, mask) -> str:
@@ -144,11 +219,8 @@ def check_values(df: pd.DataFrame, features: list[str], target: str, cats, what:
         _finite(col, _numeric(col, f'{what} "{path}": '), f'{what} "{path}": ')
 
 
-JOB_FIXES = ("Fix the job's column names.", 'set "data": {{"delimiter": {sep}}} in the job file')
-
-
 def check_columns(df: pd.DataFrame, wanted: list[str], what: str, path: str,
-                  fixes: tuple[str, str] = JOB_FIXES) -> None:
+                  fixes: Fixes = JOB_FIXES) -> None:
     """DataError unless `df` has every `wanted` column. `fixes`: what to do about wrong names,
     and about a wrong delimiter (a template taking the JSON-quoted separator as `sep`)."""
     missing = [c for c in wanted if c not in df.columns]
@@ -165,14 +237,14 @@ def check_columns(df: pd.DataFrame, wanted: list[str], what: str, path: str,
                     f"{', '.join(map(str, df.columns[:30]))}. {_fix(df.columns, fixes)}")
 
 
-def _fix(found, fixes: tuple[str, str]) -> str:
+def _fix(found, fixes: Fixes) -> str:
     """What to change: the column names, or, when the whole header came out as one column that
     holds a separator, the file's delimiter (a semicolon CSV from a spreadsheet, a TSV)."""
     seps = [s for s in ";\t|," if len(found) == 1 and s in str(found[0])]
     if seps:
         return (f"The header was read as one column but holds {seps[0]!r}: "
-                f"{fixes[1].format(sep=json.dumps(seps[0]))}.")
-    return fixes[0]
+                f"{fixes.delimiter.format(sep=json.dumps(seps[0]))}.")
+    return fixes.names
 
 
 def prepare(spec: dict, stream_folder: Path | None = None) -> Prepared:

@@ -184,16 +184,22 @@ def _columns(path: str, options: dict, what: str) -> list[str]:
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
     D.check_file(path, what)
+    fmt, encoding = D.table_format(path, options), options.get("encoding", "utf-8")
+    if fmt == "csv":
+        D.check_byte_order_mark(path, encoding, what, D.JOB_FIXES)
     try:
-        if D.table_format(path, options) == "parquet":
+        if fmt == "parquet":
             return list(pq.ParquetFile(path).schema_arrow.names)
         with open(path, "rb") as f, pcsv.open_csv(
-                f, read_options=pcsv.ReadOptions(block_size=1 << 20, use_threads=False),
+                f, read_options=pcsv.ReadOptions(block_size=1 << 20, use_threads=False,
+                                                  encoding=encoding),
                 parse_options=pcsv.ParseOptions(delimiter=options["delimiter"])) as r:
             return list(r.schema.names)
     except Exception as e:
-        raise DataError(f'could not read {what} "{path}" as {D.table_format(path, options).upper()}: '
-                        f"{type(e).__name__}: {e}. Expected: a well-formed file with a header row.") from None
+        expected = (D.encoding_hint(path, encoding, D.JOB_FIXES) if fmt == "csv" and D.not_text(e)
+                    else "Expected: a well-formed file with a header row.")
+        raise DataError(f'could not read {what} "{path}" as {fmt.upper()}: '
+                        f"{type(e).__name__}: {e}. {expected}") from None
 
 
 def iter_frames(path: str, options: dict, columns: list[str], text_columns: list[str], what: str):
@@ -211,8 +217,9 @@ def iter_frames(path: str, options: dict, columns: list[str], text_columns: list
                 row += len(frame)
                 yield frame
             return
+        encoding = options.get("encoding", "utf-8")
         parse = pcsv.ParseOptions(delimiter=options["delimiter"])
-        read = pcsv.ReadOptions(block_size=READ_BLOCK_BYTES, use_threads=False)
+        read = pcsv.ReadOptions(block_size=READ_BLOCK_BYTES, use_threads=False, encoding=encoding)
         text = {c: pa.string() for c in text_columns}
         # (a Python file object: given a path, pyarrow reads far ahead of the parser, which
         # holds much of the file in memory at once)
@@ -236,16 +243,22 @@ def iter_frames(path: str, options: dict, columns: list[str], text_columns: list
                 size += batch.nbytes
                 if size >= FRAME_BYTES:
                     frame = _placed(pa.Table.from_batches(batches).to_pandas(), row)
+                    D.check_text(frame, path, what, encoding, D.JOB_FIXES, row)
                     batches, size = [], 0
                     row += len(frame)
                     yield frame
             if batches:
                 frame = _placed(pa.Table.from_batches(batches).to_pandas(), row)
+                D.check_text(frame, path, what, encoding, D.JOB_FIXES, row)
                 row += len(frame)
                 yield frame
     except DataError:
         raise
     except Exception as e:
+        if fmt == "csv" and D.not_text(e):
+            raise DataError(f'could not read {what} "{path}" as CSV after row {row}: '
+                            f"{type(e).__name__}: {e}. "
+                            + D.encoding_hint(path, options.get("encoding", "utf-8"), D.JOB_FIXES)) from None
         hint = ""
         if "conversion" in str(e).lower():
             found = re.search(r"CSV column #(\d+)", str(e))

@@ -240,6 +240,14 @@ def test_predict_reads_other_delimiters_and_names_what_the_data_lacks(trained, t
     assert "Expected: every feature column the model was trained on (feature1, feature2, feature3" in lacking.output
     bad = invoke("predict", "--spool", spool, "done", data, "--delimiter", ";;")
     assert bad.exit_code == 2 and "expected one character" in bad.output
+    wide = tmp_path / "unicode.txt"  # Excel's "Unicode text"
+    table.to_csv(wide, index=False, encoding="utf-16")
+    refused = invoke("predict", "--spool", spool, "done", wide)
+    assert refused.exit_code == Exit.ERROR
+    assert 'is UTF-16 text (it begins with a UTF-16 byte-order mark). Expected: utf-8 text: pass --encoding "utf-16"' in refused.output
+    assert invoke("predict", "--spool", spool, "done", wide, "--encoding", "utf-16").output == want
+    unknown = invoke("predict", "--spool", spool, "done", data, "--encoding", "utf-9")
+    assert unknown.exit_code == 2 and "'utf-9' is not a text encoding Python knows" in unknown.output
 
 
 def test_predict_notes_categorical_values_the_model_was_not_trained_on(trained, tmp_path):

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from daemon import spec as specs
-from daemon.errors import DataError
+from daemon.errors import BadJobFile, DataError
 from engines.data import decode, encode, epoch_order, prepare, split
 from tests.conftest import WINE, classification_csv, regression_csv
 
@@ -212,3 +212,57 @@ def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
     assert not np.array_equal(a, epoch_order(8, 3, 1000))
     assert sorted(a) == list(range(1000))
     assert np.array_equal(epoch_order(7, 3, 10, shuffle=False), np.arange(10))
+
+
+def spreadsheet_export(tmp_path, encoding: str, rows: int = 40) -> pd.DataFrame:
+    """A table whose text column holds accented values, written in `encoding` (as Excel on
+    Windows writes cp1252, or "Unicode text" UTF-16)."""
+    table = pd.DataFrame({"x": np.arange(rows, dtype=float),
+                          "origin": ["Évora", "Lyon", "Zürich", "Porto"] * (rows // 4),
+                          "target": ["yes", "no"] * (rows // 2)})
+    table.to_csv(tmp_path / "train.csv", index=False, encoding=encoding)
+    return table
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_text_in_another_encoding_is_an_error_naming_the_row_and_the_encoding_to_set(tmp_path, streaming):
+    """A cp1252 CSV read as UTF-8 would have its accented column read as bytes (b'\\xc9vora'),
+    categories no other file matches: the job fails naming the column, the first row and the
+    data.encoding to set; with it, the values are the text they stand for."""
+    table = spreadsheet_export(tmp_path, "cp1252")
+    data = {"streaming": True, "chunk_rows": 16} if streaming else {}
+    folder = (tmp_path / "s") if streaming else None
+    with pytest.raises(DataError) as err:
+        prepare(job(tmp_path, data=data), folder)
+    assert str(err.value).startswith(
+        f'train_data_path "{tmp_path / "train.csv"}" column "origin" holds text that is not utf-8: '
+        "row 1 holds b'\\xc9vora' (rows count from 1 below the header). Expected: utf-8 text. The "
+        'file may be cp1252 (Excel on Windows writes cp1252): set "data": {"encoding": "cp1252"} '
+        "in the job file, or save it as UTF-8.")
+    d = prepare(job(tmp_path, data={**data, "encoding": "cp1252"}), folder)
+    origin = next(c for c in d.preprocess["features"] if c["name"] == "origin")
+    assert sorted(origin["categories"]) == sorted(set(table["origin"]))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_utf16_file_and_a_header_in_another_encoding_say_which_encoding_to_set(tmp_path, streaming):
+    data = {"streaming": True, "chunk_rows": 16} if streaming else {}
+    folder = (tmp_path / "s") if streaming else None
+    spreadsheet_export(tmp_path, "utf-16")
+    with pytest.raises(DataError, match=r'is UTF-16 text \(it begins with a UTF-16 byte-order mark\). '
+                                        r'Expected: utf-8 text: set "data": \{"encoding": "utf-16"\}'):
+        prepare(job(tmp_path, data=data), folder)
+    d = prepare(job(tmp_path, data={**data, "encoding": "utf-16"}), folder)
+    assert d.n_train + d.n_val == 40 and d.input_dim == 5  # x and the four places
+    (tmp_path / "train.csv").write_bytes("año,target\n1,yes\n2,no\n3,yes\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"UnicodeDecodeError: .*Expected: utf-8 text\. The file may "
+                                        r'be cp1252 .*set "data": \{"encoding": "cp1252"\}'):
+        prepare(job(tmp_path, data=data, validation_split=0.0), folder)
+
+
+def test_an_encoding_python_does_not_know_is_refused_at_submission():
+    for name in ("utf-9", "base64"):
+        with pytest.raises(BadJobFile, match=f"'{name}' is not a text encoding Python knows"):
+            specs.validate({"train_data_path": "t.csv", "target_column": "y", "data": {"encoding": name}})
+    assert specs.validate({"train_data_path": "t.csv", "target_column": "y",
+                           "data": {"encoding": "latin-1"}}).data.encoding == "latin-1"
