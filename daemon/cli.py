@@ -610,11 +610,14 @@ def plot(spool, job_id, output):
               help="CSV to write. Default: standard output.")
 @click.option("--best", is_flag=True, help="Use the best weights instead of the final ones; "
               "also works while the job runs, and after it was paused, cancelled or failed.")
-@click.option("--delimiter", default=",", show_default=True, callback=lambda _c, _p, v: one_char(v),
-              help='The CSV\'s field separator: one character, or "tab".')
-@click.option("--encoding", default="utf-8", show_default=True, callback=lambda _c, _p, v: text_encoding(v),
+@click.option("--delimiter", callback=lambda _c, _p, v: one_char(v),
+              help='The CSV\'s field separator: one character, or "tab". Default: the job\'s '
+                   "data.delimiter (as for --encoding and --decimal: DATA is read as the job read "
+                   "its own).")
+@click.option("--encoding", callback=lambda _c, _p, v: text_encoding(v),
               help='The CSV\'s text encoding, e.g. "cp1252" (Excel on Windows) or "latin-1".')
-def predict(spool, model, data, data_option, output, best, delimiter, encoding):
+@click.option("--decimal", type=click.Choice([".", ","]), help="The numbers' decimal mark.")
+def predict(spool, model, data, data_option, output, best, delimiter, encoding, decimal):
     """Apply a trained model to a table. MODEL is a job id or a folder with model.json; DATA
     a CSV or Parquet file with the feature columns.
 
@@ -631,8 +634,9 @@ def predict(spool, model, data, data_option, output, best, delimiter, encoding):
                                f"feature columns, e.g. epochd predict {model} new.csv")
     folder = Path(model) if Path(model).is_dir() else model_folder(Spool(spool), model, best)
     try:
-        table, notes = predict_table(folder, data_path, best=best, delimiter=delimiter,
-                                     encoding=encoding)
+        given = {"delimiter": delimiter, "encoding": encoding, "decimal": decimal}
+        table, notes = predict_table(folder, data_path, best=best,
+                                     read={k: v for k, v in given.items() if v is not None})
     except EpochdError as e:
         raise CliError(str(e)) from None
     for note in notes:  # on stderr, so that the predictions on stdout stay a clean CSV
@@ -644,16 +648,20 @@ def predict(spool, model, data, data_option, output, best, delimiter, encoding):
         click.echo(f"wrote {len(table)} predictions to {output}")
 
 
-def one_char(value: str) -> str:
+def one_char(value: str | None) -> str | None:
     """A separator as given on a command line: one character, or a tab as "tab" or "\\t"."""
+    if value is None:
+        return None
     value = {"tab": "\t", "\\t": "\t"}.get(value.lower(), value)
     if len(value) != 1:
         raise click.BadParameter(f'expected one character, e.g. ";" or "tab". Received: {value!r}.')
     return value
 
 
-def text_encoding(value: str) -> str:
+def text_encoding(value: str | None) -> str | None:
     from .spec import text_encoding as known
+    if value is None:
+        return None
     try:
         return known(value)
     except ValueError as e:

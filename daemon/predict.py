@@ -17,12 +17,14 @@ import pandas as pd
 from .errors import DataError
 
 
-def predict_table(folder: Path, data_path: str, best: bool = False, delimiter: str = ",",
-                  encoding: str = "utf-8") -> tuple[pd.DataFrame, list[str]]:
+def predict_table(folder: Path, data_path: str, best: bool = False,
+                  read: dict | None = None) -> tuple[pd.DataFrame, list[str]]:
     """The predictions for the table at `data_path`, and notes on what in it the model was not
-    trained on (categorical values it has no category for)."""
+    trained on (categorical values it has no category for). `read`: how to read a CSV
+    (delimiter, encoding, decimal); what it leaves out is read as the job read its own data."""
     from engines import load_engine
-    from engines.data import Fixes, check_columns, decode, encode, read_table, unseen_categories
+    from engines.data import (Fixes, check_columns, decode, encode, read_options, read_table,
+                              unseen_categories)
     folder = Path(folder)
     try:
         described_by = "best.json" if best and (folder / "best.json").is_file() else "model.json"
@@ -49,9 +51,9 @@ def predict_table(folder: Path, data_path: str, best: bool = False, delimiter: s
     names = [c["name"] for c in recipe["features"]]
     fixes = Fixes(f"Expected: every feature column the model was trained on "
                   f"({', '.join(names[:30])}); other columns are ignored.",
-                  "pass --delimiter {sep}", "pass --encoding {enc}")
-    table = read_table(data_path, {"format": "auto", "delimiter": delimiter, "encoding": encoding},
-                       "--data", fixes)
+                  "pass --delimiter {sep}", "pass --encoding {enc}", "pass --decimal ,")
+    options = {"format": "auto", **read_options(recipe.get("read", {})), **(read or {})}
+    table = read_table(data_path, options, "--data", fixes)
     check_columns(table, names, "--data", data_path, fixes)
     predictions = decode(predictor(encode(table, recipe, f'--data "{data_path}": ')), recipe)
     return predictions, unseen_categories(table, recipe)

@@ -230,6 +230,9 @@ def text_encoding(name: str) -> str:
 class DataOptions(Strict):
     format: Literal["auto", "csv", "parquet"] = Field("auto", description='"auto", "csv" or "parquet"')
     delimiter: str = Field(",", min_length=1, max_length=1, description='one character, e.g. ","')
+    decimal: Literal[".", ","] = Field(".", description='"." or ",": the decimal mark of the '
+                                                         'numbers in a CSV (Excel in much of Europe '
+                                                         'writes "1,5" in ";"-separated files)')
     encoding: str = Field("utf-8", min_length=1, max_length=40,
                           description='a text encoding, e.g. "utf-8", "cp1252" (Excel on Windows), '
                                       '"latin-1" or "utf-16"')

@@ -27,6 +27,7 @@ Decisions (the README repeats them):
 import difflib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -102,10 +103,18 @@ class Fixes(NamedTuple):
     names: str      # the column names are wrong
     delimiter: str  # a template: {sep} is the JSON-quoted separator
     encoding: str   # a template: {enc} is the JSON-quoted text encoding
+    decimal: str = 'set "data": {"decimal": ","} in the job file'
 
 
 JOB_FIXES = Fixes("Fix the job's column names.", 'set "data": {{"delimiter": {sep}}} in the job file',
                   'set "data": {{"encoding": {enc}}} in the job file')
+READ_DEFAULTS = {"delimiter": ",", "encoding": "utf-8", "decimal": "."}
+
+
+def read_options(options: dict) -> dict:
+    """How a CSV was read (`data.delimiter`, `encoding`, `decimal`): saved in the recipe, so that
+    `epochd predict` reads new data as the job read its own."""
+    return {key: options.get(key, default) for key, default in READ_DEFAULTS.items()}
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
@@ -120,7 +129,7 @@ def read_table(path: str, options: dict, what: str, fixes: Fixes = JOB_FIXES) ->
             df = pd.read_parquet(p)
         else:
             df = pd.read_csv(p, sep=options.get("delimiter", ","), engine="pyarrow",
-                             encoding=encoding)
+                             encoding=encoding, decimal=options.get("decimal", "."))
     except Exception as e:  # pyarrow and pandas raise many types for unreadable files
         expected = (encoding_hint(path, encoding, fixes) if fmt == "csv" and not_text(e) else
                     f"Expected: a well-formed {fmt.upper()} file with a header row.")
@@ -201,22 +210,57 @@ def missing(y: pd.Series) -> str:
             f"({rows_where(y, y.isna())}; {ROWS_NOTE})")
 
 
-def check_values(df: pd.DataFrame, features: list[str], target: str, cats, what: str, path: str) -> None:
+def check_values(df: pd.DataFrame, features: list[str], target: str, cats, what: str, path: str,
+                 task: str = "auto") -> None:
     """The checks that do not depend on the split, on every row of a file: missing labels, and
-    for each column not listed as categorical, stray text among numbers and infinities."""
-    y = df[target]
+    for each column not listed as categorical, stray text among numbers, numbers written with a
+    decimal comma, and infinities."""
+    y, where = df[target], f'{what} "{path}": '
     if y.isna().any():
         raise DataError(f'{what} "{path}": the target column "{target}" {missing(y)}. Expected: a '
                         "value in every row; drop or fill those rows.")
     if not _is_text(y):
-        _finite(y, _numeric(y, f'{what} "{path}": ', TARGET), f'{what} "{path}": ', TARGET)
+        _finite(y, _numeric(y, where, TARGET), where, TARGET)
+    elif task != "classification":
+        check_decimal_comma(y, where, TARGET)
     for name in features:
         col = df[name]
         if isinstance(cats, list) and name in cats:
             continue
+        if _is_text(col):
+            check_decimal_comma(col, where)
         if _is_text(col) and pd.to_numeric(col, errors="coerce").notna().mean() < 0.9:
             continue  # text: a categorical column (its own checks come with the fit)
-        _finite(col, _numeric(col, f'{what} "{path}": '), f'{what} "{path}": ')
+        _finite(col, _numeric(col, where), where)
+
+
+COMMA_NUMBER, WHOLE_NUMBER = r"\s*[+-]?\d*,\d+\s*", r"\s*[+-]?\d+\s*"
+THOUSANDS = r"\s*[+-]?\d{1,3}(?:,\d{3})+\s*"  # "1,000" or "12,500,000"
+
+
+def check_decimal_comma(col: pd.Series, where: str = "", kind: str = FEATURE,
+                        fixes: Fixes = JOB_FIXES) -> None:
+    """DataError for a text column whose every value is a number written with a comma ("1,5",
+    "1,000") or a whole number: read as text, it would become categories (or classes) rather
+    than numbers. A sample is matched first, the whole column only if it is all such numbers."""
+    text = col.dropna()
+    for values in (text.iloc[:1000], text) if len(text) > 1000 else (text,):
+        values = values.astype(str)
+        comma = values.str.fullmatch(COMMA_NUMBER) | values.str.fullmatch(THOUSANDS)
+        if not comma.any() or not (comma | values.str.fullmatch(WHOLE_NUMBER)).all():
+            return
+    first = int(comma.to_numpy().argmax())
+    also = ", or list the column in categorical_columns to one-hot encode its values" \
+        if kind == FEATURE else ""
+    row = (f"row {int(values.index[first]) + 1} holds {values.iloc[first]!r} ({ROWS_NOTE})")
+    if values[comma].str.fullmatch(THOUSANDS).all():  # "1,000" is a thousand or one
+        raise DataError(f'{where}{kind} "{col.name}" holds numbers written with a comma, which '
+                        f"would be read as text: {row}. Expected: plain numbers. If the comma "
+                        "separates thousands, write the numbers without it; if it is the decimal "
+                        f"mark, {fixes.decimal}{also}.")
+    raise DataError(f'{where}{kind} "{col.name}" holds numbers written with a decimal comma, '
+                    f"which would be read as text: {row}. Expected: numbers with a decimal point, "
+                    f"or the file's decimal mark: {fixes.decimal}{also}.")
 
 
 def check_columns(df: pd.DataFrame, wanted: list[str], what: str, path: str,
@@ -267,10 +311,10 @@ def prepare(spec: dict, stream_folder: Path | None = None) -> Prepared:
         val = read_table(spec["val_data_path"], opts, "val_data_path")
         check_columns(val, features + [target], "val_data_path", spec["val_data_path"])
     check_values(train, features, target, spec["categorical_columns"], "train_data_path",
-                 spec["train_data_path"])
+                 spec["train_data_path"], spec["task"])
     if spec["val_data_path"]:
         check_values(val, features, target, spec["categorical_columns"], "val_data_path",
-                     spec["val_data_path"])
+                     spec["val_data_path"], spec["task"])
     else:
         whole = train
         train, val = split(train, spec["validation_split"], spec["seed"])
@@ -293,6 +337,7 @@ def prepare(spec: dict, stream_folder: Path | None = None) -> Prepared:
     else:
         x_val = y_val = None
     recipe["rows"] = {"train": len(train), "val": 0 if x_val is None else len(x_val)}
+    recipe["read"] = read_options(opts)
     n_outputs = 1 if task == "regression" or len(recipe["target"]["classes"]) == 2 \
         else len(recipe["target"]["classes"])
     return Prepared(task, x_train, y_train, x_val, y_val, n_outputs, recipe)
@@ -355,10 +400,15 @@ def _numeric(col: pd.Series, where: str = "", kind: str = FEATURE) -> np.ndarray
     bad = (col.notna() & converted.isna()).to_numpy()
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
+        comma = bool(re.fullmatch(COMMA_NUMBER, str(col.iloc[first])))
         raise DataError(f'{where}{kind} "{col.name}" is not numeric: {rows_where(col, bad)} '
                         f"{'holds' if bad.sum() == 1 else 'hold text, the first'} "
-                        f"{col.iloc[first]!r} ({ROWS_NOTE}). Expected: numbers; fix the value, "
-                        "or list the column in categorical_columns to one-hot encode it.")
+                        f"{col.iloc[first]!r} ({ROWS_NOTE}). Expected: numbers; "
+                        + ("it looks like a number with a decimal comma: read the file with the "
+                           'decimal mark "," ("data": {"decimal": ","} in a job file, --decimal , '
+                           "for epochd predict), or fix the value." if comma else
+                           "fix the value, or list the column in categorical_columns to one-hot "
+                           "encode it."))
     return converted.to_numpy(dtype=float, na_value=np.nan)
 
 

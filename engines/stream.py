@@ -217,7 +217,7 @@ def iter_frames(path: str, options: dict, columns: list[str], text_columns: list
                 row += len(frame)
                 yield frame
             return
-        encoding = options.get("encoding", "utf-8")
+        encoding, decimal = options.get("encoding", "utf-8"), options.get("decimal", ".")
         parse = pcsv.ParseOptions(delimiter=options["delimiter"])
         read = pcsv.ReadOptions(block_size=READ_BLOCK_BYTES, use_threads=False, encoding=encoding)
         text = {c: pa.string() for c in text_columns}
@@ -226,7 +226,8 @@ def iter_frames(path: str, options: dict, columns: list[str], text_columns: list
         with open(path, "rb") as f, pcsv.open_csv(
                 f, read_options=read, parse_options=parse,
                 convert_options=pcsv.ConvertOptions(include_columns=columns, column_types=text,
-                                                    strings_can_be_null=True)) as probe:
+                                                    strings_can_be_null=True,
+                                                    decimal_point=decimal)) as probe:
             schema = probe.schema
         # whole numbers are read as floats: the first block's "1" must not refuse a later "1.5"
         # (a column empty in its first block is taken for numbers)
@@ -236,7 +237,8 @@ def iter_frames(path: str, options: dict, columns: list[str], text_columns: list
         with open(path, "rb") as f, pcsv.open_csv(
                 f, read_options=read, parse_options=parse,
                 convert_options=pcsv.ConvertOptions(include_columns=columns, column_types=types,
-                                                    strings_can_be_null=True)) as reader:
+                                                    strings_can_be_null=True,
+                                                    decimal_point=decimal)) as reader:
             batches, size = [], 0
             for batch in reader:
                 batches.append(batch)
@@ -437,11 +439,16 @@ def fit_streaming(spec: dict, features: list[str], val_masks) -> tuple[dict, str
                             else NumberStats())
             s = stats[c]
             if isinstance(s, TextStats):
+                if not explicit:
+                    D.check_decimal_comma(frame[c], f'train_data_path "{spec["train_data_path"]}": ')
                 s.add(col, frame[c])
             else:
                 if D._is_text(col):  # a column that looked numeric turned out to hold text
                     D._numeric(col)
                 s.add(D._numeric(col), col)
+        if spec["task"] != "classification" and D._is_text(frame[target]):
+            D.check_decimal_comma(frame[target], f'train_data_path "{spec["train_data_path"]}": ',
+                                  D.TARGET)
         if len(train):
             target_stats.add(train[target], D._is_text(train[target]) or
                              pd.api.types.is_bool_dtype(train[target]))
@@ -553,6 +560,7 @@ def _build_cache(spec: dict, features: list[str], folder: Path, fingerprint: dic
                         f"({n_train} training rows, then {counts['train']}). Expected: a file "
                         "that stays put while the job prepares it.")
     recipe["rows"] = dict(counts)
+    recipe["read"] = D.read_options(opts)
     n_outputs = 1 if task == "regression" or len(recipe["target"]["classes"]) == 2 \
         else len(recipe["target"]["classes"])
     manifest = {"fingerprint": fingerprint, "task": task, "n_outputs": n_outputs,

@@ -268,6 +268,28 @@ def test_predict_notes_categorical_values_the_model_was_not_trained_on(trained, 
                              "its 3 categories\n")
 
 
+def test_predict_reads_new_data_as_the_job_read_its_own(tmp_path, spool, daemon_factory):
+    """A job trained on a ";"-separated file with decimal commas (data.delimiter, data.decimal)
+    writes how it read it into preprocess.json: predict reads a file like it without flags,
+    and the flags still say otherwise for a file that is not."""
+    table = pd.read_csv(classification_csv(tmp_path / "plain.csv"))
+    european = tmp_path / "train.csv"
+    table.to_csv(european, sep=";", decimal=",", index=False)
+    daemon_factory(spool)
+    job = seed_job(european, epochs=1)
+    job["data"] = {"delimiter": ";", "decimal": ","}
+    drop_job(spool, "eu.json", job)
+    wait_for_status(spool, "eu", "completed")
+    read_back = invoke("predict", "--spool", spool, "eu", european)
+    assert read_back.exit_code == 0, read_back.output
+    plain = invoke("predict", "--spool", spool, "eu", tmp_path / "plain.csv",
+                   "--delimiter", ",", "--decimal", ".")
+    assert plain.output == read_back.output and len(plain.output.splitlines()) == 241
+    wrong = invoke("predict", "--spool", spool, "eu", european, "--decimal", ".")
+    assert wrong.exit_code == Exit.ERROR
+    assert 'it looks like a number with a decimal comma: read the file with the decimal mark ","' in wrong.output
+
+
 def test_the_plot_marks_the_best_epoch(trained, tmp_path):
     from daemon.plot import plot_history
     state = Spool(trained[0]).state("done")

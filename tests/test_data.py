@@ -266,3 +266,40 @@ def test_an_encoding_python_does_not_know_is_refused_at_submission():
             specs.validate({"train_data_path": "t.csv", "target_column": "y", "data": {"encoding": name}})
     assert specs.validate({"train_data_path": "t.csv", "target_column": "y",
                            "data": {"encoding": "latin-1"}}).data.encoding == "latin-1"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_numbers_with_a_decimal_comma_are_an_error_unless_data_decimal_says_so(tmp_path, streaming):
+    """Excel in much of Europe writes "1,5" in ";"-separated files. Read with the decimal point,
+    such a column is text: a feature of few values would be one-hot encoded, a numeric target
+    taken for classes. The job fails naming the row and data.decimal; with it, they are numbers."""
+    data = {"delimiter": ";", **({"streaming": True, "chunk_rows": 16} if streaming else {})}
+    folder = (tmp_path / "s") if streaming else None
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"x": np.round(rng.normal(size=40), 2), "n": np.arange(40),
+                          "target": [0, 1] * 20})
+    table.to_csv(tmp_path / "train.csv", sep=";", decimal=",", index=False)
+    first = f"{table['x'][0]:.2f}".replace(".", ",")
+    with pytest.raises(DataError) as err:
+        prepare(job(tmp_path, data=data), folder)
+    assert (f'feature column "x" holds numbers written with a decimal comma, which would be read as '
+            f"text: row 1 holds '{first}' (rows count from 1 below the header). Expected: numbers "
+            'with a decimal point, or the file\'s decimal mark: set "data": {"decimal": ","} in the '
+            "job file, or list the column in categorical_columns") in str(err.value)
+    d = prepare(job(tmp_path, data={**data, "decimal": ","}), folder)
+    assert [c["kind"] for c in d.preprocess["features"]] == ["numeric"] * 2
+    assert d.preprocess["read"] == {"delimiter": ";", "encoding": "utf-8", "decimal": ","}
+    table["target"] = np.round(rng.normal(10, 2, 40), 1)  # a regression target, with commas
+    table.to_csv(tmp_path / "train.csv", sep=";", decimal=",", index=False)
+    with pytest.raises(DataError, match=r'target column "target" holds numbers written with a decimal comma'):
+        prepare(job(tmp_path, data=data, feature_columns=["n"]), folder)
+    assert prepare(job(tmp_path, data={**data, "decimal": ","}), folder).task == "regression"
+    # the same file but for a comma that may as well separate thousands
+    table.assign(x=[f"{v:,}" for v in rng.integers(1000, 9000, 40)]).to_csv(
+        tmp_path / "train.csv", sep=";", index=False)
+    with pytest.raises(DataError, match='holds numbers written with a comma, .*If the comma separates '
+                                        "thousands, write the numbers without it; if it is the decimal mark"):
+        prepare(job(tmp_path, data=data, task="regression"), folder)
+    # text that holds a comma here and there is still text
+    table.assign(x=["a,b", "red"] * 20).to_csv(tmp_path / "train.csv", sep=";", index=False)
+    assert prepare(job(tmp_path, data=data), folder).preprocess["features"][0]["kind"] == "categorical"
