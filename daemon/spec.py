@@ -245,7 +245,6 @@ class DataOptions(Strict):
     max_categories: int = Field(50, ge=2, le=10_000,
                                 description="a whole number >= 2: distinct values a text column may have")
 
-
     _check_encoding = field_validator("encoding")(lambda v: text_encoding(v))
 
 
