@@ -24,6 +24,7 @@ Decisions (the README repeats them):
 - The order of samples in epoch e is `epoch_order(seed, e, n)`: a pure function, so a resumed
   job sees the same batches as one that never stopped.
 """
+import datetime
 import difflib
 import json
 import math
@@ -430,13 +431,30 @@ def _fit_categorical(col: pd.Series, max_categories: int, explicit: bool) -> dic
         _numeric(col)
     if len(counts) > max_categories and not explicit:
         examples = ", ".join(repr(v) for v in counts.index[:3])
-        raise DataError(f'feature column "{col.name}" is not numeric: it holds text with '
-                        f"{len(counts)} distinct values (e.g. {examples}). Expected: numbers, or a "
-                        f"categorical column with at most {max_categories} distinct values; list it "
-                        "in categorical_columns (keeps the most frequent), raise "
-                        "data.max_categories, or drop it from feature_columns.")
+        raise DataError(too_many_values(str(col.name), holds(col), f"{len(counts)}", examples,
+                                        max_categories))
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:max_categories]
     return {"name": str(col.name), "kind": "categorical", "categories": [k for k, _ in ranked]}
+
+
+def holds(col: pd.Series) -> str:
+    """What a column that is not numbers holds, in words: "dates", "times" or "text"."""
+    if pd.api.types.is_datetime64_any_dtype(col):
+        return "times"
+    first = col.first_valid_index()
+    return "dates" if first is not None and isinstance(col.loc[first], datetime.date) else "text"
+
+
+def too_many_values(name: str, what: str, count: str, examples: str, max_categories: int) -> str:
+    """The error for a feature column of text (or dates) with too many values to be categories."""
+    fixes = ("epochd derives no numbers from dates: add number columns computed from it (days "
+             "since a start, day of the week...) and drop it from feature_columns, or list it in "
+             "categorical_columns (keeps the most frequent)" if what != "text" else
+             "list it in categorical_columns (keeps the most frequent), raise data.max_categories, "
+             "or drop it from feature_columns")
+    return (f'feature column "{name}" is not numeric: it holds {what} with {count} distinct values '
+            f"(e.g. {examples}). Expected: numbers, or a categorical column with at most "
+            f"{max_categories} distinct values; {fixes}.")
 
 
 def _as_text(col: pd.Series) -> pd.Series:

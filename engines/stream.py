@@ -320,11 +320,14 @@ class TextStats:
         self.counts: Counter = Counter()
         self.rows = self.numeric = 0
         self.first_text: tuple[int, object] | None = None  # (row, value) of the first non-number
+        self.holds: str | None = None  # "text", "dates" or "times", from the first block
 
     def add(self, col: pd.Series, whole: pd.Series) -> None:
         """`col`: a block's training rows, whose values are the categories; `whole`: all the
         block's rows, which say whether the column holds numbers (not the split)."""
         self.counts.update(D._as_text(col).value_counts().to_dict())
+        if self.holds is None:
+            self.holds = D.holds(whole)
         if not self.explicit:
             numbers = pd.to_numeric(whole, errors="coerce")
             self.numeric += int(numbers.notna().sum())
@@ -349,12 +352,9 @@ class TextStats:
                             "list the column in categorical_columns to one-hot encode it.")
         if len(self.counts) > self.max_categories:
             examples = ", ".join(repr(v) for v, _ in self.counts.most_common(3))
-            raise DataError(f'feature column "{self.name}" is not numeric: it holds text with '
-                            f"more than {self.max_categories} distinct values (e.g. {examples}). "
-                            "Expected: numbers, or a categorical column with at most "
-                            f"{self.max_categories} distinct values; list it in "
-                            "categorical_columns (keeps the most frequent), raise "
-                            "data.max_categories, or drop it from feature_columns.")
+            raise DataError(D.too_many_values(self.name, self.holds or "text",
+                                              f"more than {self.max_categories}", examples,
+                                              self.max_categories))
 
     def recipe(self) -> dict:
         ranked = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:self.max_categories]

@@ -109,6 +109,13 @@ def test_a_separate_validation_file(tmp_path):
      {"validation_split": 0.0}, "feature column \"feature1\" is not numeric: row 40 holds 'twelve'"),
     (pd.DataFrame({"feature1": [f"id{i}" for i in range(80)], "target": [0, 1] * 40}), {},
      "holds text with 64 distinct values"),
+    (pd.DataFrame({"day": pd.date_range("2024-01-01", periods=80).date, "target": [0, 1] * 40}), {},
+     "holds dates with 64 distinct values (e.g. '2024-"),
+    (pd.DataFrame({"day": pd.date_range("2024-01-01", periods=80).date, "target": [0, 1] * 40}), {},
+     "Expected: numbers, or a categorical column with at most 50 distinct values; epochd derives no "
+     "numbers from dates: add number columns computed from it"),
+    (pd.DataFrame({"at": pd.date_range("2024-01-01", periods=80, freq="h"), "target": [0, 1] * 40}), {},
+     "holds times with 64 distinct values"),
     (pd.DataFrame({"feature1": pd.Series([], dtype=float), "target": pd.Series([], dtype=int)}), {},
      "has no data rows"),
     (pd.DataFrame({"feature1": [1.0, 2.0, 3.0], "target": ["a", "a", "a"]}), {"validation_split": 0.0},

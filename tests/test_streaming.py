@@ -306,3 +306,12 @@ def test_streaming_memory_stays_flat_as_the_data_grows_32_fold(tmp_path, spool, 
     assert big_rows > 700_000
     assert peaks["big"] - peaks["small"] < 48, peaks
     os.remove(big)
+
+
+def test_a_date_column_with_too_many_values_says_dates_while_streaming(tmp_path):
+    pd.DataFrame({"day": pd.date_range("2024-01-01", periods=400).date, "x": np.arange(400.0),
+                  "target": [0, 1] * 200}).to_csv(tmp_path / "t.csv", index=False)
+    spec = streaming(tmp_path, train_data_path=str(tmp_path / "t.csv"), target_column="target")
+    with pytest.raises(DataError, match='feature column "day" is not numeric: it holds dates with '
+                                        "more than 50 distinct values .*derives no numbers from dates"):
+        prepare(spec, tmp_path / "s")
