@@ -264,6 +264,21 @@ def check_decimal_comma(col: pd.Series, where: str = "", kind: str = FEATURE,
                     f"or the file's decimal mark: {fixes.decimal}{also}.")
 
 
+def default_features(columns, target: str, path: str) -> list[str]:
+    """The features of a job without feature_columns: every column but the target and those
+    without a header name (the index `DataFrame.to_csv` writes unless told not to), which
+    pandas calls "Unnamed: 0" and pyarrow "". A row number is no feature."""
+    features = [str(c) for c in columns
+                if c != target and str(c).strip() and not re.fullmatch(r"Unnamed: \d+", str(c))]
+    if not features:
+        left = [str(c) for c in columns if c != target]
+        raise DataError(f'train_data_path "{path}" has no feature columns: only the target "{target}"'
+                        + (f" and {len(left)} column(s) without a header name" if left else "")
+                        + ". Expected: a header naming the features, or feature_columns listing "
+                          "them.")
+    return features
+
+
 def check_columns(df: pd.DataFrame, wanted: list[str], what: str, path: str,
                   fixes: Fixes = JOB_FIXES) -> None:
     """DataError unless `df` has every `wanted` column. `fixes`: what to do about wrong names,
@@ -306,7 +321,7 @@ def prepare(spec: dict, stream_folder: Path | None = None) -> Prepared:
     # without feature_columns the features are the other columns: only the target can be missing
     check_columns(train, (spec["feature_columns"] or []) + [target], "train_data_path",
                   spec["train_data_path"])
-    features = spec["feature_columns"] or [c for c in train.columns if c != target]
+    features = spec["feature_columns"] or default_features(train.columns, target, spec["train_data_path"])
     val = None
     if spec["val_data_path"]:
         val = read_table(spec["val_data_path"], opts, "val_data_path")

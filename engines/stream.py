@@ -496,7 +496,7 @@ def prepare_streaming(spec: dict, folder: Path) -> D.Prepared:
     train_cols = _columns(spec["train_data_path"], opts, "train_data_path")
     _check_names(train_cols, (spec["feature_columns"] or []) + [target], "train_data_path",
                  spec["train_data_path"])
-    features = spec["feature_columns"] or [c for c in train_cols if c != target]
+    features = spec["feature_columns"] or D.default_features(train_cols, target, spec["train_data_path"])
     if spec["val_data_path"]:
         val_cols = _columns(spec["val_data_path"], opts, "val_data_path")
         _check_names(val_cols, features + [target], "val_data_path", spec["val_data_path"])

@@ -310,3 +310,23 @@ def test_numbers_with_a_decimal_comma_are_an_error_unless_data_decimal_says_so(t
     # text that holds a comma here and there is still text
     table.assign(x=["a,b", "red"] * 20).to_csv(tmp_path / "train.csv", sep=";", index=False)
     assert prepare(job(tmp_path, data=data), folder).preprocess["features"][0]["kind"] == "categorical"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_without_feature_columns_an_unnamed_index_column_is_no_feature(tmp_path, streaming):
+    """`DataFrame.to_csv` writes the index as a first column with an empty header: pandas reads
+    it as "Unnamed: 0", pyarrow (streaming) as "". Without feature_columns it is left out, so a
+    row number is never trained on; a file with nothing but the target says so."""
+    data = {"streaming": True, "chunk_rows": 16} if streaming else {}
+    folder = (tmp_path / "s") if streaming else None
+    table = pd.DataFrame({"a": np.arange(40.0), "b": np.arange(40.0) % 3, "target": [0, 1] * 20})
+    table.to_csv(tmp_path / "train.csv")  # with its index
+    d = prepare(job(tmp_path, data=data), folder)
+    assert [c["name"] for c in d.preprocess["features"]] == ["a", "b"] and d.input_dim == 2
+    table[["target"]].to_csv(tmp_path / "train.csv")
+    with pytest.raises(DataError, match=r'has no feature columns: only the target "target" and 1 '
+                                        r"column\(s\) without a header name"):
+        prepare(job(tmp_path, data=data), folder)
+    table[["target"]].to_csv(tmp_path / "train.csv", index=False)
+    with pytest.raises(DataError, match=r'has no feature columns: only the target "target"\. Expected'):
+        prepare(job(tmp_path, data=data), folder)
