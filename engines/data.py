@@ -136,11 +136,34 @@ def read_table(path: str, options: dict, what: str, fixes: Fixes = JOB_FIXES) ->
                     f"Expected: a well-formed {fmt.upper()} file with a header row.")
         raise DataError(f'could not read {what} "{path}" as {fmt.upper()}: '
                         f"{type(e).__name__}: {e}. {expected}") from None
+    if fmt == "csv" and any(re.fullmatch(r".+\.\d+", str(c)) for c in df.columns):
+        check_unique(csv_header(path, options), what, path)  # pandas renamed a repeat "a" "a.1"
     if fmt == "csv":
         check_text(df, path, what, encoding, fixes)
     # the index is the row's place in the file (0-based), which splitting keeps: what error
     # messages name (a Parquet file written from pandas may bring an index of its own)
     return df.reset_index(drop=True)
+
+
+def csv_header(path: str, options: dict) -> list[str]:
+    """The column names of a CSV as its header row has them (pyarrow, reading one block)."""
+    import pyarrow.csv as pcsv
+    with open(path, "rb") as f, pcsv.open_csv(
+            f, read_options=pcsv.ReadOptions(block_size=1 << 20, use_threads=False,
+                                              encoding=options.get("encoding", "utf-8")),
+            parse_options=pcsv.ParseOptions(delimiter=options.get("delimiter", ","))) as r:
+        return list(r.schema.names)
+
+
+def check_unique(names: list[str], what: str, path: str) -> None:
+    """DataError for a header that names a column twice: which of them a job means is a guess."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names, 1):
+        if name in seen and name.strip():  # (columns without a name are dealt with elsewhere)
+            raise DataError(f'{what} "{path}" names the column "{name}" twice in its header '
+                            f"(columns {seen[name]} and {i}). Expected: distinct column names; "
+                            "rename one.")
+        seen.setdefault(name, i)
 
 
 # A CSV is read as text in `data.encoding` (UTF-8 unless told). pyarrow reads a column whose bytes

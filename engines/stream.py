@@ -181,7 +181,6 @@ class Stream:
 # ---------------------------------------------------------------- reading blocks
 
 def _columns(path: str, options: dict, what: str) -> list[str]:
-    import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
     D.check_file(path, what)
     fmt, encoding = D.table_format(path, options), options.get("encoding", "utf-8")
@@ -190,16 +189,14 @@ def _columns(path: str, options: dict, what: str) -> list[str]:
     try:
         if fmt == "parquet":
             return list(pq.ParquetFile(path).schema_arrow.names)
-        with open(path, "rb") as f, pcsv.open_csv(
-                f, read_options=pcsv.ReadOptions(block_size=1 << 20, use_threads=False,
-                                                  encoding=encoding),
-                parse_options=pcsv.ParseOptions(delimiter=options["delimiter"])) as r:
-            return list(r.schema.names)
+        names = D.csv_header(path, options)
     except Exception as e:
         expected = (D.encoding_hint(path, encoding, D.JOB_FIXES) if fmt == "csv" and D.not_text(e)
                     else "Expected: a well-formed file with a header row.")
         raise DataError(f'could not read {what} "{path}" as {fmt.upper()}: '
                         f"{type(e).__name__}: {e}. {expected}") from None
+    D.check_unique(names, what, path)
+    return names
 
 
 def iter_frames(path: str, options: dict, columns: list[str], text_columns: list[str], what: str):

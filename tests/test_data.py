@@ -330,3 +330,21 @@ def test_without_feature_columns_an_unnamed_index_column_is_no_feature(tmp_path,
     table[["target"]].to_csv(tmp_path / "train.csv", index=False)
     with pytest.raises(DataError, match=r'has no feature columns: only the target "target"\. Expected'):
         prepare(job(tmp_path, data=data), folder)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_header_that_names_a_column_twice_is_an_error(tmp_path, streaming):
+    """pandas would rename the second "a" to "a.1" (and streaming failed on it): which one a
+    job's "a" means is a guess, so the job fails naming both places. A column really called
+    "a.1" is fine."""
+    data = {"streaming": True, "chunk_rows": 16} if streaming else {}
+    folder = (tmp_path / "s") if streaming else None
+    rows = "".join(f"{i},{i % 3},{i % 2}\n" for i in range(40))
+    (tmp_path / "train.csv").write_text("a,a,target\n" + rows)
+    for features in (None, ["a"]):
+        with pytest.raises(DataError, match=r'names the column "a" twice in its header \(columns 1 and '
+                                            r"2\)\. Expected: distinct column names; rename one\."):
+            prepare(job(tmp_path, data=data, feature_columns=features), folder)
+    (tmp_path / "train.csv").write_text("a,a.1,target\n" + rows)
+    d = prepare(job(tmp_path, data=data), folder)
+    assert [c["name"] for c in d.preprocess["features"]] == ["a", "a.1"]
