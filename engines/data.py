@@ -160,6 +160,10 @@ def check_unique(names: list[str], what: str, path: str) -> None:
     seen: dict[str, int] = {}
     for i, name in enumerate(names, 1):
         if name in seen and name.strip():  # (columns without a name are dealt with elsewhere)
+            if looks_like_data(names):
+                raise DataError(f'{what} "{path}" has no header row, it seems: its first row '
+                                f"({', '.join(names[:10])}) looks like data. Expected: a header "
+                                "row naming the columns; add one.")
             raise DataError(f'{what} "{path}" names the column "{name}" twice in its header '
                             f"(columns {seen[name]} and {i}). Expected: distinct column names; "
                             "rename one.")
@@ -327,7 +331,18 @@ def _fix(found, fixes: Fixes) -> str:
     if seps:
         return (f"The header was read as one column but holds {seps[0]!r}: "
                 f"{fixes.delimiter.format(sep=json.dumps(seps[0]))}.")
-    return fixes.names
+    return NO_HEADER if looks_like_data(found) else fixes.names
+
+
+NO_HEADER = ("The first row looks like data, not a header (its names are mostly numbers): add a "
+             "header row naming the columns.")
+
+
+def looks_like_data(names) -> bool:
+    """Whether a header row is mostly numbers: a file without one (UCI's iris.data, say)."""
+    numbers = [c for c in map(str, names)
+               if re.fullmatch(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*", c)]
+    return len(numbers) * 2 > len(names)
 
 
 def prepare(spec: dict, stream_folder: Path | None = None) -> Prepared:

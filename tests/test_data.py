@@ -348,3 +348,21 @@ def test_a_header_that_names_a_column_twice_is_an_error(tmp_path, streaming):
     (tmp_path / "train.csv").write_text("a,a.1,target\n" + rows)
     d = prepare(job(tmp_path, data=data), folder)
     assert [c["name"] for c in d.preprocess["features"]] == ["a", "a.1"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_file_without_a_header_row_is_named_as_such(tmp_path, streaming):
+    """UCI's files often have no header: the first row of numbers is taken for names. The error
+    says so, rather than only that the job's columns are missing (or that "1.0" comes twice)."""
+    data = {"streaming": True, "chunk_rows": 16} if streaming else {}
+    folder = (tmp_path / "s") if streaming else None
+    rows = WINE.read_text().splitlines()[1:]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r'has no column "cultivar" \(did you mean "cultivar_1"\?\)\. '
+                                        r"Columns found: 14\.23, 1\.71, .* The first row looks like data, "
+                                        r"not a header \(its names are mostly numbers\): add a header row"):
+        prepare(job(tmp_path, data=data, target_column="cultivar"), folder)
+    (tmp_path / "train.csv").write_text("1.0,1.0,0\n2.0,3.0,1\n")
+    with pytest.raises(DataError, match=r"has no header row, it seems: its first row \(1\.0, 1\.0, 0\) "
+                                        r"looks like data\. Expected: a header row naming the columns"):
+        prepare(job(tmp_path, data=data), folder)
