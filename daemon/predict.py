@@ -20,11 +20,11 @@ from .errors import DataError
 def predict_table(folder: Path, data_path: str, best: bool = False,
                   read: dict | None = None) -> tuple[pd.DataFrame, list[str]]:
     """The predictions for the table at `data_path`, and notes on what in it the model was not
-    trained on (categorical values it has no category for). `read`: how to read a CSV
+    trained on (empty numbers, categorical values it has no category for). `read`: how to read a CSV
     (delimiter, encoding, decimal); what it leaves out is read as the job read its own data."""
     from engines import load_engine
     from engines.data import (Fixes, check_columns, decode, encode, read_options, read_table,
-                              unseen_categories)
+                              prediction_notes)
     folder = Path(folder)
     try:
         described_by = "best.json" if best and (folder / "best.json").is_file() else "model.json"
@@ -56,7 +56,7 @@ def predict_table(folder: Path, data_path: str, best: bool = False,
     table = read_table(data_path, options, "--data", fixes)
     check_columns(table, names, "--data", data_path, fixes)
     predictions = decode(predictor(encode(table, recipe, f'--data "{data_path}": ')), recipe)
-    return predictions, unseen_categories(table, recipe)
+    return predictions, prediction_notes(table, recipe)
 
 
 # What TensorFlow's native libraries print as they load, whatever TF_CPP_MIN_LOG_LEVEL says

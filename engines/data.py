@@ -550,12 +550,19 @@ def encode(df: pd.DataFrame, recipe: dict, where: str = "") -> np.ndarray:
     return np.ascontiguousarray(np.hstack(blocks), dtype=np.float32)
 
 
-def unseen_categories(df: pd.DataFrame, recipe: dict) -> list[str]:
-    """One line per categorical feature of `df` holding values its recipe has no category for
-    (they encode as all zeros): the column, how many rows, and up to three of the values."""
+def prediction_notes(df: pd.DataFrame, recipe: dict) -> list[str]:
+    """What `epochd predict` tells its user of `df`, one line per feature: empty numbers (they
+    take the training mean), and values the recipe has no category for (they encode as all
+    zeros), with how many rows and up to three of the values."""
     notes = []
     for c in recipe["features"]:
-        if c["kind"] != "categorical" or c["name"] not in df.columns:
+        if c["name"] not in df.columns:
+            continue
+        if c["kind"] == "numeric":
+            empty = int(df[c["name"]].isna().sum())
+            if empty:
+                notes.append(f'column "{c["name"]}": {empty} of {len(df)} rows are empty; they '
+                             f"take the training mean, {c['fill']:.6g}")
             continue
         text = _as_text(df[c["name"]])
         unseen = text[~text.isin(c["categories"])]

@@ -250,10 +250,10 @@ def test_predict_reads_other_delimiters_and_names_what_the_data_lacks(trained, t
     assert unknown.exit_code == 2 and "'utf-9' is not a text encoding Python knows" in unknown.output
 
 
-def test_predict_notes_categorical_values_the_model_was_not_trained_on(trained, tmp_path):
-    """A value of a text column that training never saw encodes as none of its categories:
-    predict still predicts every row, and says on stderr which column, how many rows and
-    which values, so that the CSV on stdout stays clean."""
+def test_predict_notes_empty_numbers_and_categorical_values_the_model_was_not_trained_on(trained, tmp_path):
+    """A value of a text column that training never saw encodes as none of its categories, an
+    empty number takes the training mean: predict still predicts every row, and says on stderr
+    which column, how many rows and which values, so that the CSV on stdout stays clean."""
     spool, data = trained
     table = pd.read_csv(data)
     assert invoke("predict", "--spool", spool, "done", data).stderr == ""
@@ -266,6 +266,13 @@ def test_predict_notes_categorical_values_the_model_was_not_trained_on(trained, 
     assert result.stderr == (f'note: column "colour": 3 of {len(table)} rows hold 2 values the '
                              "model has no category for ('purple', 'teal'); they encode as none of "
                              "its 3 categories\n")
+    table.loc[[1, 2], "feature2"] = np.nan  # and empty numbers take the training mean
+    table.to_csv(newer, index=False)
+    fill = json.loads((Spool(spool).job_dir("done") / "model" / "preprocess.json").read_text())[
+        "features"][1]["fill"]
+    notes = invoke("predict", "--spool", spool, "done", newer).stderr.splitlines()
+    assert notes[0] == (f'note: column "feature2": 2 of {len(table)} rows are empty; they take the '
+                        f"training mean, {fill:.6g}") and len(notes) == 2
 
 
 def test_predict_reads_new_data_as_the_job_read_its_own(tmp_path, spool, daemon_factory):
