@@ -3,7 +3,10 @@
 Decisions (the README repeats them):
 - CSV (read through pyarrow) or Parquet, chosen by `data.format` or the file's extension. A CSV
   is text in `data.encoding` (UTF-8 unless told); a value that does not decode is a data error
-  naming the encoding to set, never a category made of bytes.
+  naming the encoding to set, never a category made of bytes. Numbers take `data.decimal`'s
+  mark; a text column made only of numbers with a comma ("1,5") is a data error naming it.
+  A header must name each column once; without feature_columns, a column without a name (a
+  written index) is no feature.
 - Task `auto`: a text, boolean or categorical target means classification; a numeric target
   whose values are all whole numbers with at most 20 distinct values means classification;
   anything else is regression.
