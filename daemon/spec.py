@@ -233,6 +233,9 @@ class DataOptions(Strict):
     decimal: Literal[".", ","] = Field(".", description='"." or ",": the decimal mark of the '
                                                          'numbers in a CSV (Excel in much of Europe '
                                                          'writes "1,5" in ";"-separated files)')
+    missing_values: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        [], max_length=100, description='a list of cell texts that mean "no value", e.g. ["?", '
+                                        '"-"] (empty cells, NA, NaN and null always do)')
     encoding: str = Field("utf-8", min_length=1, max_length=40,
                           description='a text encoding, e.g. "utf-8", "cp1252" (Excel on Windows), '
                                       '"latin-1" or "utf-16"')

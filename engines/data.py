@@ -112,13 +112,15 @@ class Fixes(NamedTuple):
 
 JOB_FIXES = Fixes("Fix the job's column names.", 'set "data": {{"delimiter": {sep}}} in the job file',
                   'set "data": {{"encoding": {enc}}} in the job file')
-READ_DEFAULTS = {"delimiter": ",", "encoding": "utf-8", "decimal": "."}
+READ_DEFAULTS = {"delimiter": ",", "encoding": "utf-8", "decimal": ".", "missing_values": ()}
 
 
 def read_options(options: dict) -> dict:
-    """How a CSV was read (`data.delimiter`, `encoding`, `decimal`): saved in the recipe, so that
-    `epochd predict` reads new data as the job read its own."""
-    return {key: options.get(key, default) for key, default in READ_DEFAULTS.items()}
+    """How a CSV was read (`data.delimiter`, `encoding`, `decimal`, `missing_values`): saved in
+    the recipe, so that `epochd predict` reads new data as the job read its own."""
+    read = {key: options.get(key, default) for key, default in READ_DEFAULTS.items()}
+    read["missing_values"] = list(read["missing_values"])
+    return read
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
@@ -133,7 +135,8 @@ def read_table(path: str, options: dict, what: str, fixes: Fixes = JOB_FIXES) ->
             df = pd.read_parquet(p)
         else:
             df = pd.read_csv(p, sep=options.get("delimiter", ","), engine="pyarrow",
-                             encoding=encoding, decimal=options.get("decimal", "."))
+                             encoding=encoding, decimal=options.get("decimal", "."),
+                             na_values=list(options.get("missing_values") or ()) or None)
     except Exception as e:  # pyarrow and pandas raise many types for unreadable files
         expected = (encoding_hint(path, encoding, fixes) if fmt == "csv" and not_text(e) else
                     f"Expected: a well-formed {fmt.upper()} file with a header row.")
@@ -260,9 +263,34 @@ def check_values(df: pd.DataFrame, features: list[str], target: str, cats, what:
             continue
         if _is_text(col):
             check_decimal_comma(col, where)
+            check_missing_marks(col, where)
         if _is_text(col) and pd.to_numeric(col, errors="coerce").notna().mean() < 0.9:
             continue  # text: a categorical column (its own checks come with the fit)
         _finite(col, _numeric(col, where), where)
+
+
+# What people write in a cell for "no value", besides what is read as empty already
+MISSING_MARKS = frozenset({"?", "-", "--", "---", ".", "na", "n.a.", "none", "missing", "unknown",
+                           "nil", "\u2014"})
+
+
+def check_missing_marks(col: pd.Series, where: str = "") -> None:
+    """DataError for a text column of numbers whose every other value is a mark for a missing
+    value ("?" in UCI's files): read as text, it would become categories. The numbers must be
+    at least half of its cells with a value."""
+    text = col.dropna().astype(str)
+    numbers = pd.to_numeric(text, errors="coerce")
+    others = text[numbers.isna()]
+    if not len(others) or numbers.notna().sum() < len(others) \
+            or not others.str.strip().str.lower().isin(MISSING_MARKS).all():
+        return
+    marks = ", ".join(repr(m) for m in sorted(set(others.str.strip())))
+    raise DataError(f'{where}feature column "{col.name}" holds numbers and {marks}, in '
+                    f"{rows_where(others, np.ones(len(others), bool))} ({ROWS_NOTE}), which makes "
+                    "it text. Expected: numbers, with empty cells where a value is missing. If "
+                    f'{marks} marks a missing value, list it in data.missing_values ("data": '
+                    f'{{"missing_values": [{", ".join(json.dumps(m) for m in sorted(set(others.str.strip())))}]}}): '
+                    "such cells then take the training mean; or fix those rows.")
 
 
 COMMA_NUMBER, WHOLE_NUMBER = r"\s*[+-]?\d*,\d+\s*", r"\s*[+-]?\d+\s*"
@@ -457,15 +485,19 @@ def _numeric(col: pd.Series, where: str = "", kind: str = FEATURE) -> np.ndarray
     bad = (col.notna() & converted.isna()).to_numpy()
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
-        comma = bool(re.fullmatch(COMMA_NUMBER, str(col.iloc[first])))
+        value = str(col.iloc[first])
+        if re.fullmatch(COMMA_NUMBER, value):
+            fix = ('it looks like a number with a decimal comma: read the file with the decimal mark '
+                   '"," ("data": {"decimal": ","} in a job file, --decimal , for epochd predict), or '
+                   "fix the value.")
+        elif value.strip().lower() in MISSING_MARKS:
+            fix = ("it looks like a mark for a missing value: leave such cells empty, or list it in "
+                   "the job's data.missing_values (epochd predict reads cells as the job did).")
+        else:
+            fix = "fix the value, or list the column in categorical_columns to one-hot encode it."
         raise DataError(f'{where}{kind} "{col.name}" is not numeric: {rows_where(col, bad)} '
                         f"{'holds' if bad.sum() == 1 else 'hold text, the first'} "
-                        f"{col.iloc[first]!r} ({ROWS_NOTE}). Expected: numbers; "
-                        + ("it looks like a number with a decimal comma: read the file with the "
-                           'decimal mark "," ("data": {"decimal": ","} in a job file, --decimal , '
-                           "for epochd predict), or fix the value." if comma else
-                           "fix the value, or list the column in categorical_columns to one-hot "
-                           "encode it."))
+                        f"{col.iloc[first]!r} ({ROWS_NOTE}). Expected: numbers; {fix}")
     return converted.to_numpy(dtype=float, na_value=np.nan)
 
 

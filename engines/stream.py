@@ -215,6 +215,7 @@ def iter_frames(path: str, options: dict, columns: list[str], text_columns: list
                 yield frame
             return
         encoding, decimal = options.get("encoding", "utf-8"), options.get("decimal", ".")
+        nulls = pcsv.ConvertOptions().null_values + list(options.get("missing_values") or ())
         parse = pcsv.ParseOptions(delimiter=options["delimiter"])
         read = pcsv.ReadOptions(block_size=READ_BLOCK_BYTES, use_threads=False, encoding=encoding)
         text = {c: pa.string() for c in text_columns}
@@ -224,7 +225,7 @@ def iter_frames(path: str, options: dict, columns: list[str], text_columns: list
                 f, read_options=read, parse_options=parse,
                 convert_options=pcsv.ConvertOptions(include_columns=columns, column_types=text,
                                                     strings_can_be_null=True,
-                                                    decimal_point=decimal)) as probe:
+                                                    decimal_point=decimal, null_values=nulls)) as probe:
             schema = probe.schema
         # whole numbers are read as floats: the first block's "1" must not refuse a later "1.5"
         # (a column empty in its first block is taken for numbers)
@@ -235,7 +236,7 @@ def iter_frames(path: str, options: dict, columns: list[str], text_columns: list
                 f, read_options=read, parse_options=parse,
                 convert_options=pcsv.ConvertOptions(include_columns=columns, column_types=types,
                                                     strings_can_be_null=True,
-                                                    decimal_point=decimal)) as reader:
+                                                    decimal_point=decimal, null_values=nulls)) as reader:
             batches, size = [], 0
             for batch in reader:
                 batches.append(batch)
@@ -438,6 +439,7 @@ def fit_streaming(spec: dict, features: list[str], val_masks) -> tuple[dict, str
             if isinstance(s, TextStats):
                 if not explicit:
                     D.check_decimal_comma(frame[c], f'train_data_path "{spec["train_data_path"]}": ')
+                    D.check_missing_marks(frame[c], f'train_data_path "{spec["train_data_path"]}": ')
                 s.add(col, frame[c])
             else:
                 if D._is_text(col):  # a column that looked numeric turned out to hold text

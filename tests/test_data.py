@@ -295,7 +295,7 @@ def test_numbers_with_a_decimal_comma_are_an_error_unless_data_decimal_says_so(t
             "job file, or list the column in categorical_columns") in str(err.value)
     d = prepare(job(tmp_path, data={**data, "decimal": ","}), folder)
     assert [c["kind"] for c in d.preprocess["features"]] == ["numeric"] * 2
-    assert d.preprocess["read"] == {"delimiter": ";", "encoding": "utf-8", "decimal": ","}
+    assert d.preprocess["read"] == {"delimiter": ";", "encoding": "utf-8", "decimal": ",", "missing_values": []}
     table["target"] = np.round(rng.normal(10, 2, 40), 1)  # a regression target, with commas
     table.to_csv(tmp_path / "train.csv", sep=";", decimal=",", index=False)
     with pytest.raises(DataError, match=r'target column "target" holds numbers written with a decimal comma'):
@@ -366,3 +366,31 @@ def test_a_file_without_a_header_row_is_named_as_such(tmp_path, streaming):
     with pytest.raises(DataError, match=r"has no header row, it seems: its first row \(1\.0, 1\.0, 0\) "
                                         r"looks like data\. Expected: a header row naming the columns"):
         prepare(job(tmp_path, data=data), folder)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_mark_for_missing_values_among_numbers_is_named_and_data_missing_values_reads_it(tmp_path, streaming):
+    """UCI's adult data writes "?" for a missing value: a column of numbers and "?" would be
+    text, one-hot encoded. The job fails naming the rows and data.missing_values; with it,
+    those cells are empty numbers (filled with the training mean), or a "<missing>" category."""
+    data = {"streaming": True, "chunk_rows": 16} if streaming else {}
+    folder = (tmp_path / "s") if streaming else None
+    (tmp_path / "train.csv").write_text("age,work,target\n" + "".join(
+        f"{'?' if i % 7 == 3 else 20 + i},{'?' if i % 5 == 0 else ['Private', 'Self'][i % 2]},{i % 2}\n"
+        for i in range(60)))
+    with pytest.raises(DataError) as err:
+        prepare(job(tmp_path, data=data), folder)
+    assert ('feature column "age" holds numbers and \'?\', in rows 4, 11, 18, 25, 32 and 4 more (rows '
+            "count from 1 below the header), which makes it text. Expected: numbers, with empty cells "
+            "where a value is missing. If '?' marks a missing value, list it in data.missing_values "
+            '("data": {"missing_values": ["?"]}): such cells then take the training mean; or fix '
+            "those rows.") in str(err.value)
+    d = prepare(job(tmp_path, data={**data, "missing_values": ["?"]}), folder)
+    age, work = d.preprocess["features"]
+    assert age["kind"] == "numeric" and age["missing_in_train"] > 0
+    assert work["kind"] == "categorical" and sorted(work["categories"]) == ["<missing>", "Private", "Self"]
+    assert d.preprocess["read"]["missing_values"] == ["?"]
+    # a column of text with a "?" here and there is text, "?" one of its values
+    (tmp_path / "train.csv").write_text("work,target\n" + "".join(
+        f"{['?', 'Private', 'Self'][i % 3]},{i % 2}\n" for i in range(60)))
+    assert "?" in prepare(job(tmp_path, data=data), folder).preprocess["features"][0]["categories"]
