@@ -369,9 +369,10 @@ def print_one(root: Spool, s: JobState) -> None:
     spec = s.spec or {}
     why = f" ({s.stop_reason})" if s.status == Status.COMPLETED and s.stop_reason else ""
     click.echo(f"job {s.job_id}: {s.status}{why}  ({spec.get('name')})")
-    # a completed job's position is past its last epoch: where it would go on, not where it is
-    where = "" if s.status == Status.COMPLETED else (
-        f"  position: epoch {s.position[0]} step {s.position[1]}/{s.steps_per_epoch or '?'}")
+    # a completed job's position is past its last epoch: where it would go on, not where it is;
+    # a job that never started a run has none yet
+    where = "" if s.status == Status.COMPLETED or not s.steps_per_epoch else (
+        f"  position: epoch {s.position[0]} step {s.position[1]}/{s.steps_per_epoch}")
     click.echo(f"  epochs: {s.epochs_done}/{spec.get('epochs')}{where}  attempts: {s.attempts}")
     progress = display.current_progress(s)
     if progress:

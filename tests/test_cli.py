@@ -435,6 +435,8 @@ def test_predict_on_a_job_that_ended_before_any_model_was_saved_says_so(tmp_path
         result = invoke("predict", "--spool", spool, "early", data, *best)
         assert result.exit_code == Exit.REFUSED
         assert "job early is cancelled; it ended before any model was saved" in result.output
+    # it never started a run: it has no position in an epoch to show
+    assert "  epochs: 0/2  attempts: 0\n" in invoke("status", "--spool", spool, "early").output
 
 
 def test_unknown_jobs_and_nonsense_requests_are_refused(trained):
