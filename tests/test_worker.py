@@ -39,15 +39,17 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_good_one(tmp_path, spoo
     """Pause mid-epoch, flip a byte in that checkpoint, resume: sha256 catches it, the run
     resumes from the checkpoint before, and the final weights still equal an uninterrupted run's."""
     data = classification_csv(tmp_path / "train.csv", rows=20000)  # 8,000 steps an epoch
-    job = lambda out: seed_job(data, out, epochs=3, batch_size=2, algorithm_params={"hidden_units": [16]})
+    job = lambda out: seed_job(data, out, epochs=4, batch_size=2, algorithm_params={"hidden_units": [16]})
     daemon_factory(spool, "--max-jobs", "2")
     drop_job(spool, "ref.json", job(tmp_path / "ref"))
     drop_job(spool, "dmg.json", job(tmp_path / "dmg"))
     # pause once epoch 2 is under way, so an epoch-end checkpoint stands before the paused one
     # (a pause at the end of epoch 1 would reuse epoch 1's checkpoint, and with that one damaged
-    # the only earlier state is a fresh start); 3 epochs leave room for the pause to land
-    wait_until(lambda: any(r["type"] == "progress" and r["epoch"] == 2 for r in events_of(spool, "dmg")),
-               90, what="progress in epoch 2 of dmg")
+    # the only earlier state is a fresh start). Under way: a progress event of epoch 2, or, as
+    # an epoch here may take less than the second between two, the end of epoch 2; the epochs
+    # after it leave room for the pause to land
+    wait_until(lambda: any(r["type"] in ("progress", "epoch_completed") and r["epoch"] >= 2
+                           for r in events_of(spool, "dmg")), 90, what="epoch 2 of dmg under way")
     control.drop(Spool(spool), "dmg", "pause")
     paused = [r for r in wait_for_event(spool, "dmg", "paused") if r["type"] == "paused"][0]
     assert paused["epoch"] >= 2
