@@ -16,7 +16,7 @@ import click
 import orjson
 
 from . import __version__, control, display, scheduler
-from .errors import BadJobFile, EpochdError, JobNotFound, LogCorrupt, SpoolLocked
+from .errors import BadJobFile, DataError, EpochdError, JobNotFound, LogCorrupt, SpoolLocked
 from .eventlog import LogFollower
 from .fsutil import rename_noreplace
 from .replay import RUNNABLE, TERMINAL, JobState, Status, apply
@@ -164,8 +164,9 @@ def serve(spool, max_jobs, gpus, allow_roots, base_dir, max_retries, stop_timeou
 @click.option("--name", help="Job id to ask for. Default: the file's name without .json.")
 @click.option("--follow", "-f", is_flag=True, help="Then follow the job, as `epochd tail -f`.")
 @click.option("--no-path-check", is_flag=True,
-              help="Submit even if a data file is not where the daemon will look for it now "
-                   "(it will be there by the time the job runs).")
+              help="Submit even if a data file is not where the daemon will look for it now, "
+                   "or its header lacks the job's columns (it will be right by the time the job "
+                   "runs).")
 def submit(spool, job_file, name, follow, no_path_check):
     """Check a job file and drop it into incoming/ the safe way (write, then rename).
 
@@ -173,7 +174,8 @@ def submit(spool, job_file, name, follow, no_path_check):
     parent unless `serve --base-dir` says otherwise), not against your current folder. Before
     dropping the file, submit resolves its paths as the daemon that last started on this spool
     does (its base folder and --allow-root folders, from daemon.jsonl) and refuses a file the
-    daemon would reject or whose data files are not there.
+    daemon would reject, whose data files are not there, or whose headers show that the job
+    would fail on them (a missing column, the wrong delimiter or encoding).
 
     Example: epochd submit examples/wine.json --follow
     """
@@ -240,7 +242,26 @@ def path_problems(spool: Spool, job, check_data: bool = True) -> list[str]:
         if here.exists() and str(here) != resolved[key]:
             problem += f' It is at {here} from this folder: write "{here}" in the job file.'
         problems.append(problem + " (--no-path-check submits it anyway.)")
+    if check_data and not problems:
+        problems += header_problems(resolved)
     return problems
+
+
+def header_problems(resolved: dict) -> list[str]:
+    """What the data files' headers show wrong with the job (a column it names that is not
+    there, another encoding...): the error the job would fail with once the daemon read them.
+    A file this user may not read (the daemon's may) is left to the daemon."""
+    from engines.stream import header_features
+    files = [resolved[key] for key in ("train_data_path", "val_data_path") if resolved[key]]
+    if not all(os.access(f, os.R_OK) for f in files):
+        return []
+    try:
+        header_features(resolved)
+    except DataError as e:
+        return [f"{e} (--no-path-check submits it anyway.)"]
+    except OSError:
+        pass
+    return []
 
 
 def drop_job(spool: Spool, data: bytes, stem: str) -> str:

@@ -488,10 +488,11 @@ def _fingerprint(spec: dict) -> dict:
     return {"version": STREAM_VERSION, "files": files, "keys": digest}
 
 
-def prepare_streaming(spec: dict, folder: Path) -> D.Prepared:
-    """Fit, encode and cache the job's data under `folder` (or reuse a cache that matches)."""
-    opts = spec["data"]
-    target = spec["target_column"]
+def header_features(spec: dict) -> list[str]:
+    """The job's features, from its data files' headers alone (one block of each file read):
+    DataError for what those show wrong (a missing or repeated column, another encoding, no
+    header row). `epochd submit` asks it before a job is dropped."""
+    opts, target = spec["data"], spec["target_column"]
     train_cols = _columns(spec["train_data_path"], opts, "train_data_path")
     _check_names(train_cols, (spec["feature_columns"] or []) + [target], "train_data_path",
                  spec["train_data_path"])
@@ -499,6 +500,13 @@ def prepare_streaming(spec: dict, folder: Path) -> D.Prepared:
     if spec["val_data_path"]:
         val_cols = _columns(spec["val_data_path"], opts, "val_data_path")
         _check_names(val_cols, features + [target], "val_data_path", spec["val_data_path"])
+    return features
+
+
+def prepare_streaming(spec: dict, folder: Path) -> D.Prepared:
+    """Fit, encode and cache the job's data under `folder` (or reuse a cache that matches)."""
+    opts = spec["data"]
+    features = header_features(spec)
     fingerprint = _fingerprint(spec)
     manifest_path = folder / "manifest.json"
     try:

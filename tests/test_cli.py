@@ -468,6 +468,30 @@ def test_submit_refuses_an_invalid_file_and_drops_nothing(tmp_path, spool):
     assert list((spool / "incoming").iterdir()) == []
 
 
+def test_submit_reads_the_data_headers_and_refuses_what_the_job_would_fail_on(tmp_path, spool):
+    """A misspelt column, or a file read with the wrong delimiter, would fail the job as soon as
+    the daemon read the data: submit reads the headers (one block of each file) and says so
+    first, dropping nothing; --no-path-check drops the file all the same."""
+    data = classification_csv(tmp_path / "x.csv")
+    val = tmp_path / "v.csv"
+    pd.read_csv(data).drop(columns="feature2").to_csv(val, index=False)
+    for name, job, needle in (
+            ("typo", seed_job(data, target_column="Target"),
+             'has no column "Target" (did you mean "target"?)'),
+            ("semi", {**seed_job(data), "data": {"delimiter": ";"}},
+             'The header was read as one column but holds \',\': set "data": {"delimiter": ","}'),
+            ("val", seed_job(data, val_data_path=str(val)), f'val_data_path "{val}" has no column "feature2"')):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(job))
+        refused = invoke("submit", "--spool", spool, path)
+        assert refused.exit_code == Exit.USAGE, refused.output
+        assert "would not run on this spool; nothing was submitted" in refused.output
+        assert needle in refused.output and "(--no-path-check submits it anyway.)" in refused.output
+        assert list((spool / "incoming").iterdir()) == []
+    assert invoke("submit", "--spool", spool, path, "--no-path-check").exit_code == 0
+    assert [p.name for p in (spool / "incoming").iterdir()] == ["val.json"]
+
+
 def test_submit_never_overwrites_a_drop_or_reuses_a_job_id(tmp_path, spool):
     job = tmp_path / "exp.json"
     job.write_text(json.dumps(seed_job(classification_csv(tmp_path / "x.csv"))))
