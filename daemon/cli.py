@@ -194,11 +194,12 @@ def submit(spool, job_file, name, follow, no_path_check):
     if problems:
         raise CliError(f"{job_file} would not run on this spool; nothing was submitted:\n  - "
                        + "\n  - ".join(problems), Exit.USAGE)
+    earlier = error_reports(root)  # a rejection of this drop will be a report not among these
     job_id = drop_job(root, data, name or job_file.stem)
     click.echo(f"submitted {job_file} as incoming/{job_id}.json; job id {job_id} (once accepted)")
     warn_if_unserved(root)
     if follow:
-        sys.exit(follow_job(root, job_id, wait_for_accept=True))
+        sys.exit(follow_job(root, job_id, earlier_reports=earlier))
 
 
 def daemon_settings(spool: Spool) -> Settings:
@@ -479,9 +480,12 @@ QUIET_TYPES = ("checkpoint_saved", "checkpoint_removed")
 
 
 def follow_job(spool: Spool, job_id: str, follow: bool = True, raw: bool = False,
-               wait_for_accept: bool = False, verbose: bool = False, last: int | None = None) -> int:
+               earlier_reports: set[str] | None = None, verbose: bool = False,
+               last: int | None = None) -> int:
+    """Print the job's events (and follow them); with `earlier_reports` (the error reports in
+    rejected/ before the job file was dropped), first wait for the daemon to take the file."""
     path = spool.events_path(job_id)
-    if wait_for_accept and not wait_accepted(spool, job_id):
+    if earlier_reports is not None and not wait_accepted(spool, job_id, earlier_reports):
         return Exit.USAGE
     # the events as they are; or lines for people, where only the latest progress shows
     follower = LogFollower(path, latest_progress_only=not raw)
@@ -526,13 +530,34 @@ def render(r: dict, epochs: int | None, raw: bool, live: bool, verbose: bool) ->
     return None
 
 
-def wait_accepted(spool: Spool, job_id: str) -> bool:
+def error_reports(spool: Spool) -> set[str]:
+    try:
+        return {name for name in os.listdir(spool.rejected) if name.endswith(".error.json")}
+    except FileNotFoundError:
+        return set()
+
+
+def rejection_of(spool: Spool, file_name: str, earlier: set[str]) -> dict | None:
+    """The report of a rejection of incoming/<file_name> that is not among `earlier`: an older
+    file of that name may have been rejected before (its report keeps the name, this one's gets
+    another, <stem>-2.error.json)."""
+    for name in sorted(error_reports(spool) - earlier):
+        try:
+            report = orjson.loads((spool.rejected / name).read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            continue  # (written whole by the daemon; unreadable: not ours to judge)
+        if report.get("file") == file_name and report.get("kind") == "job file":
+            return report
+    return None
+
+
+def wait_accepted(spool: Spool, job_id: str, earlier: set[str]) -> bool:
     """After a submit: until the daemon accepts the file or rejects it (then show why)."""
-    error_file = spool.rejected / f"{job_id}.error.json"
     said_at = time.monotonic() + SLOW_PICKUP_SECONDS  # a serving daemon takes a file in milliseconds
     while not spool.events_path(job_id).exists():
-        if error_file.exists():
-            report = orjson.loads(error_file.read_bytes())
+        report = rejection_of(spool, f"{job_id}.json", earlier) \
+            if not spool.in_incoming(job_id) else None
+        if report is not None:
             click.echo(f"rejected: {'; '.join(report['errors'])}", err=True)
             return False
         if said_at is not None and time.monotonic() > said_at:

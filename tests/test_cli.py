@@ -15,7 +15,8 @@ from daemon.cli import Exit, cli
 from daemon.eventlog import EventLog
 from daemon.events import ControlReceived, EpochCompleted, JobAccepted, Progress
 from daemon.spool import Spool
-from tests.conftest import REPO, classification_csv, drop_job, seed_job, wait_for_event, wait_for_status
+from tests.conftest import (REPO, classification_csv, drop_job, seed_job, wait_for_event, wait_for_status,
+                            wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -536,6 +537,41 @@ def test_submit_follow_says_once_that_it_still_waits_when_no_daemon_serves(tmp_p
         stopper.cancel()
         submit.kill()
     assert submit.returncode == Exit.OK and "completed: 1 epochs" in out and "waiting" not in err
+
+
+def test_submit_follow_reports_its_own_rejection_not_an_older_file_of_the_same_name(
+        tmp_path, spool, daemon_factory):
+    """An exp.json dropped by hand was rejected (rejected/exp.error.json); the fixed one, given
+    to submit --follow while no daemon serves, is followed to its end once one does, rather than
+    reported rejected at once. A later drop that the daemon does reject (its --allow-root, set
+    after the submit) is reported with its own report, rejected/exp-2.error.json."""
+    first = daemon_factory(spool)
+    (spool / "incoming" / "exp.json").write_text("{not json")
+    wait_until(lambda: (spool / "rejected" / "exp.error.json").exists(), what="the first rejection")
+    first.stop()
+    job = tmp_path / "exp.json"
+    job.write_text(json.dumps(seed_job(classification_csv(tmp_path / "train.csv"), epochs=1)))
+
+    def submit_then_serve(dropped: str, *serve_args: str):
+        submit = subprocess.Popen([sys.executable, "-m", "daemon.cli", "submit", "--spool", str(spool),
+                                   str(job), "--follow"], cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: (spool / "incoming" / dropped).exists() or submit.poll() is not None,
+                       what=f"incoming/{dropped}")
+            daemon = daemon_factory(spool, *serve_args)
+            out, err = submit.communicate(timeout=60)
+        finally:
+            submit.kill()
+        daemon.stop()
+        return submit.returncode, out, err
+
+    code, out, err = submit_then_serve("exp.json")
+    assert code == Exit.OK and "completed: 1 epochs" in out, (out, err)
+    code, out, err = submit_then_serve("exp-2.json", "--allow-root", str(tmp_path / "elsewhere"))
+    assert code == Exit.USAGE and "job id exp-2" in out
+    report = json.loads((spool / "rejected" / "exp-2.error.json").read_text())
+    assert report["file"] == "exp-2.json" and f"rejected: {'; '.join(report['errors'])}" in err
 
 
 def test_submit_resolves_paths_as_the_daemon_will_and_refuses_what_it_would_not_run(
