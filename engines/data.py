@@ -121,6 +121,8 @@ def read_options(options: dict) -> dict:
     read = {key: options.get(key, default) for key, default in READ_DEFAULTS.items()}
     read["missing_values"] = list(read["missing_values"])
     return read
+
+
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
@@ -287,13 +289,14 @@ def check_missing_marks(col: pd.Series, where: str = "") -> None:
             return
     if not len(others) or numbers.notna().sum() < len(others):
         return
-    marks = ", ".join(repr(m) for m in sorted(set(others.str.strip())))
+    found = sorted(set(others.str.strip()))
+    marks, listed = ", ".join(map(repr, found)), ", ".join(map(json.dumps, found))
     raise DataError(f'{where}feature column "{col.name}" holds numbers and {marks}, in '
                     f"{rows_where(others, np.ones(len(others), bool))} ({ROWS_NOTE}), which makes "
                     "it text. Expected: numbers, with empty cells where a value is missing. If "
                     f'{marks} marks a missing value, list it in data.missing_values ("data": '
-                    f'{{"missing_values": [{", ".join(json.dumps(m) for m in sorted(set(others.str.strip())))}]}}): '
-                    "such cells then take the training mean; or fix those rows.")
+                    f'{{"missing_values": [{listed}]}}): such cells then take the training mean; '
+                    "or fix those rows.")
 
 
 COMMA_NUMBER, WHOLE_NUMBER = r"\s*[+-]?\d*,\d+\s*", r"\s*[+-]?\d+\s*"
