@@ -407,8 +407,9 @@ def print_one(root: Spool, s: JobState) -> None:
         click.echo(f"  best: {b['monitor']} {b['value']:.4f} at epoch {b['epoch']} ({b['path']})")
     if s.last_checkpoint:
         click.echo(f"  checkpoint: {s.last_checkpoint['path']}")
-    if s.last_error:
-        click.echo(f"  error: {s.last_error['error']}: {s.last_error['message']}")
+    if s.last_error:  # a job resumed after a failure keeps it on record: say it is past
+        label = "error" if s.status in (Status.FAILED, None) else "earlier error (resumed since)"
+        click.echo(f"  {label}: {s.last_error['error']}: {s.last_error['message']}")
         if s.last_error.get("traceback"):  # an unexpected error, not a known one like bad data
             click.echo(f'  traceback: "epochd status {s.job_id} --json" prints it (last_error); the '
                        "worker's own output is in worker.log in the job's folder")

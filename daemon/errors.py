@@ -40,6 +40,11 @@ class DataError(EpochdError):
     """A problem that can only be seen when the data is read. Retrying cannot fix it."""
 
 
+class DataChanged(EpochdError):
+    """A data file is not the one the job's checkpoints were trained on. Putting it back fixes
+    that: the failure is retryable."""
+
+
 class PathNotAllowed(EpochdError):
     """A job file names a path outside the roots the daemon may read or write."""
 

@@ -57,6 +57,7 @@ class RunStarted(Event):
     val_samples: int
     task: str
     gpus: tuple = ()               # nvidia-smi indices the daemon gave this run (on this machine)
+    data: dict | None = None       # data file -> {path, bytes, mtime_ns, sha256} (daemon/datafiles.py)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

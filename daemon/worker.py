@@ -28,8 +28,8 @@ from pathlib import Path
 
 import orjson
 
-from . import control, faults, foldcache, policies
-from .errors import (CheckpointInvalid, DataError, DeviceUnavailable, Diverged, EngineUnavailable,
+from . import control, datafiles, faults, foldcache, policies
+from .errors import (CheckpointInvalid, DataChanged, DataError, DeviceUnavailable, Diverged, EngineUnavailable,
                      MachinesDisagree, PathNotAllowed, PortInUse, memory_limit_message)
 from .eventlog import EventLog, read_foldable, utc_now
 from .events import (BestModelSaved, Cancelled, CheckpointRejected, CheckpointRemoved,
@@ -49,7 +49,7 @@ CHUNK_SECONDS = 0.2        # engine call length: bounds pause latency and progre
 PROGRESS_SECONDS = 1.0     # at most one progress event a second
 CACHE_EVERY_BYTES = 4 << 20  # refresh the fold cache every 4 MiB of log: a replay folds the rest
 EXPECTED_ERRORS = (DataError, PathNotAllowed, DeviceUnavailable, Diverged, EngineUnavailable, PortInUse,
-                   MachinesDisagree)
+                   MachinesDisagree, DataChanged, CheckpointInvalid)
 
 
 class StopRun(Exception):
@@ -141,6 +141,7 @@ class Worker:
         from engines.data import prepare
         spec = self.spec
         self.check_paths()
+        hashing = self.check_data_unchanged()
         folder = self.spool.stream_dir(self.job_id)
         if self.world > 1 and spec["data"].get("streaming"):
             # each machine's leader encodes the cache; its other ranks then open it as is
@@ -151,6 +152,7 @@ class Worker:
                 self.data = prepare(spec, folder)
         else:
             self.data = prepare(spec, folder)
+        self.data_files = hashing.result() if isinstance(hashing, datafiles.Identifying) else hashing
         if self.world > 1 and (spec.get("distributed") or {}).get("nnodes", 1) > 1:
             self.check_machines_agree()
         self.monitor, self.mode = self.choose_monitor()
@@ -173,11 +175,33 @@ class Worker:
                 "epoch": checkpoint["epoch"], "step": checkpoint["step"],
                 "checkpoint": checkpoint["path"], "epochs_done": self.epoch - 1},
             steps_per_epoch=self.engine.steps_per_epoch, task=self.data.task,
-            train_samples=self.data.n_train, val_samples=self.data.n_val, gpus=assigned_gpus()))
+            train_samples=self.data.n_train, val_samples=self.data.n_val, gpus=assigned_gpus(),
+            data=self.data_files))
         self.run_started_at, self.prior_seconds = time.monotonic(), self.state.running_seconds
         log.info("job %s: %s run %d on %s from epoch %d step %d (%d threads)", self.job_id,
                  spec["framework"], self.state.attempts, self.engine.devices, self.epoch,
                  self.step, self.engine.threads)
+
+    def check_data_unchanged(self) -> "dict | datafiles.Identifying":
+        """Before the data is read: with checkpoints to go on from, each data file must be the
+        one the last run recorded (DataChanged if not). A run with nothing to go on from hashes
+        its files while it reads them (`Identifying`); only a machine's leader records them."""
+        recorded = (self.state.run or {}).get("data")
+        if not (recorded and self.state.checkpoints):
+            return datafiles.Identifying(self.spec, hash_files=self.leader)
+        current = datafiles.identify(self.spec, recorded)
+        changed = datafiles.changes(recorded, current)
+        if changed:
+            last = self.state.checkpoints[-1]
+            raise DataChanged(
+                f"the job's data changed since its checkpoints were made: {'; '.join(changed)}. "
+                f"The checkpoints (the last at epoch {last['epoch']}, step {last['step']}) were "
+                "trained on the rows as they were, and their scaling, validation split and "
+                "epoch order come from those rows. Expected: the data the run began with. "
+                f'Put that file back, then "epochd resume {self.job_id}" goes on from the last '
+                "checkpoint; to train on the new data, submit the job again under another name "
+                "(it starts from scratch).")
+        return current
 
     def train(self) -> None:
         epochs = self.spec["epochs"]
@@ -471,9 +495,11 @@ class Worker:
         """Load the newest checkpoint whose bytes match their sha256; older ones if it does not.
         With `at_or_before`, only checkpoints no later than that (epoch, step). A load that
         failed may have changed some weights: the engine is built anew (`rebuild`), or marked
-        `engine_dirty` for the caller to rebuild."""
+        `engine_dirty` for the caller to rebuild. None when no checkpoint stands whole (a fresh
+        start); CheckpointInvalid when some do but none of them loads."""
         tried_a_load = False
         self.engine_dirty = False
+        unfit = []  # (checkpoint, why): whole on disk, yet they do not load into this model
         for checkpoint in reversed(list(self.state.checkpoints)):
             if at_or_before is not None and (checkpoint["epoch"], checkpoint["step"]) > at_or_before:
                 continue
@@ -483,17 +509,37 @@ class Worker:
                 tried_a_load = True
                 try:
                     if self.engine.load_checkpoint(path) == (checkpoint["epoch"], checkpoint["step"]):
+                        for newer, why in unfit:
+                            self.reject(newer, why)
                         self.restore_timers(checkpoint)
                         return checkpoint
                     problem = "its contents are for another epoch and step than its event says"
                 except CheckpointInvalid as e:
                     problem = str(e)
-            self.record(CheckpointRejected(path=checkpoint["path"], reason=problem))
-            log.warning("job %s: checkpoint %s rejected: %s", self.job_id, checkpoint["path"], problem)
+                unfit.append((checkpoint, problem))
+                continue
+            self.reject(checkpoint, problem)
+        if unfit:
+            # their bytes are as written, so this is not damage but a model built otherwise
+            # than theirs: starting afresh would throw the job's training away. They stay on
+            # record for a resume once the cause is gone.
+            last, why = unfit[0]
+            raise CheckpointInvalid(
+                f"none of the job's {len(unfit)} checkpoint(s) that are whole on disk loads into "
+                f"the model built now; the last, {last['path']} (epoch {last['epoch']}, step "
+                f"{last['step']}): {why}. Expected: the network those checkpoints were saved "
+                "from: the same data (a changed category or column changes its size) and an "
+                "epochd that writes the same layout. Put back what changed, then "
+                f'"epochd resume {self.job_id}" goes on from the last checkpoint; to start the '
+                f"job over instead, delete jobs/{self.job_id}/checkpoints/ and resume it.")
         if tried_a_load and rebuild:  # a failed load may have changed some weights: start clean
             self.engine = self.engine_cls(self.spec, self.data, self.cpu_share)
         self.engine_dirty = tried_a_load and not rebuild
         return None
+
+    def reject(self, checkpoint: dict, problem: str) -> None:
+        self.record(CheckpointRejected(path=checkpoint["path"], reason=problem))
+        log.warning("job %s: checkpoint %s rejected: %s", self.job_id, checkpoint["path"], problem)
 
     def restore_timers(self, checkpoint: dict) -> None:
         if checkpoint["step"] < checkpoint["steps_per_epoch"]:
@@ -621,7 +667,7 @@ class Worker:
 
     def fail(self, e: Exception) -> None:
         expected = isinstance(e, EXPECTED_ERRORS)
-        retryable = isinstance(e, (MemoryError, PortInUse)) or (
+        retryable = isinstance(e, (MemoryError, PortInUse, DataChanged, CheckpointInvalid)) or (
             isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EIO, errno.EROFS, errno.ENOMEM))
         if self.world > 1 and not (expected or retryable):
             # in a DDP rank an unexpected error is most often a peer's death seen through the
