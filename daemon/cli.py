@@ -197,6 +197,7 @@ def submit(spool, job_file, name, follow, no_path_check):
     earlier = error_reports(root)  # a rejection of this drop will be a report not among these
     job_id = drop_job(root, data, name or job_file.stem)
     click.echo(f"submitted {job_file} as incoming/{job_id}.json; job id {job_id} (once accepted)")
+    note_shared_output(root, job)
     warn_if_unserved(root)
     if follow:
         sys.exit(follow_job(root, job_id, earlier_reports=earlier))
@@ -246,6 +247,35 @@ def path_problems(spool: Spool, job, check_data: bool = True) -> list[str]:
     if check_data and not problems:
         problems += header_problems(resolved)
     return problems
+
+
+def note_shared_output(root: Spool, job) -> None:
+    """On stderr: the unfinished jobs that write the output folder this job names, which it
+    will wait for and then overwrite."""
+    from . import spec
+    if job.output_path is None:
+        return
+    settings = daemon_settings(root)
+    try:
+        output = spec.normalise(job, job_id="submitted", base_dir=settings.base_dir,
+                                spool_root=root.root, allow_roots=list(settings.allow_roots))["output_path"]
+    except BadJobFile:
+        return
+    holders = []
+    for jid in root.job_ids():
+        try:
+            other = root.state(jid)
+        except (LogCorrupt, OSError):
+            continue
+        if other.status not in TERMINAL and (other.spec or {}).get("output_path") == output:
+            holders.append(f"{jid} ({other.status})")
+    if holders:
+        who = (f"job {holders[0]} writes" if len(holders) == 1
+               else f"jobs {', '.join(holders)} write")
+        click.echo(f"note: {who} the same output_path {output}: this job waits until "
+                   f"{'it has' if len(holders) == 1 else 'they have'} ended, then writes its model "
+                   "there in place of theirs. To keep both, give it another output_path (or none: "
+                   "jobs/<id>/model/).", err=True)
 
 
 def header_problems(resolved: dict) -> list[str]:
@@ -349,7 +379,36 @@ def status_row(s: JobState, width: int = 24) -> str:
             f"{display.number(loss):>10} {best:>18}  {s.updated_at or '-'}")
 
 
+def output_holder(root: Spool, s: JobState) -> JobState | None:
+    """The job that keeps `s` from starting because it writes the same output folder (as the
+    daemon's scheduler decides it), or None."""
+    output = (s.spec or {}).get("output_path")
+    if not output:
+        return None
+    others = {}
+    for jid in root.job_ids():
+        if jid == s.job_id:
+            continue
+        try:
+            other = root.state(jid)
+        except (LogCorrupt, OSError):
+            continue
+        if (other.spec or {}).get("output_path") == output:
+            others[jid] = other
+    running = {jid for jid, o in others.items() if worker_of(root, o)}
+    holder = scheduler.output_holder(scheduler.entry(s), [scheduler.entry(o) for o in others.values()],
+                                     running)
+    return None if holder is None else others[holder.job_id]
+
+
 def queued_hint(root: Spool, s: JobState) -> str:
+    holder = output_holder(root, s)
+    if holder is not None:
+        until = (f'; it is paused: "epochd resume {holder.job_id}" or "epochd cancel '
+                 f'{holder.job_id}" lets it end' if holder.status == Status.PAUSED else "")
+        return (f"queued: waits for job {holder.job_id} ({holder.status}), which writes the same "
+                f"output_path {s.spec['output_path']}: it starts once that job has ended, and its "
+                f"outputs then replace that job's there{until}")
     started = last_daemon_start(root) or {}
     slots = f" (at most {started['max_jobs']} at once)" if started.get("max_jobs") else ""
     then = "continues" if s.status == Status.INTERRUPTED else "starts"

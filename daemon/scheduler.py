@@ -7,6 +7,12 @@ GPUs: a job gets the GPUs its `devices` asks for (a number: the lowest free indi
 exactly those) or waits. A GPU job that has to wait keeps the GPUs it is waiting for from the
 jobs behind it (for a number, every GPU free now), so a job asking for four GPUs is not
 starved by a stream of one-GPU jobs; CPU jobs behind it still start.
+
+Output folders: two jobs with the same `output_path` never run at once, and a job waits while
+another one writing there is unfinished: running, paused, or queued ahead of it. Their best
+weights, model.json and final weights would otherwise interleave, and a job restoring its best
+weights at the end could load the other's. The job that waits then writes its outputs over the
+earlier one's, as the job file says.
 """
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +33,7 @@ class Entry:
     gpus: int = 0                    # GPUs it asks for; "auto" asks for 1, if there are any
     gpu_ids: tuple[int, ...] = ()    # the exact GPUs, when its devices is a list
     gpu_optional: bool = False       # "auto": the CPU on a machine without GPUs
+    output: str | None = None        # its output_path when the job file names one
 
     def gpus_needed(self, machine_gpus: int) -> int:
         return 0 if self.gpu_optional and machine_gpus == 0 else self.gpus
@@ -46,7 +53,24 @@ def entry(state: JobState) -> Entry:
     auto = devices == "auto" and not spec.get("distributed")  # distributed "auto": CPU ranks
     return Entry(state.job_id or "", state.status, state.priority, state.accepted_at or "",
                  not_before, state.crashes, gpus=1 if auto else gpu_count_asked(devices),
-                 gpu_ids=tuple(devices) if isinstance(devices, list) else (), gpu_optional=auto)
+                 gpu_ids=tuple(devices) if isinstance(devices, list) else (), gpu_optional=auto,
+                 output=spec.get("output_path"))
+
+
+def output_holder(e: Entry, entries, running=frozenset()) -> Entry | None:
+    """The job that keeps `e` from writing its output folder now, or None: another job with
+    the same output_path that is running (or in `running`, the jobs with a worker), paused, or
+    queued ahead of it (accepted earlier)."""
+    if e.output is None:
+        return None
+    ahead = (e.accepted_at, e.job_id)
+    for o in entries:
+        if o.job_id == e.job_id or o.output != e.output:
+            continue
+        if o.job_id in running or o.status in (Status.RUNNING, Status.PAUSED) or (
+                o.status in RUNNABLE and (o.accepted_at, o.job_id) < ahead):
+            return o
+    return None
 
 
 def unmet(e: Entry, machine: list[int]) -> str | None:

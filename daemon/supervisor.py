@@ -436,6 +436,10 @@ class Daemon:
                 self.fail_unplaceable(e.job_id, why)
         busy = {g for c in self.children.values() for g in c.gpus}
         busy.update(g for gpus in self.orphan_gpus.values() for g in gpus)
+        if any(e.output for e in runnable):  # one writer per output folder
+            working = self.children.keys() | self.orphans.keys() | self.unsettled.keys()
+            known = list(self.entries.values())
+            runnable = [e for e in runnable if scheduler.output_holder(e, known, working) is None]
         for job_id, gpus in scheduler.pick(runnable, free, now, self.gpus, busy):
             self.spawn(job_id, gpus)
 

@@ -352,3 +352,54 @@ def test_queued_jobs_run_by_priority_then_by_arrival(tmp_path, spool, daemon_fac
     started = {job: wait_for_event(spool, job, "run_started", timeout=120)[-1]["ts"]
                for job in ("busy", "low", "high", "low2", "mid")}
     assert sorted(started, key=started.get) == ["busy", "high", "mid", "low", "low2"]
+
+
+def test_one_writer_per_output_folder_is_decided_from_the_jobs_states():
+    from daemon import scheduler
+    from daemon.replay import Status
+
+    def job(job_id, status, at, output="/m"):
+        return scheduler.Entry(job_id, status, 0, at, 0.0, 0, output=output)
+    b = job("b", Status.PENDING, "2")
+    assert scheduler.output_holder(job("b", Status.PENDING, "2", None), [job("a", Status.RUNNING, "1", None)]) is None
+    for status, holds in ((Status.RUNNING, True), (Status.PAUSED, True), (Status.PENDING, True),
+                          (Status.INTERRUPTED, True), (Status.COMPLETED, False), (Status.FAILED, False),
+                          (Status.CANCELLED, False)):
+        holder = scheduler.output_holder(b, [b, job("a", status, "1")])
+        assert (holder is not None and holder.job_id == "a") is holds, status
+    # a job queued behind it does not hold it, unless it runs, or is paused
+    assert scheduler.output_holder(b, [job("c", Status.PENDING, "3")]) is None
+    assert scheduler.output_holder(b, [job("c", Status.PAUSED, "3")]).job_id == "c"
+    assert scheduler.output_holder(b, [job("c", Status.PENDING, "3")], running={"c"}).job_id == "c"
+    assert scheduler.output_holder(b, [job("a", Status.RUNNING, "1", "/other")]) is None
+
+
+def test_jobs_writing_one_output_folder_run_one_after_the_other(tmp_path, spool, daemon_factory):
+    """With room for two jobs, a second job naming the first's output_path waits while the first
+    runs and while it is paused (submit and status say so), and starts once it has ended."""
+    from click.testing import CliRunner
+
+    from daemon import control
+    from daemon.cli import cli
+    data = classification_csv(tmp_path / "train.csv", rows=4000)
+    out = tmp_path / "shared"
+    daemon_factory(spool, "--max-jobs", "2")
+    drop_job(spool, "a.json", seed_job(data, out, epochs=2, batch_size=2, algorithm_params={"hidden_units": [16]}))
+    wait_for_event(spool, "a", "progress")
+    (tmp_path / "b.json").write_text(json.dumps(seed_job(data, out, epochs=2, algorithm_params={"hidden_units": [8]})))
+    submitted = CliRunner().invoke(cli, ["submit", "--spool", str(spool), str(tmp_path / "b.json")])
+    assert submitted.exit_code == 0, submitted.output
+    assert f"note: job a (running) writes the same output_path {out}: this job waits" in submitted.output
+    wait_for_event(spool, "b", "job_accepted")
+    shown = CliRunner().invoke(cli, ["status", "--spool", str(spool), "b"]).output
+    assert f"queued: waits for job a (running), which writes the same output_path {out}" in shown
+    control.drop(Spool(spool), "a", "pause")
+    wait_for_status(spool, "a", "paused")
+    shown = CliRunner().invoke(cli, ["status", "--spool", str(spool), "b"]).output
+    assert 'waits for job a (paused)' in shown and '"epochd resume a" or "epochd cancel a"' in shown
+    control.drop(Spool(spool), "a", "cancel")
+    wait_for_status(spool, "b", "completed")
+    cancelled = next(r for r in events_of(spool, "a") if r["type"] == "cancelled")
+    started = next(r for r in events_of(spool, "b") if r["type"] == "run_started")
+    assert started["ts"] > cancelled["ts"]  # never while a ran or was paused
+    assert json.loads((out / "model.json").read_text())["job_id"] == "b"
