@@ -646,6 +646,11 @@ def request(spool: Path, job_id: str, action: str, reason: str | None) -> None:
     decision = control.decide(state.status, action, control.retryable_failure(state))
     if decision.kind == "reject":
         raise CliError(f"job {job_id} is {state.status}; nothing to {action}.", Exit.REFUSED)
+    if action == "resume" and state.status in (Status.PAUSED, Status.FAILED):
+        from .datafiles import check
+        problem = check(state)  # what its worker would fail on, said before it is queued
+        if problem:
+            raise CliError(f"job {job_id} was not resumed: {problem}", Exit.REFUSED)
     control.drop(root, job_id, action, reason)
     note = f" ({decision.why})" if decision.kind == "repeat" else ""
     click.echo(f"{action} requested for {job_id}{note}; follow with \"epochd tail -f {job_id}\"")

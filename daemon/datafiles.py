@@ -92,3 +92,21 @@ def changes(recorded: dict, current: dict) -> list[str]:
 
 def _when(mtime_ns: int) -> str:
     return datetime.fromtimestamp(mtime_ns / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def check(state, current: dict | None = None) -> str | None:
+    """Why a job (its folded `state`) cannot go on from its checkpoints with its data files as
+    they are now (`current`, else identified here), or None."""
+    recorded = (state.run or {}).get("data")
+    if not (recorded and state.checkpoints):
+        return None
+    changed = changes(recorded, identify(state.spec, recorded) if current is None else current)
+    if not changed:
+        return None
+    last = state.checkpoints[-1]
+    return (f"the job's data changed since its checkpoints were made: {'; '.join(changed)}. The "
+            f"checkpoints (the last at epoch {last['epoch']}, step {last['step']}) were trained on "
+            "the rows as they were, and their scaling, validation split and epoch order come from "
+            "those rows. Expected: the data the run began with. Put that file back, then "
+            f'"epochd resume {state.job_id}" goes on from the last checkpoint; to train on the new '
+            "data, submit the job again under another name (it starts from scratch).")

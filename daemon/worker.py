@@ -190,17 +190,9 @@ class Worker:
         if not (recorded and self.state.checkpoints):
             return datafiles.Identifying(self.spec, hash_files=self.leader)
         current = datafiles.identify(self.spec, recorded)
-        changed = datafiles.changes(recorded, current)
-        if changed:
-            last = self.state.checkpoints[-1]
-            raise DataChanged(
-                f"the job's data changed since its checkpoints were made: {'; '.join(changed)}. "
-                f"The checkpoints (the last at epoch {last['epoch']}, step {last['step']}) were "
-                "trained on the rows as they were, and their scaling, validation split and "
-                "epoch order come from those rows. Expected: the data the run began with. "
-                f'Put that file back, then "epochd resume {self.job_id}" goes on from the last '
-                "checkpoint; to train on the new data, submit the job again under another name "
-                "(it starts from scratch).")
+        problem = datafiles.check(self.state, current)
+        if problem:
+            raise DataChanged(problem)
         return current
 
     def train(self) -> None:

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from safetensors.numpy import load_file
 
 from daemon import control
+from daemon.cli import Exit, cli
 from daemon.spool import Spool
 from tests.conftest import (classification_csv, drop_job, events_of, seed_job, wait_for_event,
                             wait_for_status, wait_until)
@@ -92,6 +94,13 @@ def test_a_resume_refuses_data_that_changed_and_goes_on_once_it_is_back(tmp_path
     original = data.read_bytes()
     more = classification_csv(tmp_path / "more.csv", rows=50, seed=7).read_text().split("\n", 1)[1]
     data.write_bytes(original + more.encode())
+    # `epochd resume` says so at once, and leaves the job paused
+    refused = CliRunner().invoke(cli, ["resume", "--spool", str(spool), "d"])
+    assert refused.exit_code == Exit.REFUSED
+    assert f'job d was not resumed: the job\'s data changed since its checkpoints were made: ' \
+           f'train_data_path "{data.resolve()}" is not the file the run began with' in refused.output
+    assert not list(Spool(spool).control.iterdir())
+    # a request dropped by hand: its worker fails the job
     control.drop(Spool(spool), "d", "resume")
     state = wait_for_status(spool, "d", "failed")
     error = state.last_error
@@ -103,7 +112,7 @@ def test_a_resume_refuses_data_that_changed_and_goes_on_once_it_is_back(tmp_path
     assert len([r for r in records if r["type"] == "run_started"]) == 1
     assert state.last_checkpoint["path"] == paused["checkpoint"]
     data.write_bytes(original)
-    control.drop(Spool(spool), "d", "resume")
+    assert CliRunner().invoke(cli, ["resume", "--spool", str(spool), "d"]).exit_code == 0
     wait_for_status(spool, "d", "completed", timeout=120)
     runs = [r for r in events_of(spool, "d") if r["type"] == "run_started"]
     assert runs[1]["resumed_from"]["checkpoint"] == paused["checkpoint"]
