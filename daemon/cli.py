@@ -261,14 +261,8 @@ def note_shared_output(root: Spool, job) -> None:
                                 spool_root=root.root, allow_roots=list(settings.allow_roots))["output_path"]
     except BadJobFile:
         return
-    holders = []
-    for jid in root.job_ids():
-        try:
-            other = root.state(jid)
-        except (LogCorrupt, OSError):
-            continue
-        if other.status not in TERMINAL and (other.spec or {}).get("output_path") == output:
-            holders.append(f"{jid} ({other.status})")
+    holders = [f"{jid} ({other.status})" for jid, other in jobs_writing(root, output)
+               if other.status not in TERMINAL]
     if holders:
         who = (f"job {holders[0]} writes" if len(holders) == 1
                else f"jobs {', '.join(holders)} write")
@@ -332,7 +326,10 @@ def status(spool, job_id, as_json):
     if job_id:
         state = load_state(root, job_id)
         if as_json:
-            return echo_json({**display.summary(state), "worker": worker_of(root, state)})
+            worker = worker_of(root, state)
+            holder = output_holder(root, state) if state.status in RUNNABLE and not worker else None
+            return echo_json({**display.summary(state), "worker": worker,
+                              "waits_for": None if holder is None else holder.job_id})
         return print_one(root, state)
     require_spool(root)
     states = []
@@ -385,20 +382,28 @@ def output_holder(root: Spool, s: JobState) -> JobState | None:
     output = (s.spec or {}).get("output_path")
     if not output:
         return None
-    others = {}
-    for jid in root.job_ids():
-        if jid == s.job_id:
-            continue
-        try:
-            other = root.state(jid)
-        except (LogCorrupt, OSError):
-            continue
-        if (other.spec or {}).get("output_path") == output:
-            others[jid] = other
+    others = {jid: other for jid, other in jobs_writing(root, output) if jid != s.job_id}
     running = {jid for jid, o in others.items() if worker_of(root, o)}
     holder = scheduler.output_holder(scheduler.entry(s), [scheduler.entry(o) for o in others.values()],
                                      running)
     return None if holder is None else others[holder.job_id]
+
+
+def jobs_writing(root: Spool, output: str):
+    """(job id, state) of each job whose output_path is `output`. Only those are folded: the
+    others' first record (job_accepted, with the spec) says enough."""
+    for jid in root.job_ids():
+        try:
+            with open(root.events_path(jid), "rb") as f:
+                accepted = orjson.loads(f.readline())
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        if (accepted.get("spec") or {}).get("output_path") != output:
+            continue
+        try:
+            yield jid, root.state(jid)
+        except (LogCorrupt, OSError):
+            continue
 
 
 def queued_hint(root: Spool, s: JobState) -> str:

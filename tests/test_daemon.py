@@ -393,6 +393,8 @@ def test_jobs_writing_one_output_folder_run_one_after_the_other(tmp_path, spool,
     wait_for_event(spool, "b", "job_accepted")
     shown = CliRunner().invoke(cli, ["status", "--spool", str(spool), "b"]).output
     assert f"queued: waits for job a (running), which writes the same output_path {out}" in shown
+    assert json.loads(CliRunner().invoke(cli, ["status", "--spool", str(spool), "b", "--json"]).output)[
+        "waits_for"] == "a"
     control.drop(Spool(spool), "a", "pause")
     wait_for_status(spool, "a", "paused")
     shown = CliRunner().invoke(cli, ["status", "--spool", str(spool), "b"]).output
