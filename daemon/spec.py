@@ -530,22 +530,28 @@ def validate(raw: dict) -> JobSpec:
 def explain(errors: list[dict]) -> list[str]:
     """One message per field: what was received, what was expected, and a suggestion."""
     messages, seen = [], set()
+    missing = {".".join(map(str, err["loc"])) for err in errors if err["type"] == "missing"}
     for err in errors:
         path, container, info = _locate(err["loc"])
         if (path, err["type"] == "extra_forbidden") in seen:
             continue
         seen.add((path, err["type"] == "extra_forbidden"))
-        messages.append(_message(err, path, container, info))
+        messages.append(_message(err, path, container, info, missing))
     return messages
 
 
-def _message(err: dict, path: str, container: type | None, info) -> str:
+def _message(err: dict, path: str, container: type | None, info, missing: set[str] = frozenset()) -> str:
     received = _show(err.get("input"))
     expected = info.description if info is not None and info.description else None
     if err["type"] == "extra_forbidden":
         key = path.rsplit(".", 1)[-1]
         valid = list(container.model_fields) if container else []
-        near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
+        # "data_path" beside a missing "train_data_path" means that one, though "val_data_path"
+        # is nearer by letters: a required key the file lacks is the likelier meaning
+        wanted = [k for k in valid if parent + k in missing]
+        near = (difflib.get_close_matches(key, wanted, n=1, cutoff=0.6)
+                or difflib.get_close_matches(key, valid, n=1, cutoff=0.6))
         hint = f' Did you mean "{near[0]}"?' if near else ""
         return f'unknown key "{path}".{hint} Valid keys here: {", ".join(valid)}.'
     if err["type"] == "missing":

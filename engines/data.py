@@ -628,9 +628,13 @@ def encode_target(y: pd.Series, recipe: dict, which: str, where: str = "") -> np
     index = {c: i for i, c in enumerate(t["classes"])}
     codes = y.map(lambda v: index.get(_plain(v), -1)).to_numpy(dtype=np.int64)
     if (codes < 0).any():
-        unseen = sorted({str(v) for v, c in zip(y, codes) if c < 0})[:5]
-        raise DataError(f"{where}the {which} data has labels the training rows do not: {unseen}. "
-                        f"Expected: labels among {t['classes'][:10]}.")
+        unseen = sorted({str(v) for v, c in zip(y, codes) if c < 0})
+        shown = f"{unseen[:5]}{' and more' if len(unseen) > 5 else ''}"
+        raise DataError(f"{where}the {which} data has labels the training rows do not: {shown}, in "
+                        f"{int((codes < 0).sum())} of the {len(codes)} rows checked. Expected: labels among "
+                        f"{t['classes'][:10]}{' ...' if len(t['classes']) > 10 else ''}. The model "
+                        "cannot score a class it has no output for: add training rows of those "
+                        f"labels, or leave those rows out of the {which} data.")
     return codes
 
 

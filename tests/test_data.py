@@ -208,7 +208,8 @@ def test_unreadable_file_is_a_data_error(tmp_path):
 def test_validation_labels_unseen_in_training(tmp_path):
     write(tmp_path, pd.DataFrame({"x": [1.0, 2.0, 3.0, 4.0], "target": ["a", "b", "a", "b"]}))
     write(tmp_path, pd.DataFrame({"x": [1.0, 2.0], "target": ["a", "c"]}), "val.csv")
-    with pytest.raises(DataError, match=r"labels the training rows do not: \['c'\]"):
+    with pytest.raises(DataError, match=r"labels the training rows do not: \['c'\], in 1 of the 2 rows checked\. "
+                       r".*add training rows of those labels, or leave those rows out"):
         prepare(job(tmp_path, val_data_path=str(tmp_path / "val.csv")))
 
 

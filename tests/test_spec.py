@@ -43,6 +43,8 @@ def test_defaults_are_filled_and_the_seeds_short_forms_moved(tmp_path):
 @pytest.mark.parametrize("raw, needles", [
     (minimal(epoch=10), ['unknown key "epoch"', 'Did you mean "epochs"?']),
     (minimal(bach_size=10), ['Did you mean "batch_size"?']),
+    # nearer by letters to "val_data_path", but the file lacks the required "train_data_path"
+    ({"data_path": "d.csv", "target_column": "t"}, ['unknown key "data_path". Did you mean "train_data_path"?']),
     (minimal(algorithm_params={"hiden_units": [4]}), ['"algorithm_params.hiden_units"', '"hidden_units"']),
     (minimal(learning_rate_scheduler={"name": "step", "gama": 0.5}), ['Did you mean "gamma"?']),
     (minimal(early_stopping={"patiense": 3}), ['Did you mean "patience"?']),
