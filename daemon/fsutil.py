@@ -85,20 +85,26 @@ def remove_stale_temps(folder: Path) -> list[str]:
         head, _, pid = name.removesuffix(".tmp").rpartition(".")
         if not (name.startswith(".") and name.endswith(".tmp") and head and pid.isdigit()):
             continue
-        if int(pid) != os.getpid() and not _alive(int(pid)):
+        if int(pid) != os.getpid() and not pid_alive(int(pid)):
             Path(folder, name).unlink(missing_ok=True)
             removed.append(name)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie: a process that died is one even before
+    its parent (or, for an orphan, init, which may be slow or, in a container, absent) reaps it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # someone else's live process
-    return True
+        pass  # someone else's process: it exists
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"  # the name may hold spaces
+    except (OSError, IndexError):  # no /proc: what kill() said
+        return True
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -33,7 +33,7 @@ from . import spec as specs
 from .errors import BadJobFile, LogCorrupt, SpoolLocked
 from .eventlog import EventLog, read_log, utc_now
 from .events import JobAccepted
-from .fsutil import atomic_write_bytes, fsync_dir, remove_stale_temps
+from .fsutil import atomic_write_bytes, fsync_dir, pid_alive, remove_stale_temps
 from .replay import JobState
 
 VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -239,13 +239,7 @@ def live_worker(spool: Spool, job_id: str, block: int = 1 << 20) -> dict | None:
             continue
         if event == "worker_exited" or not isinstance(entry.get("pid"), int):
             return None
-        try:
-            os.kill(entry["pid"], 0)
-        except ProcessLookupError:
-            return None
-        except OSError:  # another user's (the service's): it exists
-            pass
-        return entry
+        return entry if pid_alive(entry["pid"]) else None
     return None
 
 

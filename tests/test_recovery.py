@@ -181,3 +181,26 @@ def test_a_second_sigterm_stops_at_once_and_the_job_resumes_later(tmp_path, spoo
     daemon_factory(spool)
     state = wait_for_status(spool, "j", "completed", timeout=120)
     assert [h["epoch"] for h in state.history] == [1]
+
+
+def test_a_temp_file_is_removed_once_its_writer_died_even_before_anyone_reaped_it(tmp_path):
+    """A worker that died mid-write is a zombie until its parent, or for an orphan init (slow,
+    or in a container none at all), reaps it: its temp file is a leftover all the same. One
+    whose writer still runs is kept."""
+    import subprocess
+    import sys
+
+    from daemon.fsutil import remove_stale_temps
+    write = "import os, sys; open(os.path.join(sys.argv[1], f'.c.pt.{os.getpid()}.tmp'), 'wb').write(b'x')"
+    dead = subprocess.Popen([sys.executable, "-c", write, str(tmp_path)])
+    wait_until(lambda: (tmp_path / f".c.pt.{dead.pid}.tmp").exists() and not alive(dead.pid), 30,
+               what="the writer to die, unreaped")
+    running = subprocess.Popen([sys.executable, "-c", write + "; sys.stdin.read()", str(tmp_path)],
+                               stdin=subprocess.PIPE)
+    try:
+        wait_until(lambda: (tmp_path / f".c.pt.{running.pid}.tmp").exists(), 30, what="the live writer")
+        assert remove_stale_temps(tmp_path) == [f".c.pt.{dead.pid}.tmp"]
+        assert (tmp_path / f".c.pt.{running.pid}.tmp").exists()
+    finally:
+        running.communicate(b"")
+        dead.wait()
