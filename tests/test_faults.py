@@ -6,7 +6,7 @@ it trains, and lets the point fire: the process that reaches it SIGKILLs itself 
 kills everything else, as a power cut would. A daemon started without the fault finishes the
 job. Checked every time: the point really fired; every event on record before the kill is still
 there, in place; the job was accepted once and its runs never overlapped; each request was
-carried out and its control file consumed; epochs 1..3 are in the history once each; no temp
+carried out and its control file consumed; epochs 1..4 are in the history once each; no temp
 file is left; the final weights equal the untouched run's, bit for bit.
 
 The default run covers one case of each kind; `-m slow` runs every point at several visits.
@@ -27,12 +27,19 @@ from tests.conftest import (WEIGHT_FILES, DaemonProcess, alive, classification_c
 RUN_ENDS = {"interrupted", "paused", "cancelled", "completed", "failed"}
 
 
-def job(data: Path, out: Path) -> dict:
-    """Three epochs of half a second to a second, a checkpoint every 0.2 s: every point is on its
-    path, and the run after the pause alone appends more than the 21 events the latest visit of
-    a point needs (checkpoints kept by time, each one saved and, past the last 3, removed)."""
-    return seed_job(data, out, epochs=3, batch_size=2, algorithm_params={"hidden_units": [16]},
-                    checkpoint={"every_seconds": 0.2})
+def job(data: Path, out: Path, every_seconds: float = 0.05) -> dict:
+    """Four epochs of about 0.3 s (to a second on a busy machine), a checkpoint every 0.05 s:
+    every point is on its path, and the run after the pause alone appends more than the 21
+    events the latest visit of a point needs (checkpoints kept by time, each one saved and, past
+    the last 3, removed). Three epochs with one every 0.2 s appended 20 when the pause landed
+    early in epoch 1 (a time-kept checkpoint waits for the engine call to end: a few an epoch).
+    The full-disk tests keep to 0.2 s: fewer events to fit in the room left on the disk."""
+    return seed_job(data, out, epochs=4, batch_size=2, algorithm_params={"hidden_units": [16]},
+                    checkpoint={"every_seconds": every_seconds})
+
+
+def disk_job(data: Path, out: Path) -> dict:
+    return job(data, out, every_seconds=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +126,7 @@ def crash_and_recover(tmp_path: Path, reference, case: str) -> None:
     assert not any((spool / "control").iterdir()) and not any((spool / "incoming").iterdir())
     assert not any((spool / "rejected").iterdir())
     state = fold(records)
-    assert state.status == "completed" and [h["epoch"] for h in state.history] == [1, 2, 3]
+    assert state.status == "completed" and [h["epoch"] for h in state.history] == [1, 2, 3, 4]
     leftovers = [p for p in tmp_path.rglob(".*.tmp")]
     assert not leftovers, f"temp files left behind: {leftovers}"
     assert same_weights(model_weights(tmp_path / "out" / WEIGHT_FILES["pytorch"][0]), expected)
@@ -176,7 +183,7 @@ def test_a_full_disk_at_a_checkpoint_fails_clearly_and_resume_continues(tmp_path
     Spool(spool).ensure()
     d = DaemonProcess(spool)
     try:
-        drop_job(spool, "j.json", job(data, small_disk / "out"))
+        drop_job(spool, "j.json", disk_job(data, small_disk / "out"))
         wait_until(lambda: any(r["type"] == "checkpoint_saved" for r in events_of(spool, "j")), 60,
                    what="a first checkpoint")
         free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
@@ -196,7 +203,7 @@ def test_a_full_disk_at_a_checkpoint_fails_clearly_and_resume_continues(tmp_path
                            what="the resumed job to complete")
     finally:
         d.stop()
-    assert [h["epoch"] for h in state.history] == [1, 2, 3]
+    assert [h["epoch"] for h in state.history] == [1, 2, 3, 4]
     assert same_weights(model_weights(small_disk / "out" / WEIGHT_FILES["pytorch"][0]), expected)
 
 
@@ -222,7 +229,7 @@ def test_a_disk_too_full_for_any_event_leaves_the_daemon_serving(tmp_path, small
     Spool(spool).ensure()
     d = DaemonProcess(spool, log_dir=tmp_path)  # its stderr off the disk that fills up
     try:
-        drop_job(spool, "j.json", job(data, small_disk / "out"))
+        drop_job(spool, "j.json", disk_job(data, small_disk / "out"))
         wait_until(lambda: any(r["type"] == "checkpoint_saved" for r in events_of(spool, "j")), 60,
                    what="a first checkpoint")
         worker = next(r["pid"] for r in events_of(spool, "j") if r["type"] == "run_started")
@@ -238,7 +245,7 @@ def test_a_disk_too_full_for_any_event_leaves_the_daemon_serving(tmp_path, small
         d.stop()
     crashes = [r for r in events_of(spool, "j") if r["type"] == "interrupted"]
     assert crashes and crashes[0]["crash"]
-    assert [h["epoch"] for h in state.history] == [1, 2, 3]
+    assert [h["epoch"] for h in state.history] == [1, 2, 3, 4]
     assert same_weights(model_weights(small_disk / "out" / WEIGHT_FILES["pytorch"][0]), expected)
 
 
