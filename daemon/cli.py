@@ -471,6 +471,8 @@ def print_one(root: Spool, s: JobState) -> None:
         click.echo(f"  best: {b['monitor']} {b['value']:.4f} at epoch {b['epoch']} ({b['path']})")
     if s.last_checkpoint:
         click.echo(f"  checkpoint: {s.last_checkpoint['path']}")
+    for note in (s.run or {}).get("notes") or ():
+        click.echo(f"  note: {note}")
     if s.last_error:  # a job resumed after a failure keeps it on record: say it is past
         label = "error" if s.status in (Status.FAILED, None) else "earlier error (resumed since)"
         click.echo(f"  {label}: {s.last_error['error']}: {s.last_error['message']}")
@@ -565,10 +567,13 @@ def follow_job(spool: Spool, job_id: str, follow: bool = True, raw: bool = False
             text = render(r, epochs, raw, live, verbose)
             if text is None:
                 continue
-            if text[1]:  # a whole line; a live progress line (the last one read) ends none
+            if text[1]:  # whole lines; a live progress line (the last one read) ends none
                 if last is not None and lines >= last:
                     break
-                lines += 1
+                own = text[0].split("\n")  # an event's line may have notes below it
+                if last is not None and lines + len(own) > last:
+                    text = ("\n".join(own[len(own) - (last - lines):]), True)
+                lines += len(own)
             texts.append(text)
         texts.reverse()
         last = None  # --lines is about what the log held at the start

@@ -42,8 +42,10 @@ def event_line(r: dict, epochs: int | None) -> str | None:
             resumed = r["resumed_from"]
             where = (f"resumed from epoch {resumed['epoch']} step {resumed['step']}" if resumed
                      else "from scratch")
-            return (f"run {r['attempt']} started on {', '.join(r['devices'])} (pid {r['pid']}), "
-                    f"{where}; {r['train_samples']} train / {r['val_samples']} val rows, {r['task']}")
+            return "\n".join([
+                f"run {r['attempt']} started on {', '.join(r['devices'])} (pid {r['pid']}), "
+                f"{where}; {r['train_samples']} train / {r['val_samples']} val rows, {r['task']}",
+                *(f"  note: {note}" for note in r.get("notes") or ())])
         case "epoch_completed":
             return (f"epoch {r['epoch']}{of}: {metrics(r)} | lr {r['learning_rate']:.3g} | "
                     f"{r['time_per_epoch']:.2f}s, {r['samples_per_sec']:,.0f} samples/s")
@@ -109,4 +111,5 @@ def summary(state: JobState) -> dict:
         "stop_reason": state.stop_reason, "outputs": state.outputs,
         "accepted_at": state.accepted_at, "updated_at": state.updated_at,
         "source_file": state.source_file, "priority": state.priority,
+        "notes": list((state.run or {}).get("notes") or ()),
     }

@@ -58,6 +58,7 @@ class RunStarted(Event):
     task: str
     gpus: tuple = ()               # nvidia-smi indices the daemon gave this run (on this machine)
     data: dict | None = None       # data file -> {path, bytes, mtime_ns, sha256} (daemon/datafiles.py)
+    notes: tuple = ()              # facts about the data worth knowing that are not errors
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -176,7 +176,7 @@ class Worker:
                 "checkpoint": checkpoint["path"], "epochs_done": self.epoch - 1},
             steps_per_epoch=self.engine.steps_per_epoch, task=self.data.task,
             train_samples=self.data.n_train, val_samples=self.data.n_val, gpus=assigned_gpus(),
-            data=self.data_files))
+            data=self.data_files, notes=tuple(self.data.notes)))
         self.run_started_at, self.prior_seconds = time.monotonic(), self.state.running_seconds
         log.info("job %s: %s run %d on %s from epoch %d step %d (%d threads)", self.job_id,
                  spec["framework"], self.state.attempts, self.engine.devices, self.epoch,

@@ -32,7 +32,7 @@ import difflib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -61,6 +61,7 @@ class Prepared:
     n_outputs: int               # 1 for regression and binary classification, else classes
     preprocess: dict             # JSON: everything needed to encode new data and decode outputs
     stream: "Stream | None" = None  # streaming: the encoded rows on disk (engines/stream.py)
+    notes: list[str] = field(default_factory=list)  # worth knowing, not an error (run_started)
 
     @property
     def input_dim(self) -> int:
@@ -423,15 +424,17 @@ def prepare(spec: dict, stream_folder: Path | None = None) -> Prepared:
     task = detect_task(train[target], spec["task"])
     recipe = fit(train, features, target, task, spec)
     x_train, y_train = encode(train, recipe), encode_target(train[target], recipe, "training")
+    notes = []
     if val is not None and len(val):
         x_val, y_val = encode(val, recipe), encode_target(val[target], recipe, "validation")
+        notes = validation_notes(unseen_categories(val, recipe), len(val), recipe)
     else:
         x_val = y_val = None
     recipe["rows"] = {"train": len(train), "val": 0 if x_val is None else len(x_val)}
     recipe["read"] = read_options(opts)
     n_outputs = 1 if task == "regression" or len(recipe["target"]["classes"]) == 2 \
         else len(recipe["target"]["classes"])
-    return Prepared(task, x_train, y_train, x_val, y_val, n_outputs, recipe)
+    return Prepared(task, x_train, y_train, x_val, y_val, n_outputs, recipe, notes=notes)
 
 
 def split(df: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -596,6 +599,7 @@ def prediction_notes(df: pd.DataFrame, recipe: dict) -> list[str]:
     take the training mean), and values the recipe has no category for (they encode as all
     zeros), with how many rows and up to three of the values."""
     notes = []
+    unseen = unseen_categories(df, recipe)
     for c in recipe["features"]:
         if c["name"] not in df.columns:
             continue
@@ -604,17 +608,48 @@ def prediction_notes(df: pd.DataFrame, recipe: dict) -> list[str]:
             if empty:
                 notes.append(f'column "{c["name"]}": {empty} of {len(df)} rows are empty; they '
                              f"take the training mean, {c['fill']:.6g}")
+        elif c["name"] in unseen:
+            notes.append(unseen_note(c, unseen[c["name"]], len(df)))
+    return notes
+
+
+def unseen_categories(df: pd.DataFrame, recipe: dict) -> dict[str, dict[str, int]]:
+    """For each categorical feature of `recipe` in `df`: its values the recipe has no category
+    for, with how many rows hold each (features without such values are left out)."""
+    found = {}
+    for c in recipe["features"]:
+        if c["kind"] != "categorical" or c["name"] not in df.columns:
             continue
         text = _as_text(df[c["name"]])
         unseen = text[~text.isin(c["categories"])]
         if len(unseen):
-            values = unseen.value_counts()
-            shown = ", ".join(repr(v) for v in values.index[:3]) + (", ..." if len(values) > 3 else "")
-            notes.append(f'column "{c["name"]}": {len(unseen)} of {len(df)} rows hold '
-                         f"{len(values)} value{'s' if len(values) > 1 else ''} the model has no "
-                         f"category for ({shown}); they encode as none of its "
-                         f"{len(c['categories'])} categories")
-    return notes
+            found[c["name"]] = {str(v): int(n) for v, n in unseen.value_counts().items()}
+    return found
+
+
+def add_unseen(total: dict[str, dict[str, int]], more: dict[str, dict[str, int]]) -> None:
+    for name, values in more.items():
+        counts = total.setdefault(name, {})
+        for value, n in values.items():
+            counts[value] = counts.get(value, 0) + n
+
+
+def unseen_note(c: dict, values: dict[str, int], rows: int) -> str:
+    """One line on the values of feature `c` that encode as none of its categories."""
+    ranked = sorted(values, key=lambda v: (-values[v], v))
+    shown = ", ".join(repr(v) for v in ranked[:3]) + (", ..." if len(ranked) > 3 else "")
+    held = sum(values.values())
+    return (f'column "{c["name"]}": {held} of {rows} rows hold {len(ranked)} '
+            f"value{'s' if len(ranked) > 1 else ''} the model has no category for ({shown}); they "
+            f"encode as none of its {len(c['categories'])} categories")
+
+
+def validation_notes(unseen: dict[str, dict[str, int]], rows: int, recipe: dict) -> list[str]:
+    """`run_started`'s notes on the validation rows: values of a categorical feature that the
+    training rows do not hold (or hold too rarely to be among the `max_categories` kept). Those
+    rows are scored as if the feature were none of its categories; the run goes on."""
+    return [f"validation rows, {unseen_note(c, unseen[c['name']], rows)}"
+            for c in recipe["features"] if c["name"] in unseen]
 
 
 def encode_target(y: pd.Series, recipe: dict, which: str, where: str = "") -> np.ndarray:

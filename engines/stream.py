@@ -533,6 +533,7 @@ def _build_cache(spec: dict, features: list[str], folder: Path, fingerprint: dic
     text_cols = [c["name"] for c in recipe["features"] if c["kind"] == "categorical"]
     y_dtype = "float32" if task == "regression" else "int64"
     counts = {"train": 0, "val": 0}
+    unseen: dict[str, dict[str, int]] = {}  # validation values without a category
     files = {name: open(folder / name, "wb") for name in ("train.x", "train.y", "val.x", "val.y")}
     try:
         def write(which: str, frame: pd.DataFrame, label: str, source: str) -> None:
@@ -541,6 +542,8 @@ def _build_cache(spec: dict, features: list[str], folder: Path, fingerprint: dic
             where = f'{source} "{spec[source]}": '
             x = D.encode(frame, recipe, where)
             y = np.asarray(D.encode_target(frame[target], recipe, label, where), dtype=y_dtype)
+            if which == "val":
+                D.add_unseen(unseen, D.unseen_categories(frame, recipe))
             files[f"{which}.x"].write(x.tobytes())
             files[f"{which}.y"].write(y.tobytes())
             counts[which] += len(frame)
@@ -572,7 +575,7 @@ def _build_cache(spec: dict, features: list[str], folder: Path, fingerprint: dic
         else len(recipe["target"]["classes"])
     manifest = {"fingerprint": fingerprint, "task": task, "n_outputs": n_outputs,
                 "input_dim": recipe["input_dim"], "y_dtype": y_dtype, "rows": counts,
-                "recipe": recipe}
+                "recipe": recipe, "notes": D.validation_notes(unseen, counts["val"], recipe)}
     atomic_write_bytes(folder / "manifest.json", json.dumps(manifest).encode())
     return manifest
 
@@ -587,4 +590,4 @@ def _prepared(manifest: dict, folder: Path, opts: dict) -> D.Prepared:
                             "Expected: intact files; delete the folder and the next run rebuilds it.")
     stream = Stream(train, val, opts["chunk_rows"], opts["shuffle_chunks"])
     return D.Prepared(manifest["task"], None, None, None, None, manifest["n_outputs"],
-                      manifest["recipe"], stream=stream)
+                      manifest["recipe"], stream=stream, notes=manifest.get("notes", []))

@@ -15,7 +15,7 @@ from daemon.cli import Exit, cli
 from daemon.eventlog import EventLog
 from daemon.events import ControlReceived, EpochCompleted, JobAccepted, Progress
 from daemon.spool import Spool
-from tests.conftest import (REPO, classification_csv, drop_job, seed_job, wait_for_event, wait_for_status,
+from tests.conftest import (REPO, classification_csv, drop_job, events_of, seed_job, wait_for_event, wait_for_status,
                             wait_until)
 
 
@@ -274,6 +274,36 @@ def test_predict_notes_empty_numbers_and_categorical_values_the_model_was_not_tr
     notes = invoke("predict", "--spool", spool, "done", newer).stderr.splitlines()
     assert notes[0] == (f'note: column "feature2": 2 of {len(table)} rows are empty; they take the '
                         f"training mean, {fill:.6g}") and len(notes) == 2
+
+
+def test_a_run_notes_validation_values_it_has_no_category_for_in_its_log_status_and_tail(
+        tmp_path, spool, daemon_factory):
+    """A validation file whose text column holds a value the training rows do not: the job
+    trains (those rows encode as none of the categories) and its run_started says so, which
+    `status` and `tail` show below the run's line."""
+    data = classification_csv(tmp_path / "train.csv", rows=60)
+    table = pd.read_csv(data)
+    table.insert(3, "colour", ["red", "green", "blue"] * 20)
+    table.to_csv(data, index=False)
+    val = tmp_path / "val.csv"
+    table.head(12).assign(colour=["red", "purple"] * 6).to_csv(val, index=False)
+    daemon_factory(spool)
+    job = seed_job(data, epochs=1, val_data_path=str(val), feature_columns=[
+        "feature1", "feature2", "feature3", "colour"])
+    job.pop("validation_split", None)
+    drop_job(spool, "noted.json", job)
+    wait_for_status(spool, "noted", "completed")
+    note = ('validation rows, column "colour": 6 of 12 rows hold 1 value the model has no category '
+            "for ('purple'); they encode as none of its 3 categories")
+    started = next(r for r in events_of(spool, "noted") if r["type"] == "run_started")
+    assert started["notes"] == [note]
+    assert f"  note: {note}\n" in invoke("status", "--spool", spool, "noted").output
+    assert json.loads(invoke("status", "--spool", spool, "noted", "--json").output)["notes"] == [note]
+    story = invoke("tail", "--spool", spool, "noted").output.splitlines()
+    run = next(i for i, line in enumerate(story) if " run 1 started on cpu" in line)
+    assert story[run + 1] == f"  note: {note}"
+    for lines in (len(story) - run, len(story) - run - 1):  # -n counts the note as a line
+        assert invoke("tail", "--spool", spool, "noted", "-n", lines).output.splitlines() == story[-lines:]
 
 
 def test_predict_reads_new_data_as_the_job_read_its_own(tmp_path, spool, daemon_factory):

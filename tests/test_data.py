@@ -213,6 +213,24 @@ def test_validation_labels_unseen_in_training(tmp_path):
         prepare(job(tmp_path, val_data_path=str(tmp_path / "val.csv")))
 
 
+def test_validation_values_without_a_category_are_noted_not_errors(tmp_path):
+    """A text feature's value that the training rows lack encodes as none of its categories: the
+    job trains and scores those validation rows on the other features, and says so in its notes
+    (run_started), with the rows and the values, in memory and streaming alike."""
+    write(tmp_path, pd.DataFrame({"colour": ["red", "green", "blue", "red"] * 10,
+                                  "x": np.arange(40.0), "target": ["a", "b"] * 20}))
+    write(tmp_path, pd.DataFrame({"colour": ["red", "teal", "purple", "purple", "green"] * 2,
+                                  "x": np.arange(10.0), "target": ["a", "b"] * 5}), "val.csv")
+    want = ['validation rows, column "colour": 6 of 10 rows hold 2 values the model has no '
+            "category for ('purple', 'teal'); they encode as none of its 3 categories"]
+    spec = job(tmp_path, val_data_path=str(tmp_path / "val.csv"))
+    assert prepare(spec).notes == want
+    streamed = job(tmp_path, val_data_path=str(tmp_path / "val.csv"), data={"streaming": True, "chunk_rows": 3})
+    assert prepare(streamed, tmp_path / "cache").notes == want
+    assert prepare(streamed, tmp_path / "cache").notes == want  # and from the cache, on a resume
+    assert prepare(job(tmp_path)).notes == []  # the training file's own values all have one
+
+
 def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
     a = epoch_order(7, 3, 1000)
     assert np.array_equal(a, epoch_order(7, 3, 1000))
