@@ -390,15 +390,18 @@ def output_holder(root: Spool, s: JobState) -> JobState | None:
 
 
 def jobs_writing(root: Spool, output: str):
-    """(job id, state) of each job whose output_path is `output`. Only those are folded: the
-    others' first record (job_accepted, with the spec) says enough."""
+    """(job id, state) of each job whose output_path is `output` (the same folder, symlinks
+    resolved). Only those are folded: the others' first record (job_accepted, with the spec)
+    says enough."""
+    output = scheduler.same_folder(output)
     for jid in root.job_ids():
         try:
             with open(root.events_path(jid), "rb") as f:
                 accepted = orjson.loads(f.readline())
         except (OSError, orjson.JSONDecodeError):
             continue
-        if (accepted.get("spec") or {}).get("output_path") != output:
+        theirs = (accepted.get("spec") or {}).get("output_path")
+        if theirs is None or scheduler.same_folder(theirs) != output:
             continue
         try:
             yield jid, root.state(jid)

@@ -12,8 +12,10 @@ Output folders: two jobs with the same `output_path` never run at once, and a jo
 another one writing there is unfinished: running, paused, or queued ahead of it. Their best
 weights, model.json and final weights would otherwise interleave, and a job restoring its best
 weights at the end could load the other's. The job that waits then writes its outputs over the
-earlier one's, as the job file says.
+earlier one's, as the job file says. Output paths are compared as real paths, so a folder
+named through a symlink is the same folder (`same_folder`).
 """
+import os
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -33,7 +35,7 @@ class Entry:
     gpus: int = 0                    # GPUs it asks for; "auto" asks for 1, if there are any
     gpu_ids: tuple[int, ...] = ()    # the exact GPUs, when its devices is a list
     gpu_optional: bool = False       # "auto": the CPU on a machine without GPUs
-    output: str | None = None        # its output_path when the job file names one
+    output: str | None = None        # its output_path when the job file names one, as a real path
 
     def gpus_needed(self, machine_gpus: int) -> int:
         return 0 if self.gpu_optional and machine_gpus == 0 else self.gpus
@@ -54,7 +56,13 @@ def entry(state: JobState) -> Entry:
     return Entry(state.job_id or "", state.status, state.priority, state.accepted_at or "",
                  not_before, state.crashes, gpus=1 if auto else gpu_count_asked(devices),
                  gpu_ids=tuple(devices) if isinstance(devices, list) else (), gpu_optional=auto,
-                 output=spec.get("output_path"))
+                 output=same_folder(spec.get("output_path")))
+
+
+def same_folder(path: str | None) -> str | None:
+    """`path` with its symlinks resolved (as far as it exists), so that two spellings of one
+    folder compare equal; None stays None. The one call here that reads the disk."""
+    return None if path is None else os.path.realpath(path)
 
 
 def output_holder(e: Entry, entries, running=frozenset()) -> Entry | None:

@@ -376,7 +376,8 @@ def test_one_writer_per_output_folder_is_decided_from_the_jobs_states():
 
 def test_jobs_writing_one_output_folder_run_one_after_the_other(tmp_path, spool, daemon_factory):
     """With room for two jobs, a second job naming the first's output_path waits while the first
-    runs and while it is paused (submit and status say so), and starts once it has ended."""
+    runs and while it is paused (submit and status say so), and starts once it has ended. The
+    second names the folder through a symlink: still the same folder."""
     from click.testing import CliRunner
 
     from daemon import control
@@ -386,13 +387,15 @@ def test_jobs_writing_one_output_folder_run_one_after_the_other(tmp_path, spool,
     daemon_factory(spool, "--max-jobs", "2")
     drop_job(spool, "a.json", seed_job(data, out, epochs=2, batch_size=2, algorithm_params={"hidden_units": [16]}))
     wait_for_event(spool, "a", "progress")
-    (tmp_path / "b.json").write_text(json.dumps(seed_job(data, out, epochs=2, algorithm_params={"hidden_units": [8]})))
+    alias = tmp_path / "models"
+    alias.symlink_to(out, target_is_directory=True)
+    (tmp_path / "b.json").write_text(json.dumps(seed_job(data, alias, epochs=2, algorithm_params={"hidden_units": [8]})))
     submitted = CliRunner().invoke(cli, ["submit", "--spool", str(spool), str(tmp_path / "b.json")])
     assert submitted.exit_code == 0, submitted.output
-    assert f"note: job a (running) writes the same output_path {out}: this job waits" in submitted.output
+    assert f"note: job a (running) writes the same output_path {alias}: this job waits" in submitted.output
     wait_for_event(spool, "b", "job_accepted")
     shown = CliRunner().invoke(cli, ["status", "--spool", str(spool), "b"]).output
-    assert f"queued: waits for job a (running), which writes the same output_path {out}" in shown
+    assert f"queued: waits for job a (running), which writes the same output_path {alias}" in shown
     assert json.loads(CliRunner().invoke(cli, ["status", "--spool", str(spool), "b", "--json"]).output)[
         "waits_for"] == "a"
     control.drop(Spool(spool), "a", "pause")
