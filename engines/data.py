@@ -154,6 +154,12 @@ def read_table(path: str, options: dict, what: str, fixes: Fixes = JOB_FIXES) ->
     return df.reset_index(drop=True)
 
 
+def unnamed(names: list[str]) -> list[str]:
+    """A header's names as pandas reads them: a column without a name (the index that
+    `DataFrame.to_csv` writes) is "Unnamed: <its place, from 0>", which a job may list."""
+    return [name if name else f"Unnamed: {i}" for i, name in enumerate(names)]
+
+
 def csv_header(path: str, options: dict) -> list[str]:
     """The column names of a CSV as its header row has them (pyarrow, reading one block)."""
     import pyarrow.csv as pcsv

@@ -189,7 +189,7 @@ def _columns(path: str, options: dict, what: str) -> list[str]:
     try:
         if fmt == "parquet":
             return list(pq.ParquetFile(path).schema_arrow.names)
-        names = D.csv_header(path, options)
+        names = D.unnamed(D.csv_header(path, options))  # as read_table names them
     except Exception as e:
         expected = (D.encoding_hint(path, encoding, D.JOB_FIXES) if fmt == "csv" and D.not_text(e)
                     else "Expected: a well-formed file with a header row.")
@@ -218,6 +218,10 @@ def iter_frames(path: str, options: dict, columns: list[str], text_columns: list
         nulls = pcsv.ConvertOptions().null_values + list(options.get("missing_values") or ())
         parse = pcsv.ParseOptions(delimiter=options["delimiter"])
         read = pcsv.ReadOptions(block_size=READ_BLOCK_BYTES, use_threads=False, encoding=encoding)
+        header = D.csv_header(path, options)
+        if not all(header):  # a column without a name: pandas' name for it, as _columns gives
+            read = pcsv.ReadOptions(block_size=READ_BLOCK_BYTES, use_threads=False, encoding=encoding,
+                                    column_names=D.unnamed(header), skip_rows=1)
         text = {c: pa.string() for c in text_columns}
         # (a Python file object: given a path, pyarrow reads far ahead of the parser, which
         # holds much of the file in memory at once)

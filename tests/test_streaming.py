@@ -225,6 +225,23 @@ def test_parquet_streams_too(tmp_path):
     assert a.n_train + a.n_val == 500 and a.preprocess["target"] == b.preprocess["target"]
 
 
+def test_a_column_without_a_header_name_is_read_as_pandas_names_it(tmp_path):
+    """The index `DataFrame.to_csv` writes has no header name: pandas calls it "Unnamed: 0". A
+    job that lists it as a feature streams as it trains in memory, and one that does not list
+    features leaves it out, either way."""
+    table = pd.read_csv(classification_csv(tmp_path / "plain.csv", rows=60))
+    table.to_csv(tmp_path / "t.csv")  # with the index, its header cell empty
+    for features in (["Unnamed: 0", "feature1"], None):
+        common = {"train_data_path": str(tmp_path / "t.csv"), "target_column": "target",
+                  "feature_columns": features, "validation_split": 0.0, "shuffle": False}
+        memory = prepare(normalise(tmp_path, **common))
+        streamed = prepare(streaming(tmp_path, **common), tmp_path / f"s{bool(features)}")
+        assert streamed.preprocess["features"] == memory.preprocess["features"]
+        assert [c["name"] for c in memory.preprocess["features"]][:2] == (
+            features or ["feature1", "feature2"])
+        assert np.array_equal(streamed.stream.train.read(0, 60)[0], memory.x_train)
+
+
 # ---------------------------------------------------------------- through the daemon
 
 def stream_job(csv, out, data_options=None, **overrides):
