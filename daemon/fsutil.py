@@ -107,6 +107,28 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def session_processes(sid: int) -> list[int]:
+    """The live (not zombie) processes of session `sid`: a worker's, which the daemon starts in
+    a session of its own, holds its DDP ranks too. Empty where there is no /proc to read."""
+    found = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                # after the name: state ppid pgrp session ...
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:  # it ended while we looked
+            continue
+        if len(fields) > 3 and fields[0] != b"Z" and int(fields[3]) == sid:
+            found.append(int(name))
+    return found
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write_with(path, lambda tmp: tmp.write_bytes(data))
 

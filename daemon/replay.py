@@ -150,6 +150,8 @@ def apply(s: JobState, r: dict) -> JobState:
             s.status, s.pending_control = Status.PENDING, None
         case "interrupted":
             s.status = Status.INTERRUPTED
+            if r.get("epoch") is not None and r.get("step") is not None:  # where it stopped
+                s.position = (r["epoch"], r["step"])
             if r.get("crash"):
                 s.crashes += 1
                 s.last_crash_at = r["ts"]

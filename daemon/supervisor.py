@@ -32,6 +32,7 @@ from . import __version__, control, faults, foldcache, scheduler
 from .errors import BadJobFile, LogCorrupt, memory_limit_message
 from .eventlog import EventLog
 from .events import Failed, Interrupted
+from .fsutil import session_processes
 from .notify import Notifier
 from .replay import RUNNABLE, TERMINAL, JobState, Status, fold
 from .spool import (QUIET_SECONDS, Settings, Spool, accept, daemon_log, is_candidate, job_lock,
@@ -42,6 +43,7 @@ log = logging.getLogger("epochd.daemon")
 
 EXIT_LOCKED = 75
 MEMORY_BACKSTOP = 1.25  # the daemon kills a worker past this multiple of limits.memory_mb
+LINGER_SECONDS = 10.0   # how long the processes a worker leaves behind may finish before a kill
 
 
 @dataclass
@@ -52,6 +54,23 @@ class Child:
     term_sent: bool = False
     memory_mb: float | None = None   # the job's limits.memory_mb
     killed_for: str | None = None    # why the daemon killed it, for the job's `failed` event
+    exited_at: float | None = None   # monotonic: when it exited while its session lived on
+
+    def kill(self) -> None:
+        """SIGKILL to the worker and every process of its session (its DDP ranks): the worker
+        alone dying would leave rank 0 writing the job's log beside the daemon."""
+        kill_session(self.popen.pid)
+        self.popen.kill()
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL to each live process of session `sid` (the daemon starts each worker as a
+    session's leader, and its process group's: killpg reaches those that stayed in it)."""
+    for pid in [sid, *session_processes(sid)]:
+        try:
+            os.killpg(pid, signal.SIGKILL) if pid == sid else os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 @dataclass
@@ -147,6 +166,8 @@ class Daemon:
         self.children: dict[str, Child] = {}
         self.orphans: dict[str, int | None] = {}    # job -> pid of a worker we did not start
         self.orphan_gpus: dict[str, tuple[int, ...]] = {}  # what their run_started recorded
+        self.orphan_sessions: dict[str, int] = {}  # job -> the session its worker's processes are in
+        self.lingering: dict[str, float] = {}  # job -> since when its worker's session outlives it
         # workers gone whose end could not be recorded yet (a full disk): retried every tick
         self.unsettled: dict[str, tuple[int | None, str | None]] = {}
         self.unwritable: set[str] = set()  # of those, the ones already reported
@@ -278,6 +299,11 @@ class Daemon:
             running = state is not None and state.status == Status.RUNNING and state.run
             self.orphans[job_id] = state.run["pid"] if running else None
             if running:
+                try:  # a DDP job's run_started names rank 0, in its launcher's session
+                    self.orphan_sessions[job_id] = os.getsid(state.run["pid"])
+                except OSError:
+                    pass
+            if running:
                 self.orphan_gpus[job_id] = tuple(state.run.get("gpus") or ())
             self.refresh(job_id)
             log.info("job %s: its worker outlived the last daemon; watching it", job_id)
@@ -308,16 +334,20 @@ class Daemon:
                 _signal_pid(pid, signal.SIGTERM)
         if self.signals > 1 or now - self.stopping_since > self.options.stop_timeout:
             for child in self.children.values():
-                child.popen.kill()
+                child.kill()
             for child in self.children.values():
                 child.popen.wait()
             self.reap()
 
     def teardown(self) -> None:
         for child in self.children.values():  # only left after an exception in the loop
-            child.popen.kill()
+            child.kill()
             child.popen.wait()
         self.reap()
+        deadline = time.monotonic() + 5
+        while self.children and time.monotonic() < deadline:
+            time.sleep(0.05)  # killed: what is left of their sessions ends in moments
+            self.reap()
         daemon_log(self.spool, "stopped", pid=os.getpid())
         signal.set_wakeup_fd(-1)
 
@@ -498,14 +528,14 @@ class Daemon:
                 continue
             if rss > MEMORY_BACKSTOP * child.memory_mb:
                 child.killed_for = memory_limit_message(rss, child.memory_mb)
-                child.popen.kill()
+                child.kill()
 
     def reap(self) -> bool:
         """Settle the workers that have exited; True when a job's worker is gone."""
         freed = False
         for job_id, child in list(self.children.items()):
             code = child.popen.poll()
-            if code is None:
+            if code is None or self.session_lingers(job_id, child.popen.pid, code):
                 continue
             del self.children[job_id]
             child.log_file.close()
@@ -514,8 +544,12 @@ class Daemon:
             lock = job_lock(self.spool, job_id)
             if lock.acquire():
                 lock.release()
+                sid = self.orphan_sessions.get(job_id)
+                if sid is not None and self.session_lingers(job_id, sid, None):
+                    continue
                 del self.orphans[job_id]
                 self.orphan_gpus.pop(job_id, None)
+                self.orphan_sessions.pop(job_id, None)
                 self.unsettled[job_id] = (None, None)
         for job_id, (code, killed_for) in list(self.unsettled.items()):
             try:
@@ -530,6 +564,28 @@ class Daemon:
             self.unwritable.discard(job_id)
             freed = True
         return freed
+
+    def session_lingers(self, job_id: str, sid: int, code: int | None) -> bool:
+        """Whether processes of an ended worker's session still run: when a DDP launcher dies
+        its ranks get SIGINT (torch's parent-death signal), and rank 0 checkpoints and writes
+        the job's log as it stops. The job is settled only once none is left, so that the
+        daemon never writes that log beside it; past LINGER_SECONDS they are killed."""
+        left = session_processes(sid)
+        if not left:
+            self.lingering.pop(job_id, None)
+            return False
+        now = time.monotonic()
+        if job_id not in self.lingering:
+            self.lingering[job_id] = now
+            ended = f"with code {code}" if code is not None else "under an earlier daemon"
+            log.info("job %s: its worker ended %s; waiting for its %d other processes to end "
+                     "before recording it", job_id, ended, len(left))
+        elif now - self.lingering[job_id] > LINGER_SECONDS:
+            log.warning("job %s: %d processes of its worker still ran %.0f s after it ended; "
+                        "killed them", job_id, len(left), LINGER_SECONDS)
+            kill_session(sid)
+            self.lingering[job_id] = float("inf")  # killed: wait for them, without killing again
+        return True
 
     def settle(self, job_id: str, code: int | None, killed_for: str | None = None) -> None:
         """A worker is gone. If it left no final word, say on its behalf what happened."""

@@ -99,6 +99,32 @@ def test_a_rank_killed_mid_run_is_a_crash_that_resumes_from_the_last_checkpoint(
                         model_weights(tmp_path / "k" / "model.safetensors"))
 
 
+def test_a_launcher_killed_mid_run_leaves_a_clean_log_and_the_job_resumes(tmp_path, spool, daemon_factory):
+    """kill -9 of the worker that launched the ranks: torch sends them SIGINT as their parent
+    dies, and rank 0 checkpoints and writes its last events as it stops. The daemon records the
+    crash only once they have ended, so the log keeps one writer at a time (its seqs follow on,
+    and it folds), and the job resumes from the checkpoint rank 0 wrote last."""
+    import psutil
+    data = classification_csv(tmp_path / "train.csv", rows=6000)
+    daemon_factory(spool)
+    drop_job(spool, "k.json", seed_job(data, tmp_path / "k", epochs=2, batch_size=2, algorithm_params={
+        "hidden_units": [16]}, checkpoint={"every_seconds": 0.5}, **DDP))
+    wait_for_event(spool, "k", "checkpoint_saved", timeout=180)
+    rank0 = psutil.Process(next(r["pid"] for r in events_of(spool, "k") if r["type"] == "run_started"))
+    launcher = rank0.parent()
+    assert "daemon.worker" in " ".join(launcher.cmdline()), launcher.cmdline()
+    launcher.kill()
+    state = wait_for_status(spool, "k", "completed", timeout=300)
+    records = events_of(spool, "k")
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    stops = [r for r in records if r["type"] == "interrupted"]
+    assert [(r["reason"], r["crash"]) for r in stops] == [
+        ("shutdown", False), ("worker killed by signal SIGKILL", True)]
+    resumed = [r["resumed_from"] for r in records if r["type"] == "run_started"][1]
+    assert resumed["checkpoint"] == stops[0]["checkpoint"] and stops[1]["step"] == stops[0]["step"]
+    assert [h["epoch"] for h in state.history] == [1, 2]
+
+
 MIRRORED = {"framework": "tensorflow", "distributed": {"strategy": "mirrored", "replicas": 2}, "devices": "cpu"}
 
 
