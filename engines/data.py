@@ -29,6 +29,7 @@ Decisions (the README repeats them):
 """
 import datetime
 import difflib
+import importlib
 import json
 import math
 import re
@@ -125,6 +126,49 @@ def read_options(options: dict) -> dict:
 
 
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}  # suffix -> the module that reads it
+
+
+def open_bytes(path: str):
+    """A CSV's bytes as a binary file: a `.gz`, `.bz2` or `.xz` file decompressed as it is read,
+    and the one file in a `.zip` (as pandas reads them); any other as it is."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".zip":
+        import zipfile
+        archive = zipfile.ZipFile(path)  # closed with the member: nothing else refers to it
+        names = [n for n in archive.namelist() if not n.endswith("/")]
+        if len(names) != 1:
+            archive.close()
+            raise DataError(f'"{path}" is a zip file of {len(names)} files ({", ".join(names[:5])}). '
+                            "Expected: a zip file holding one CSV; unzip it and name the CSV.")
+        return archive.open(names[0])
+    if suffix == ".zst":
+        raise DataError(f'"{path}" is compressed with zstd, which epochd does not read. Expected: '
+                        "a CSV, plain or compressed with gzip (.gz), bzip2 (.bz2), xz (.xz) or zip; "
+                        "decompress it (zstd -d) or recompress it.")
+    module = COMPRESSED.get(suffix)
+    if module is None:
+        return open(path, "rb")
+    return importlib.import_module(module).open(path, "rb")
+
+
+def parse_hint(path: str, options: dict, fixes: Fixes, error: Exception) -> str:
+    """What to do about a row with more fields than the header: another delimiter where the
+    header holds one (a TSV read as a CSV: a comma in a value splits it), else quoting."""
+    if not re.search(r"Expected \d+ columns, got \d+", str(error)):
+        return ""
+    try:
+        with open_bytes(path) as f:
+            header = f.readline(1 << 16).decode(options.get("encoding", "utf-8"), errors="replace")
+    except (OSError, EOFError, LookupError):
+        return ""
+    delimiter = options.get("delimiter", ",")
+    seps = [s for s in "\t;|," if s != delimiter and s in header and delimiter not in header]
+    if seps:
+        return (f" Its header holds no {delimiter!r} but {seps[0]!r}: "
+                f"{fixes.delimiter.format(sep=json.dumps(seps[0]))}.")
+    return (f" A row has more fields than the header: a value holding {delimiter!r} must be in "
+            'double quotes ("New York, NY").')
 
 
 def read_table(path: str, options: dict, what: str, fixes: Fixes = JOB_FIXES) -> pd.DataFrame:
@@ -142,7 +186,8 @@ def read_table(path: str, options: dict, what: str, fixes: Fixes = JOB_FIXES) ->
                              na_values=list(options.get("missing_values") or ()) or None)
     except Exception as e:  # pyarrow and pandas raise many types for unreadable files
         expected = (encoding_hint(path, encoding, fixes) if fmt == "csv" and not_text(e) else
-                    f"Expected: a well-formed {fmt.upper()} file with a header row.")
+                    f"Expected: a well-formed {fmt.upper()} file with a header row."
+                    + (parse_hint(path, options, fixes, e) if fmt == "csv" else ""))
         raise DataError(f'could not read {what} "{path}" as {fmt.upper()}: '
                         f"{type(e).__name__}: {e}. {expected}") from None
     if fmt == "csv" and any(re.fullmatch(r".+\.\d+", str(c)) for c in df.columns):
@@ -163,7 +208,7 @@ def unnamed(names: list[str]) -> list[str]:
 def csv_header(path: str, options: dict) -> list[str]:
     """The column names of a CSV as its header row has them (pyarrow, reading one block)."""
     import pyarrow.csv as pcsv
-    with open(path, "rb") as f, pcsv.open_csv(
+    with open_bytes(path) as f, pcsv.open_csv(
             f, read_options=pcsv.ReadOptions(block_size=1 << 20, use_threads=False,
                                               encoding=options.get("encoding", "utf-8")),
             parse_options=pcsv.ParseOptions(delimiter=options.get("delimiter", ","))) as r:
@@ -189,7 +234,7 @@ def check_unique(names: list[str], what: str, path: str) -> None:
 # are not UTF-8 as bytes rather than failing: left alone, b'caf\xe9' would become a category.
 def check_byte_order_mark(path: str, encoding: str, what: str, fixes: Fixes) -> None:
     """A UTF-16 file (Excel's "Unicode text") read as UTF-8 parses as one garbled column."""
-    with open(path, "rb") as f:
+    with open_bytes(path) as f:
         head = f.read(2)
     if head in UTF16_BOMS and "16" not in encoding:
         raise DataError(f'{what} "{path}" is UTF-16 text (it begins with a UTF-16 byte-order '
@@ -206,7 +251,7 @@ def encoding_hint(path: str, encoding: str, fixes: Fixes, sample: bytes | None =
     """What was expected, what the bytes probably are (cp1252 where they decode as such, else
     latin-1) and what to set: how an error about undecodable text ends."""
     if sample is None:
-        with open(path, "rb") as f:
+        with open_bytes(path) as f:
             sample = f.read(1 << 16)
     guess = "cp1252" if _decodes(sample, "cp1252") else "latin-1"
     return (f"Expected: {encoding} text. The file may be {guess} (Excel on Windows writes cp1252): "

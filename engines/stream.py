@@ -192,7 +192,8 @@ def _columns(path: str, options: dict, what: str) -> list[str]:
         names = D.unnamed(D.csv_header(path, options))  # as read_table names them
     except Exception as e:
         expected = (D.encoding_hint(path, encoding, D.JOB_FIXES) if fmt == "csv" and D.not_text(e)
-                    else "Expected: a well-formed file with a header row.")
+                    else "Expected: a well-formed file with a header row."
+                    + (D.parse_hint(path, options, D.JOB_FIXES, e) if fmt == "csv" else ""))
         raise DataError(f'could not read {what} "{path}" as {fmt.upper()}: '
                         f"{type(e).__name__}: {e}. {expected}") from None
     D.check_unique(names, what, path)
@@ -225,7 +226,7 @@ def iter_frames(path: str, options: dict, columns: list[str], text_columns: list
         text = {c: pa.string() for c in text_columns}
         # (a Python file object: given a path, pyarrow reads far ahead of the parser, which
         # holds much of the file in memory at once)
-        with open(path, "rb") as f, pcsv.open_csv(
+        with D.open_bytes(path) as f, pcsv.open_csv(
                 f, read_options=read, parse_options=parse,
                 convert_options=pcsv.ConvertOptions(include_columns=columns, column_types=text,
                                                     strings_can_be_null=True,
@@ -236,7 +237,7 @@ def iter_frames(path: str, options: dict, columns: list[str], text_columns: list
         types = {f.name: (pa.float64() if pa.types.is_integer(f.type) or pa.types.is_null(f.type)
                           else f.type) for f in schema}
         types.update(text)
-        with open(path, "rb") as f, pcsv.open_csv(
+        with D.open_bytes(path) as f, pcsv.open_csv(
                 f, read_options=read, parse_options=parse,
                 convert_options=pcsv.ConvertOptions(include_columns=columns, column_types=types,
                                                     strings_can_be_null=True,
@@ -271,6 +272,8 @@ def iter_frames(path: str, options: dict, columns: list[str], text_columns: list
                       else "A column")
             hint = (f" {column} began with numbers and holds text further down: list it in "
                     "categorical_columns to read it as text, or fix the value.")
+        if fmt == "csv" and not hint:
+            hint = D.parse_hint(path, options, D.JOB_FIXES, e)
         raise DataError(f'could not read {what} "{path}" as {fmt.upper()} after row {row}: '
                         f"{type(e).__name__}: {e}.{hint} Expected: a well-formed {fmt.upper()} "
                         "file with a header row.") from None

@@ -242,6 +242,48 @@ def test_a_column_without_a_header_name_is_read_as_pandas_names_it(tmp_path):
         assert np.array_equal(streamed.stream.train.read(0, 60)[0], memory.x_train)
 
 
+@pytest.mark.parametrize("compression", ["gzip", "bz2", "xz", "zip"])
+def test_a_compressed_csv_streams_as_it_reads_in_memory(tmp_path, compression):
+    """big.csv.gz (or .bz2, .xz, a .zip of one CSV) is decompressed as it is read, streaming as
+    in memory; a zip of several files and a zstd file are refused with what to do."""
+    table = pd.read_csv(classification_csv(tmp_path / "plain.csv", rows=300))
+    table.insert(1, "city", ["New York, NY", "Paris", "Lyon"] * 100)  # quoted commas inside
+    suffix = {"gzip": "gz"}.get(compression, compression)
+    path = tmp_path / f"t.csv.{suffix}"
+    table.to_csv(path, index=False, compression=compression)
+    common = {"train_data_path": str(path), "target_column": "target", "validation_split": 0.0}
+    memory = prepare(normalise(tmp_path, **common))
+    streamed = prepare(streaming(tmp_path, chunk_rows=64, **common), tmp_path / "s")
+    assert streamed.n_train == memory.n_train == 300
+    assert streamed.preprocess["features"][1]["name"] == "city"
+    assert sorted(streamed.preprocess["features"][1]["categories"]) == ["Lyon", "New York, NY", "Paris"]
+    assert np.array_equal(streamed.stream.train.read(0, 300)[0][:, :1], memory.x_train[:, :1])
+
+
+@pytest.mark.parametrize("name, body, problem", [
+    ("two.csv.zip", None, r"is a zip file of 2 files \(a.csv, b.csv\)\. Expected: a zip file holding one CSV"),
+    ("t.csv.zst", b"(\xb5/\xfd", "compressed with zstd, which epochd does not read"),
+    ("t.tsv", b"a\tcity\ttarget\n1\tParis\tx\n2\tNew York, NY\ty\n",
+     r"""Its header holds no ',' but '\\t': set "data": {"delimiter": "\\t"} in the job file"""),
+    ("t.csv", b"a,city,target\n1,Paris,x\n2,New York, NY,y\n",
+     "a value holding ',' must be in double quotes"),
+])
+@pytest.mark.parametrize("streams", [False, True])
+def test_files_read_wrong_say_what_to_do(tmp_path, name, body, problem, streams):
+    path = tmp_path / name
+    if body is None:
+        import zipfile
+        with zipfile.ZipFile(path, "w") as z:
+            for member in ("a.csv", "b.csv"):
+                z.writestr(member, "a,target\n1,x\n2,y\n")
+    else:
+        path.write_bytes(body)
+    common = {"train_data_path": str(path), "target_column": "target", "validation_split": 0.0}
+    spec = streaming(tmp_path, **common) if streams else normalise(tmp_path, **common)
+    with pytest.raises(DataError, match=problem):
+        prepare(spec, tmp_path / "s")
+
+
 # ---------------------------------------------------------------- through the daemon
 
 def stream_job(csv, out, data_options=None, **overrides):
