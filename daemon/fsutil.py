@@ -107,6 +107,28 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def adopted_zombies(own: set[int]) -> list[int]:
+    """This process's children that have died and are not in `own`: as PID 1 (a container's
+    init) it adopts every orphan, such as the ranks of a worker that was killed, and no one
+    else will reap them."""
+    me, found = str(os.getpid()).encode(), []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit() or int(name) in own:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 1 and fields[0] == b"Z" and fields[1] == me:
+            found.append(int(name))
+    return found
+
+
 def session_processes(sid: int) -> list[int]:
     """The live (not zombie) processes of session `sid`: a worker's, which the daemon starts in
     a session of its own, holds its DDP ranks too. Empty where there is no /proc to read."""

@@ -32,7 +32,7 @@ from . import __version__, control, faults, foldcache, scheduler
 from .errors import BadJobFile, LogCorrupt, memory_limit_message
 from .eventlog import EventLog
 from .events import Failed, Interrupted
-from .fsutil import session_processes
+from .fsutil import adopted_zombies, session_processes
 from .notify import Notifier
 from .replay import RUNNABLE, TERMINAL, JobState, Status, fold
 from .spool import (QUIET_SECONDS, Settings, Spool, accept, daemon_log, is_candidate, job_lock,
@@ -180,6 +180,7 @@ class Daemon:
         self.signals = 0
         self.waker = Waker()
         self.stopping_since: float | None = None
+        self.child_signalled = False  # SIGCHLD since the last reap of adopted orphans
         self.last_scan = 0.0
         self.last_watchdog = 0.0
 
@@ -248,10 +249,13 @@ class Daemon:
         signal.set_wakeup_fd(self.waker.w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_stop_signal)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # only to wake the loop
+        signal.signal(signal.SIGCHLD, self.on_child_signal)  # wakes the loop too
 
     def on_stop_signal(self, signum, frame) -> None:
         self.signals += 1
+
+    def on_child_signal(self, signum, frame) -> None:
+        self.child_signalled = True
 
     def watch(self) -> BaseObserver:
         if sys.platform.startswith("linux"):
@@ -533,6 +537,8 @@ class Daemon:
     def reap(self) -> bool:
         """Settle the workers that have exited; True when a job's worker is gone."""
         freed = False
+        if os.getpid() == 1 and self.child_signalled:
+            self.reap_adopted()
         for job_id, child in list(self.children.items()):
             code = child.popen.poll()
             if code is None or self.session_lingers(job_id, child.popen.pid, code):
@@ -564,6 +570,16 @@ class Daemon:
             self.unwritable.discard(job_id)
             freed = True
         return freed
+
+    def reap_adopted(self) -> None:
+        """As a container's PID 1 the daemon is every orphan's parent: the ranks a killed
+        worker leaves behind end as its children, and stay zombies unless it reaps them."""
+        self.child_signalled = False
+        for pid in adopted_zombies({child.popen.pid for child in self.children.values()}):
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
 
     def session_lingers(self, job_id: str, sid: int, code: int | None) -> bool:
         """Whether processes of an ended worker's session still run: when a DDP launcher dies

@@ -125,6 +125,56 @@ def test_a_launcher_killed_mid_run_leaves_a_clean_log_and_the_job_resumes(tmp_pa
     assert [h["epoch"] for h in state.history] == [1, 2]
 
 
+def can_be_pid_1() -> bool:
+    import subprocess
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not can_be_pid_1(), reason="needs unshare --pid (root, or user namespaces)")
+def test_as_a_containers_pid_1_the_daemon_reaps_the_ranks_a_killed_launcher_leaves(tmp_path, spool):
+    """In a container without an init, the daemon is PID 1 and adopts every orphan: the ranks of
+    a launcher killed with kill -9 end as its children. It reaps them (no zombies left) and
+    still waits for them before it records the crash."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.conftest import REPO, kill_workers
+    data = classification_csv(tmp_path / "train.csv", rows=6000)
+    Spool(spool).ensure()
+    box = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable,
+                            "-m", "daemon.cli", "serve", "--spool", str(spool), "--rescan-seconds", "0.5"],
+                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "daemon.err", "wb"))
+    try:
+        wait_until(lambda: (spool / "daemon.jsonl").exists() and any(
+            r["event"] == "started" and r["pid"] == 1 for r in daemon_records(spool)), 30, what="PID 1")
+        daemon = wait_until(lambda: psutil.Process(box.pid).children(), 10)[0]
+        drop_job(spool, "k.json", seed_job(data, tmp_path / "k", epochs=2, batch_size=2, algorithm_params={
+            "hidden_units": [16]}, checkpoint={"every_seconds": 0.5}, **DDP))
+        wait_for_event(spool, "k", "checkpoint_saved", timeout=180)
+        launcher = next(p for p in daemon.children() if "daemon.worker" in " ".join(p.cmdline()))
+        launcher.kill()
+        wait_until(lambda: sum(r["type"] == "run_started" for r in events_of(spool, "k")) == 2, 120,
+                   what="the job to run again")
+        zombies = lambda: [p.pid for p in daemon.children() if p.status() == psutil.STATUS_ZOMBIE]
+        wait_until(lambda: not zombies(), 10, what="the adopted ranks to be reaped")
+        state = wait_for_status(spool, "k", "completed", timeout=300)
+        assert [h["epoch"] for h in state.history] == [1, 2]
+        records = events_of(spool, "k")
+        assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+        daemon.terminate()
+        assert box.wait(60) == 0
+    finally:
+        box.kill()
+        kill_workers(spool)
+
+
 MIRRORED = {"framework": "tensorflow", "distributed": {"strategy": "mirrored", "replicas": 2}, "devices": "cpu"}
 
 
