@@ -129,9 +129,11 @@ def adopted_zombies(own: set[int]) -> list[int]:
     return found
 
 
-def session_processes(sid: int) -> list[int]:
+def session_processes(sid: int, exe: str | None = None) -> list[int]:
     """The live (not zombie) processes of session `sid`: a worker's, which the daemon starts in
-    a session of its own, holds its DDP ranks too. Empty where there is no /proc to read."""
+    a session of its own, holds its DDP ranks too. With `exe`, only those running that program
+    (a real path): a pid the session once had, reused since, is no one else's to wait for or
+    kill. Empty where there is no /proc to read."""
     found = []
     try:
         names = os.listdir("/proc")
@@ -147,6 +149,11 @@ def session_processes(sid: int) -> list[int]:
         except OSError:  # it ended while we looked
             continue
         if len(fields) > 3 and fields[0] != b"Z" and int(fields[3]) == sid:
+            try:
+                if exe is not None and os.readlink(f"/proc/{name}/exe") != exe:
+                    continue
+            except OSError:  # ended, or not ours to read
+                continue
             found.append(int(name))
     return found
 

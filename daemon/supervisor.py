@@ -44,6 +44,7 @@ log = logging.getLogger("epochd.daemon")
 EXIT_LOCKED = 75
 MEMORY_BACKSTOP = 1.25  # the daemon kills a worker past this multiple of limits.memory_mb
 LINGER_SECONDS = 10.0   # how long the processes a worker leaves behind may finish before a kill
+PYTHON = os.path.realpath(sys.executable)  # what workers and their ranks run
 
 
 @dataclass
@@ -54,7 +55,6 @@ class Child:
     term_sent: bool = False
     memory_mb: float | None = None   # the job's limits.memory_mb
     killed_for: str | None = None    # why the daemon killed it, for the job's `failed` event
-    exited_at: float | None = None   # monotonic: when it exited while its session lived on
 
     def kill(self) -> None:
         """SIGKILL to the worker and every process of its session (its DDP ranks): the worker
@@ -64,11 +64,10 @@ class Child:
 
 
 def kill_session(sid: int) -> None:
-    """SIGKILL to each live process of session `sid` (the daemon starts each worker as a
-    session's leader, and its process group's: killpg reaches those that stayed in it)."""
-    for pid in [sid, *session_processes(sid)]:
+    """SIGKILL to each live process of worker session `sid`: those running epochd's Python."""
+    for pid in session_processes(sid, PYTHON):
         try:
-            os.killpg(pid, signal.SIGKILL) if pid == sid else os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -303,12 +302,11 @@ class Daemon:
             running = state is not None and state.status == Status.RUNNING and state.run
             self.orphans[job_id] = state.run["pid"] if running else None
             if running:
+                self.orphan_gpus[job_id] = tuple(state.run.get("gpus") or ())
                 try:  # a DDP job's run_started names rank 0, in its launcher's session
                     self.orphan_sessions[job_id] = os.getsid(state.run["pid"])
                 except OSError:
                     pass
-            if running:
-                self.orphan_gpus[job_id] = tuple(state.run.get("gpus") or ())
             self.refresh(job_id)
             log.info("job %s: its worker outlived the last daemon; watching it", job_id)
             return
@@ -586,7 +584,7 @@ class Daemon:
         its ranks get SIGINT (torch's parent-death signal), and rank 0 checkpoints and writes
         the job's log as it stops. The job is settled only once none is left, so that the
         daemon never writes that log beside it; past LINGER_SECONDS they are killed."""
-        left = session_processes(sid)
+        left = session_processes(sid, PYTHON)
         if not left:
             self.lingering.pop(job_id, None)
             return False
