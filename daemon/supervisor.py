@@ -520,14 +520,17 @@ class Daemon:
     def enforce_memory_limits(self) -> None:
         """The backstop for limits.memory_mb: a worker checks its own memory between engine
         calls and stops at the limit; one that jumps past 1.25x of it (inside a call, or while
-        it loads the data) is killed here, and its job fails with the numbers."""
+        it loads the data) is killed here, and its job fails with the numbers. The limit is
+        each process's: a DDP job's ranks, which load the data, are measured one by one."""
         for child in self.children.values():
             if child.memory_mb is None or child.killed_for is not None:
                 continue
-            try:
-                rss = psutil.Process(child.popen.pid).memory_info().rss / 2**20
-            except psutil.Error:
-                continue
+            rss = 0.0
+            for pid in {child.popen.pid, *session_processes(child.popen.pid, PYTHON)}:
+                try:
+                    rss = max(rss, psutil.Process(pid).memory_info().rss / 2**20)
+                except psutil.Error:
+                    continue
             if rss > MEMORY_BACKSTOP * child.memory_mb:
                 child.killed_for = memory_limit_message(rss, child.memory_mb)
                 child.kill()

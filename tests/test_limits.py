@@ -37,3 +37,33 @@ def test_a_job_past_its_memory_limit_is_stopped_and_the_others_carry_on(tmp_path
     wait_for_status(spool, "ok", "completed")
     assert d.proc.poll() is None
     assert fold(events_of(spool, "m")).status == "failed"  # and it stays so: nothing restarts it
+
+
+def test_the_memory_backstop_measures_every_process_of_a_worker_one_by_one(tmp_path):
+    """A DDP job's ranks load its data, not their launcher: the daemon's backstop reads the RSS
+    of each process in the worker's session. A small leader whose child holds 200 MB, under a
+    50 MB limit, is killed with its whole session, and the message gives the child's RSS."""
+    import subprocess
+    import sys
+
+    from daemon.spool import Settings, Spool
+    from daemon.supervisor import Child, Daemon, Options
+    from tests.conftest import wait_until
+    child_code = "import time; block = bytearray(200 << 20); print('ready', flush=True); time.sleep(60)"
+    leader = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, "
+                               f"'-c', {child_code!r}]); time.sleep(60)"],
+        start_new_session=True, stdout=subprocess.PIPE)
+    try:
+        assert leader.stdout.readline() == b"ready\n"  # the child holds its 200 MB
+        daemon = Daemon(Spool(tmp_path / "spool"), Options(settings=Settings(tmp_path)))
+        daemon.children["j"] = child = Child(leader, open(tmp_path / "log", "wb"), (), memory_mb=50)
+        daemon.enforce_memory_limits()
+        assert leader.wait(10) == -9
+        from daemon.fsutil import session_processes
+        wait_until(lambda: not session_processes(leader.pid), 10, what="the session to end")
+        rss = float(child.killed_for.split("reached ")[1].split(" MB")[0])
+        assert rss >= 200 and "past the job's limits.memory_mb of 50" in child.killed_for
+        daemon.waker.close()
+    finally:
+        leader.kill()
