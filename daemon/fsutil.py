@@ -107,26 +107,32 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def _process_stats():
+    """(pid, the fields of /proc/<pid>/stat after the name: state ppid pgrp session ...) for
+    each process; none where there is no /proc to read."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()  # the name may hold spaces
+        except OSError:  # it ended while we looked
+            continue
+        if len(fields) > 3:
+            yield int(name), fields
+
+
 def adopted_zombies(own: set[int]) -> list[int]:
     """This process's children that have died and are not in `own`: as PID 1 (a container's
     init) it adopts every orphan, such as the ranks of a worker that was killed, and no one
     else will reap them."""
-    me, found = str(os.getpid()).encode(), []
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return found
-    for name in names:
-        if not name.isdigit() or int(name) in own:
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rpartition(b")")[2].split()
-        except OSError:
-            continue
-        if len(fields) > 1 and fields[0] == b"Z" and fields[1] == me:
-            found.append(int(name))
-    return found
+    me = str(os.getpid()).encode()
+    return [pid for pid, fields in _process_stats()
+            if fields[0] == b"Z" and fields[1] == me and pid not in own]
 
 
 def session_processes(sid: int, exe: str | None = None) -> list[int]:
@@ -135,26 +141,15 @@ def session_processes(sid: int, exe: str | None = None) -> list[int]:
     (a real path): a pid the session once had, reused since, is no one else's to wait for or
     kill. Empty where there is no /proc to read."""
     found = []
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return found
-    for name in names:
-        if not name.isdigit():
+    for pid, fields in _process_stats():
+        if fields[0] == b"Z" or int(fields[3]) != sid:
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                # after the name: state ppid pgrp session ...
-                fields = f.read().rpartition(b")")[2].split()
-        except OSError:  # it ended while we looked
-            continue
-        if len(fields) > 3 and fields[0] != b"Z" and int(fields[3]) == sid:
-            try:
-                if exe is not None and os.readlink(f"/proc/{name}/exe") != exe:
-                    continue
-            except OSError:  # ended, or not ours to read
+            if exe is not None and os.readlink(f"/proc/{pid}/exe") != exe:
                 continue
-            found.append(int(name))
+        except OSError:  # ended, or not ours to read
+            continue
+        found.append(pid)
     return found
 
 
