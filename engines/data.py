@@ -475,12 +475,13 @@ def prepare(spec: dict, stream_folder: Path | None = None) -> Prepared:
     task = detect_task(train[target], spec["task"])
     recipe = fit(train, features, target, task, spec)
     x_train, y_train = encode(train, recipe), encode_target(train[target], recipe, "training")
-    notes = []
     if val is not None and len(val):
         x_val, y_val = encode(val, recipe), encode_target(val[target], recipe, "validation")
-        notes = validation_notes(unseen_categories(val, recipe), len(val), recipe)
     else:
         x_val = y_val = None
+    notes = data_notes(recipe, len(train), len(val) if x_val is not None else 0,
+                       empty_numbers(val, recipe) if x_val is not None else {},
+                       unseen_categories(val, recipe) if x_val is not None else {})
     recipe["rows"] = {"train": len(train), "val": 0 if x_val is None else len(x_val)}
     recipe["read"] = read_options(opts)
     n_outputs = 1 if task == "regression" or len(recipe["target"]["classes"]) == 2 \
@@ -695,12 +696,43 @@ def unseen_note(c: dict, values: dict[str, int], rows: int) -> str:
             f"encode as none of its {len(c['categories'])} categories")
 
 
-def validation_notes(unseen: dict[str, dict[str, int]], rows: int, recipe: dict) -> list[str]:
-    """`run_started`'s notes on the validation rows: values of a categorical feature that the
-    training rows do not hold (or hold too rarely to be among the `max_categories` kept). Those
-    rows are scored as if the feature were none of its categories; the run goes on."""
-    return [f"validation rows, {unseen_note(c, unseen[c['name']], rows)}"
-            for c in recipe["features"] if c["name"] in unseen]
+def empty_numbers(df: pd.DataFrame, recipe: dict) -> dict[str, int]:
+    """For each numeric feature of `recipe` in `df` with empty cells: how many (they take the
+    training mean)."""
+    found = {}
+    for c in recipe["features"]:
+        if c["kind"] == "numeric" and c["name"] in df.columns:
+            n = int(df[c["name"]].isna().sum())
+            if n:
+                found[c["name"]] = n
+    return found
+
+
+def fill_note(which: str, empty: dict[str, int], rows: int) -> str:
+    """One line on the empty cells of numeric features in the `which` rows (five columns named,
+    the rest counted)."""
+    shown = ", ".join(f'"{name}" ({n} of {rows} rows)' for name, n in list(empty.items())[:5])
+    if len(empty) > 5:
+        shown += f", and {len(empty) - 5} more"
+    many = len(empty) > 1
+    return (f"{which} rows: numeric column{'s' if many else ''} {shown} ha{'ve' if many else 's'} "
+            "empty cells; they take the training mean")
+
+
+def data_notes(recipe: dict, train_rows: int, val_rows: int, val_empty: dict[str, int],
+               val_unseen: dict[str, dict[str, int]]) -> list[str]:
+    """`run_started`'s notes on the data, facts worth knowing that are not errors: empty numbers
+    (in the training rows, then the validation rows), which take the training mean, and values
+    of a categorical feature in the validation rows that the training rows do not hold (or hold
+    too rarely to be among the `max_categories` kept), which are scored as if the feature were
+    none of its categories. The run goes on either way."""
+    train_empty = {c["name"]: c["missing_in_train"] for c in recipe["features"]
+                   if c["kind"] == "numeric" and c.get("missing_in_train")}
+    notes = [fill_note("training", train_empty, train_rows)] if train_empty else []
+    if val_empty:
+        notes.append(fill_note("validation", val_empty, val_rows))
+    return notes + [f"validation rows, {unseen_note(c, val_unseen[c['name']], val_rows)}"
+                    for c in recipe["features"] if c["name"] in val_unseen]
 
 
 def encode_target(y: pd.Series, recipe: dict, which: str, where: str = "") -> np.ndarray:

@@ -541,6 +541,7 @@ def _build_cache(spec: dict, features: list[str], folder: Path, fingerprint: dic
     y_dtype = "float32" if task == "regression" else "int64"
     counts = {"train": 0, "val": 0}
     unseen: dict[str, dict[str, int]] = {}  # validation values without a category
+    val_empty: dict[str, int] = {}  # empty numbers in the validation rows
     files = {name: open(folder / name, "wb") for name in ("train.x", "train.y", "val.x", "val.y")}
     try:
         def write(which: str, frame: pd.DataFrame, label: str, source: str) -> None:
@@ -551,6 +552,8 @@ def _build_cache(spec: dict, features: list[str], folder: Path, fingerprint: dic
             y = np.asarray(D.encode_target(frame[target], recipe, label, where), dtype=y_dtype)
             if which == "val":
                 D.add_unseen(unseen, D.unseen_categories(frame, recipe))
+                for name, n in D.empty_numbers(frame, recipe).items():
+                    val_empty[name] = val_empty.get(name, 0) + n
             files[f"{which}.x"].write(x.tobytes())
             files[f"{which}.y"].write(y.tobytes())
             counts[which] += len(frame)
@@ -582,7 +585,7 @@ def _build_cache(spec: dict, features: list[str], folder: Path, fingerprint: dic
         else len(recipe["target"]["classes"])
     manifest = {"fingerprint": fingerprint, "task": task, "n_outputs": n_outputs,
                 "input_dim": recipe["input_dim"], "y_dtype": y_dtype, "rows": counts,
-                "recipe": recipe, "notes": D.validation_notes(unseen, counts["val"], recipe)}
+                "recipe": recipe, "notes": D.data_notes(recipe, counts["train"], counts["val"], val_empty, unseen)}
     atomic_write_bytes(folder / "manifest.json", json.dumps(manifest).encode())
     return manifest
 

@@ -242,6 +242,28 @@ def test_a_column_without_a_header_name_is_read_as_pandas_names_it(tmp_path):
         assert np.array_equal(streamed.stream.train.read(0, 60)[0], memory.x_train)
 
 
+def test_empty_numbers_are_noted_for_each_split_in_memory_and_streaming_alike(tmp_path):
+    """Empty cells of numeric features take the training mean; run_started's notes say so, per
+    split, naming the columns and how many rows (the validation file's own empties included)."""
+    table = pd.read_csv(classification_csv(tmp_path / "plain.csv", rows=80))
+    train, val = table.iloc[:60].copy(), table.iloc[60:].copy()
+    train.loc[[3, 9, 40], "feature1"] = np.nan
+    train.loc[[7], "feature3"] = np.nan
+    val.loc[[61, 70], "feature1"] = np.nan
+    train.to_csv(tmp_path / "train.csv", index=False)
+    val.to_csv(tmp_path / "val.csv", index=False)
+    common = {"train_data_path": str(tmp_path / "train.csv"), "val_data_path": str(tmp_path / "val.csv"),
+              "target_column": "target"}
+    expected = ['training rows: numeric columns "feature1" (3 of 60 rows), "feature3" (1 of 60 rows) '
+                "have empty cells; they take the training mean",
+                'validation rows: numeric column "feature1" (2 of 20 rows) has empty cells; they take '
+                "the training mean"]
+    assert prepare(normalise(tmp_path, **common)).notes == expected
+    assert prepare(streaming(tmp_path, **common), tmp_path / "s").notes == expected
+    table.to_csv(tmp_path / "train.csv", index=False)  # no empty cell: no note
+    assert prepare(normalise(tmp_path, **common)).notes == expected[1:]
+
+
 @pytest.mark.parametrize("compression", ["gzip", "bz2", "xz", "zip"])
 def test_a_compressed_csv_streams_as_it_reads_in_memory(tmp_path, compression):
     """big.csv.gz (or .bz2, .xz, a .zip of one CSV) is decompressed as it is read, streaming as
