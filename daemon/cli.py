@@ -141,7 +141,9 @@ def parse_gpus(value: str | None) -> list[int] | None:
 def serve(spool, max_jobs, gpus, allow_roots, base_dir, max_retries, stop_timeout, rescan_seconds):
     """Run the daemon in the foreground (systemd runs exactly this).
 
-    Example: epochd serve --spool /var/lib/epochd/spool --allow-root /srv/data --max-jobs 2
+    \b
+    Example:
+      epochd serve --spool /var/lib/epochd/spool --allow-root /srv/data --max-jobs 2
     """
     from .supervisor import Daemon, Options
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -177,7 +179,9 @@ def submit(spool, job_file, name, follow, no_path_check):
     daemon would reject, whose data files are not there, or whose headers show that the job
     would fail on them (a missing column, the wrong delimiter or encoding).
 
-    Example: epochd submit examples/wine.json --follow
+    \b
+    Example:
+      epochd submit examples/wine.json --follow
     """
     data = job_file.read_bytes()
     from . import spec
@@ -319,8 +323,10 @@ def drop_job(spool: Spool, data: bytes, stem: str) -> str:
 def status(spool, job_id, as_json):
     """Show every job, or one job in detail.
 
-    Example: epochd status            (all jobs)
-    Example: epochd status wine --json
+    \b
+    Examples:
+      epochd status            (all jobs)
+      epochd status wine --json
     """
     root = Spool(spool)
     if job_id:
@@ -504,7 +510,9 @@ def print_one(root: Spool, s: JobState) -> None:
 def history(spool, job_id, as_json):
     """Per-epoch metrics of a job (the seed's training_history shape with --json).
 
-    Example: epochd history wine --json > history.json
+    \b
+    Example:
+      epochd history wine --json > history.json
     """
     state = load_state(Spool(spool), job_id)
     if as_json:
@@ -536,8 +544,10 @@ def tail(spool, job_id, follow, raw, verbose, last):
 
     With --follow it exits 0 when the job completes, 4 when it fails or is cancelled.
 
-    Example: epochd tail -f wine
-    Example: epochd tail -n 5 -f wine   (the last five lines, then follow)
+    \b
+    Examples:
+      epochd tail -f wine
+      epochd tail -n 5 -f wine   (the last five lines, then follow)
     """
     root = Spool(spool)
     state = load_state(root, job_id)
@@ -695,12 +705,12 @@ def control_command(action: str, doc: str):
 
 
 control_command("pause", "Pause a job: it checkpoints within about a second and frees its "
-                         "device.\n\nExample: epochd pause wine --reason 'need the GPU'")
+                         "device.\n\n\b\nExample:\n  epochd pause wine --reason 'need the GPU'")
 control_command("resume", "Queue a paused job again, or one that failed for a cause outside it "
                           "(a full disk, an I/O error, memory) once that is fixed; it continues "
                           "from the exact step it stopped at, or its last checkpoint."
-                          "\n\nExample: epochd resume wine")
-control_command("cancel", "Cancel a running, queued or paused job.\n\nExample: epochd cancel wine")
+                          "\n\n\b\nExample:\n  epochd resume wine")
+control_command("cancel", "Cancel a running, queued or paused job.\n\n\b\nExample:\n  epochd cancel wine")
 
 
 # ------------------------------------------------------------------ plot, predict
@@ -713,7 +723,9 @@ control_command("cancel", "Cancel a running, queued or paused job.\n\nExample: e
 def plot(spool, job_id, output):
     """Draw a job's learning curves (loss, accuracy or mae, learning rate) to a PNG.
 
-    Example: epochd plot wine -o wine.png
+    \b
+    Example:
+      epochd plot wine -o wine.png
     """
     from .plot import plot_history
     state = load_state(Spool(spool), job_id)
@@ -748,7 +760,9 @@ def predict(spool, model, data, data_option, output, best, delimiter, encoding, 
 
     The model is rebuilt from model.json, preprocess.json and the weights file alone.
 
-    Example: epochd predict wine examples/data/wine.csv -o predictions.csv
+    \b
+    Example:
+      epochd predict wine examples/data/wine.csv -o predictions.csv
     """
     from .predict import predict_table
     if data and data_option:
