@@ -395,11 +395,14 @@ def has_validation(s: JobSpec) -> bool:
 def _conflicts(s: JobSpec):
     ap = s.algorithm_params
     if ap.early_stopping_patience is not None and s.early_stopping is not None:
-        yield ('early stopping is given twice (algorithm_params.early_stopping_patience and '
-               'early_stopping); keep one')
+        yield ('early stopping is given twice (algorithm_params.early_stopping_patience '
+               f'{ap.early_stopping_patience} and early_stopping): which one counts would be a '
+               'guess. Expected: one of them; keep early_stopping (its "patience" and more) or '
+               'the seed\'s early_stopping_patience')
     if ap.learning_rate_scheduler is not None and s.learning_rate_scheduler is not None:
         yield ('the learning-rate schedule is given twice (algorithm_params.learning_rate_scheduler '
-               'and learning_rate_scheduler); keep one')
+               'and learning_rate_scheduler): which one counts would be a guess. Expected: one of '
+               'them; keep the one with the parameters you mean')
     d = s.distributed
     if d is not None and s.framework == "tensorflow" and d.strategy != "mirrored":
         yield ('distributed.strategy "ddp" is PyTorch\'s; a tensorflow job uses '
@@ -431,7 +434,9 @@ def _conflicts(s: JobSpec):
         yield ('distributed.backend "nccl" runs between GPUs; give devices a number or list of '
                'GPUs, or use "auto" (gloo on the CPU)')
     if s.val_data_path is not None and "validation_split" in s.model_fields_set:
-        yield "give val_data_path or validation_split, not both"
+        yield (f'val_data_path and validation_split ({s.validation_split}) are both given: the '
+               "validation rows would come from two places. Expected: one of them; give "
+               "val_data_path or validation_split, not both")
     if not has_validation(s):  # a val_ metric that was asked for by name cannot be had
         for where, policy in (("early_stopping", s.early_stopping),
                               ("learning_rate_scheduler", s.learning_rate_scheduler or ap.learning_rate_scheduler)):
@@ -442,13 +447,18 @@ def _conflicts(s: JobSpec):
     features = s.feature_columns or []
     if len(set(features)) != len(features):
         dupes = sorted({c for c in features if features.count(c) > 1})
-        yield f"feature_columns lists {dupes} more than once"
+        yield (f"feature_columns lists {', '.join(json.dumps(c) for c in dupes)} more than once. "
+               "Expected: each column once; remove the repeats")
     if s.target_column in features:
-        yield f'the target column "{s.target_column}" is also in feature_columns; remove it there'
+        yield (f'the target column "{s.target_column}" is also in feature_columns: the model would '
+               "be given its own label as an input. Expected: the target out of the features; "
+               "remove it there")
     if isinstance(s.categorical_columns, list) and s.feature_columns is not None:
         unknown = [c for c in s.categorical_columns if c not in features]
         if unknown:
-            yield f"categorical_columns {unknown} are not in feature_columns"
+            yield (f"categorical_columns names {', '.join(json.dumps(c) for c in unknown)}, which "
+                   f"feature_columns does not list. Expected: categorical columns among the "
+                   "features; add them to feature_columns, or take them out of categorical_columns")
 
 
 # ------------------------------------------------------------------ parsing and error messages
