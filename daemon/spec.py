@@ -444,6 +444,7 @@ def _conflicts(s: JobSpec):
                 yield (f'{where}.monitor is "{policy.monitor}", but the job has no validation data '
                        "(validation_split 0 and no val_data_path). Expected: a validation_split "
                        'above 0, a val_data_path, or a train_ metric such as "train_loss"')
+    yield from _optimizer_conflicts(s.optimizer)
     features = s.feature_columns or []
     if len(set(features)) != len(features):
         dupes = sorted({c for c in features if features.count(c) > 1})
@@ -459,6 +460,31 @@ def _conflicts(s: JobSpec):
             yield (f"categorical_columns names {', '.join(json.dumps(c) for c in unknown)}, which "
                    f"feature_columns does not list. Expected: categorical columns among the "
                    "features; add them to feature_columns, or take them out of categorical_columns")
+
+
+# Which optimiser reads each of the parameters that not all of them take (weight_decay: all).
+OPTIMIZER_PARAMS = {"momentum": ("sgd", "rmsprop"), "nesterov": ("sgd",),
+                    "betas": ("adam", "adamw"), "eps": ("adam", "adamw", "rmsprop")}
+
+
+def _either(words: tuple[str, ...]) -> str:
+    quoted = [json.dumps(w) for w in words]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def _optimizer_conflicts(o: Optimizer):
+    """A parameter the chosen optimiser does not read would be ignored without a word: refused."""
+    for key, users in OPTIMIZER_PARAMS.items():
+        if key in o.model_fields_set and o.name not in users:
+            instead = (' (Adam\'s momentum is its first beta, "betas": [0.9, 0.999])'
+                       if key == "momentum" else "")
+            yield (f'optimizer.{key} is given, but "{o.name}" does not use it{instead}. Expected: '
+                   f"{key} only with {_either(users)}; remove it, or "
+                   "change optimizer.name")
+    if o.nesterov and o.momentum == 0 and o.name == "sgd":
+        yield ("optimizer.nesterov is true but optimizer.momentum is 0: Nesterov's method is a "
+               'kind of momentum. Expected: a momentum above 0, e.g. "momentum": 0.9, or '
+               '"nesterov": false')
 
 
 # ------------------------------------------------------------------ parsing and error messages

@@ -25,6 +25,16 @@ def test_the_seed_request_body_is_valid_verbatim():
     assert s.algorithm_params.learning_rate_scheduler.name == "step"
 
 
+@pytest.mark.parametrize("optimizer", [
+    {"name": "adam", "betas": [0.8, 0.99], "eps": 1e-7, "weight_decay": 0.01},
+    {"name": "adamw", "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1},
+    {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
+    {"name": "rmsprop", "momentum": 0.5, "eps": 1e-6, "weight_decay": 0.0},
+])
+def test_each_optimizer_takes_the_parameters_it_uses(optimizer):
+    assert spec.validate(minimal(optimizer=optimizer)).optimizer.name == optimizer["name"]
+
+
 def test_defaults_are_filled_and_the_seeds_short_forms_moved(tmp_path):
     n = spec.normalise(spec.validate(spec.example_job()), job_id="j", base_dir=tmp_path,
                        spool_root=tmp_path / "spool", allow_roots=[])
@@ -133,6 +143,14 @@ def test_defaults_are_filled_and_the_seeds_short_forms_moved(tmp_path):
      ['categorical_columns names "c", which feature_columns does not list', "add them to feature_columns"]),
     (minimal(algorithm_params={"early_stopping_patience": 3}, early_stopping={"patience": 4}),
      ["early stopping is given twice", "early_stopping_patience 3", "Expected: one of them"]),
+    (minimal(optimizer={"name": "adam", "momentum": 0.9}),
+     ['optimizer.momentum is given, but "adam" does not use it', '"betas"', 'only with "sgd" or "rmsprop"']),
+    (minimal(optimizer={"name": "sgd", "betas": [0.9, 0.99]}), ['optimizer.betas is given, but "sgd"']),
+    (minimal(optimizer={"name": "sgd", "eps": 1e-7}), ['only with "adam", "adamw" or "rmsprop"']),
+    (minimal(optimizer={"name": "rmsprop", "momentum": 0.5, "nesterov": False}),
+     ['optimizer.nesterov is given, but "rmsprop"']),
+    (minimal(optimizer={"name": "sgd", "nesterov": True}),
+     ["optimizer.nesterov is true but optimizer.momentum is 0", '"momentum": 0.9']),
     (minimal(algorithm_params={"learning_rate_scheduler": "step"}, learning_rate_scheduler="cosine"),
      ["the learning-rate schedule is given twice", "Expected: one of them"]),
     (minimal(validation_split=0, early_stopping={"monitor": "val_accuracy"}),
