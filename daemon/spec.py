@@ -445,6 +445,24 @@ def _conflicts(s: JobSpec):
                        "(validation_split 0 and no val_data_path). Expected: a validation_split "
                        'above 0, a val_data_path, or a train_ metric such as "train_loss"')
     yield from _optimizer_conflicts(s.optimizer)
+    if ap.model_type == "linear":
+        ignored = {"hidden_units": bool(ap.hidden_units), "dropout_rate": ap.dropout_rate > 0,
+                   "activation": "activation" in ap.model_fields_set, "batch_norm": ap.batch_norm}
+        for key, given in ignored.items():
+            if given and key in ap.model_fields_set:
+                yield (f'algorithm_params.{key} is given, but model_type "linear" has no hidden '
+                       f'layers, so it would be ignored. Expected: {key} with "mlp" or "resnet"; '
+                       'remove it, or set model_type "mlp"')
+    if ap.model_type == "resnet" and not ap.hidden_units:
+        yield ('algorithm_params.hidden_units is [], but model_type "resnet" is built of residual '
+               "blocks of those widths. Expected: at least one width, e.g. [128, 128], or "
+               'model_type "linear"')
+    if not s.data.streaming:
+        for key in ("chunk_rows", "shuffle_chunks"):
+            if key in s.data.model_fields_set:
+                yield (f"data.{key} sets the order and memory of streaming, but the job reads its "
+                       f'data into memory, where it has no effect. Expected: "streaming": true with '
+                       "it, or remove it")
     features = s.feature_columns or []
     if len(set(features)) != len(features):
         dupes = sorted({c for c in features if features.count(c) > 1})

@@ -35,6 +35,15 @@ def test_each_optimizer_takes_the_parameters_it_uses(optimizer):
     assert spec.validate(minimal(optimizer=optimizer)).optimizer.name == optimizer["name"]
 
 
+@pytest.mark.parametrize("extra", [
+    {"algorithm_params": {"model_type": "linear", "hidden_units": [], "dropout_rate": 0.0, "batch_norm": False}},
+    {"algorithm_params": {"model_type": "mlp", "hidden_units": []}},  # no hidden layer: a linear model
+    {"data": {"streaming": True, "chunk_rows": 1000, "shuffle_chunks": 8}},
+])
+def test_settings_that_change_nothing_are_not_refused(extra):
+    spec.validate(minimal(**extra))
+
+
 def test_defaults_are_filled_and_the_seeds_short_forms_moved(tmp_path):
     n = spec.normalise(spec.validate(spec.example_job()), job_id="j", base_dir=tmp_path,
                        spool_root=tmp_path / "spool", allow_roots=[])
@@ -143,6 +152,15 @@ def test_defaults_are_filled_and_the_seeds_short_forms_moved(tmp_path):
      ['categorical_columns names "c", which feature_columns does not list', "add them to feature_columns"]),
     (minimal(algorithm_params={"early_stopping_patience": 3}, early_stopping={"patience": 4}),
      ["early stopping is given twice", "early_stopping_patience 3", "Expected: one of them"]),
+    (minimal(algorithm_params={"model_type": "linear", "hidden_units": [64], "dropout_rate": 0.2}),
+     ['algorithm_params.hidden_units is given, but model_type "linear" has no hidden layers',
+      "algorithm_params.dropout_rate is given", 'set model_type "mlp"']),
+    (minimal(algorithm_params={"model_type": "linear", "batch_norm": True}), ["algorithm_params.batch_norm"]),
+    (minimal(algorithm_params={"model_type": "resnet", "hidden_units": []}),
+     ['hidden_units is [], but model_type "resnet"', "at least one width"]),
+    (minimal(data={"chunk_rows": 1000}), ["data.chunk_rows sets the order and memory of streaming",
+                                          '"streaming": true with it']),
+    (minimal(data={"shuffle_chunks": 8}), ["data.shuffle_chunks sets"]),
     (minimal(optimizer={"name": "adam", "momentum": 0.9}),
      ['optimizer.momentum is given, but "adam" does not use it', '"betas"', 'only with "sgd" or "rmsprop"']),
     (minimal(optimizer={"name": "sgd", "betas": [0.9, 0.99]}), ['optimizer.betas is given, but "sgd"']),
