@@ -503,6 +503,14 @@ def print_one(root: Spool, s: JobState) -> None:
         click.echo(f"  {hint}")
 
 
+def no_epoch(state: JobState, job_id: str) -> str:
+    """What to say of a job without a finished epoch: it may still get one, or it never will."""
+    if state.status in TERMINAL:
+        return (f"job {job_id} {state.status} before an epoch finished: "
+                f'"epochd status {job_id}" says why')
+    return f'no epoch has finished yet: "epochd tail -f {job_id}" follows the job'
+
+
 @cli.command()
 @spool_option
 @click.argument("job_id")
@@ -522,7 +530,7 @@ def history(spool, job_id, as_json):
     click.echo(f"{'EPOCH':>5} {'TRAIN_LOSS':>10} {'TRAIN_' + metric:>9} {'VAL_LOSS':>9} {'VAL_' + metric:>8} "
                f"{'LR':>9} {'SECONDS':>8}")
     if not state.history:
-        return click.echo(f'(no epoch has finished yet: "epochd tail -f {job_id}" follows the job)')
+        return click.echo(f"({no_epoch(state, job_id)})")
     key = "mae" if metric == "MAE" else "accuracy"
     for h in state.history:
         acc, vacc = h.get(f"train_{key}"), h.get(f"val_{key}")
@@ -730,7 +738,7 @@ def plot(spool, job_id, output):
     from .plot import plot_history
     state = load_state(Spool(spool), job_id)
     if not state.history:
-        raise CliError(f"job {job_id} has no finished epoch yet; nothing to plot.", Exit.REFUSED)
+        raise CliError(f"{no_epoch(state, job_id)}; nothing to plot.", Exit.REFUSED)
     output = output or Path(f"{job_id}-learning-curves.png")
     plot_history(state.training_history(), output, (state.spec or {}).get("name", job_id),
                  state.best_saved)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from daemon.cli import Exit, cli
 from daemon.eventlog import EventLog
-from daemon.events import ControlReceived, EpochCompleted, JobAccepted, Progress
+from daemon.events import ControlReceived, EpochCompleted, Failed, JobAccepted, Progress
 from daemon.spool import Spool
 from tests.conftest import (REPO, classification_csv, drop_job, events_of, seed_job, wait_for_event, wait_for_status,
                             wait_until)
@@ -91,6 +91,22 @@ def test_history_names_its_columns_for_the_task_and_says_when_there_is_none(tmp_
     header, row = invoke("history", "--spool", spool.root, "reg").output.splitlines()
     assert header.split() == ["EPOCH", "TRAIN_LOSS", "TRAIN_MAE", "VAL_LOSS", "VAL_MAE", "LR", "SECONDS"]
     assert row.split() == ["1", "0.2500", "1.5000", "0.5000", "2.5000", "0.001", "1.00"]
+
+
+def test_history_and_plot_of_a_job_that_failed_before_an_epoch_say_it_will_not_get_one(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.ensure()
+    spool.job_dir("bad").mkdir()
+    with EventLog(spool.events_path("bad")) as log:
+        log.append(JobAccepted(job_id="bad", source_file="bad.json", spec={"epochs": 3},
+                               spec_sha256="a", file_sha256="b"))
+        log.append(Failed(error="DataError", message="no rows", traceback=None, retryable=False))
+    said = invoke("history", "--spool", spool.root, "bad").output
+    assert 'job bad failed before an epoch finished: "epochd status bad" says why' in said
+    assert "tail -f" not in said
+    drawn = CliRunner().invoke(cli, ["plot", "--spool", str(spool.root), "bad", "-o", str(tmp_path / "p.png")])
+    assert drawn.exit_code == Exit.REFUSED and "failed before an epoch finished" in drawn.output
+    assert not (tmp_path / "p.png").exists()
 
 
 def test_the_status_table_keeps_its_columns_with_long_job_ids(tmp_path):
