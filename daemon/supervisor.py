@@ -228,6 +228,7 @@ class Daemon:
             if freed or self.nudged or now - self.last_scan >= self.options.rescan_seconds:
                 self.nudged = False
                 self.recheck_quarantined()
+                self.forget_removed()
                 self.accept_incoming(now)
                 self.handle_requests(now)
                 self.last_scan = now
@@ -497,6 +498,8 @@ class Daemon:
         state = self.fold_or_quarantine(job_id)
         if state is None:
             return
+        if state.status is None:  # no log: its folder was removed since the last scan
+            return self.forget(job_id)
         env = dict(os.environ, PYTHONUNBUFFERED="1",
                    EPOCHD_CPU_SHARE=str(max(1, (os.cpu_count() or 1) // self.max_jobs)),
                    EPOCHD_ALLOW_ROOTS=os.pathsep.join(map(str, self.options.settings.allow_roots)))
@@ -548,6 +551,9 @@ class Daemon:
             child.log_file.close()
             self.unsettled[job_id] = (code, child.killed_for)
         for job_id in list(self.orphans):
+            if not self.spool.job_dir(job_id).is_dir():
+                self.forget(job_id)
+                continue
             lock = job_lock(self.spool, job_id)
             if lock.acquire():
                 lock.release()
@@ -562,6 +568,10 @@ class Daemon:
             try:
                 self.settle(job_id, code, killed_for)
             except OSError as e:  # ENOSPC, EIO: the job waits, unscheduled, until it can be written
+                if not self.spool.job_dir(job_id).is_dir():  # removed, with its worker's last words
+                    self.forget(job_id)
+                    freed = True
+                    continue
                 if job_id not in self.unwritable:
                     self.unwritable.add(job_id)
                     log.error("job %s: cannot record the end of its worker: %s; retrying every tick",
@@ -715,6 +725,32 @@ class Daemon:
                 daemon_log(self.spool, "unquarantined", job_id=job_id, log="reads clean",
                            status=str(state.status))
                 log.info("job %s: its log reads clean again (%s); back in service", job_id, state.status)
+
+    def forget_removed(self) -> None:
+        """Jobs whose folder (or log) was removed or moved away are no longer the daemon's:
+        that is how a user clears out finished jobs, or drops a queued one. Their entries go, so
+        that they are never started or waited for. A running job's worker is killed (its log
+        went with the folder: nothing it does from there on can be seen or resumed), and the job
+        is forgotten once the worker has ended (`reap`)."""
+        for job_id, child in self.children.items():
+            if child.killed_for is None and not self.spool.job_dir(job_id).is_dir():
+                log.warning("job %s: its folder was removed while it ran; killing its worker", job_id)
+                child.killed_for = "its folder was removed"
+                child.kill()
+        busy = self.children.keys() | self.orphans.keys() | self.unsettled.keys()
+        for job_id in [j for j in self.entries if j not in busy]:
+            if not self.spool.events_path(job_id).exists():
+                self.forget(job_id)
+
+    def forget(self, job_id: str) -> None:
+        self.entries.pop(job_id, None)
+        self.unsettled.pop(job_id, None)
+        self.unwritable.discard(job_id)
+        self.lingering.pop(job_id, None)
+        for held in (self.orphans, self.orphan_gpus, self.orphan_sessions):
+            held.pop(job_id, None)
+        daemon_log(self.spool, "forgotten", job_id=job_id, why="its folder or log was removed")
+        log.info("job %s: its folder was removed; forgotten", job_id)
 
     def refresh(self, job_id: str) -> JobState | None:
         state = self.fold_or_quarantine(job_id)

@@ -2,6 +2,7 @@
 model files out. Real processes, real signals, real (tiny) training runs."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from datetime import datetime
 
 from daemon.replay import fold
 from daemon.spool import Spool
-from tests.conftest import (REPO, classification_csv, drop_job, events_of, regression_csv,
+from tests.conftest import (REPO, alive, classification_csv, drop_job, events_of, last, regression_csv,
                             seed_job, wait_for_event, wait_for_status, wait_until)
 
 EPOCH_FIELDS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate",
@@ -352,6 +353,35 @@ def test_queued_jobs_run_by_priority_then_by_arrival(tmp_path, spool, daemon_fac
     started = {job: wait_for_event(spool, job, "run_started", timeout=120)[-1]["ts"]
                for job in ("busy", "low", "high", "low2", "mid")}
     assert sorted(started, key=started.get) == ["busy", "high", "mid", "low", "low2"]
+
+
+def test_removing_a_jobs_folder_forgets_the_job_and_never_stalls_the_queue(tmp_path, spool, daemon_factory):
+    """`rm -r jobs/<id>` is how finished jobs are cleared out, and how a queued one is dropped.
+    A queued job's folder removed used to stall the queue (the daemon failed to start it every
+    tick, and every job behind it waited); a running one's worker went on with no log to show
+    for it. Now the daemon forgets both, kills the running one's worker, and runs the next."""
+    data = classification_csv(tmp_path / "train.csv")
+    daemon = daemon_factory(spool, "--max-jobs", "1")
+    # no checkpoint to write, its outputs elsewhere: the worker would run on for hours
+    drop_job(spool, "busy.json", seed_job(data, tmp_path / "out", epochs=100_000,
+                                          checkpoint={"every_epochs": 0}))
+    pid = last(wait_for_event(spool, "busy", "run_started"), "run_started")["pid"]
+    drop_job(spool, "queued.json", seed_job(data, epochs=1))
+    wait_for_event(spool, "queued", "job_accepted")
+    drop_job(spool, "after.json", seed_job(data, epochs=1))
+    wait_for_event(spool, "after", "job_accepted")
+    shutil.rmtree(spool / "jobs" / "queued")
+    shutil.rmtree(spool / "jobs" / "busy")
+    wait_for_status(spool, "after", "completed", timeout=60)
+    wait_until(lambda: not alive(pid), timeout=10, what="the removed job's worker to end")
+
+    def forgotten():
+        entries = map(json.loads, (spool / "daemon.jsonl").read_text().splitlines())
+        return {e["job_id"] for e in entries if e.get("event") == "forgotten"}
+    assert wait_until(lambda: forgotten() == {"busy", "queued"}, timeout=10, what="both forgotten")
+    assert not (spool / "jobs" / "busy").exists() and not (spool / "jobs" / "queued").exists()
+    assert "job busy: its folder was removed while it ran; killing its worker" in daemon.log()
+    assert daemon.proc.poll() is None and "cannot write" not in daemon.log()
 
 
 def test_one_writer_per_output_folder_is_decided_from_the_jobs_states():
