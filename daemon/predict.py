@@ -51,7 +51,8 @@ def predict_table(folder: Path, data_path: str, best: bool = False,
     names = [c["name"] for c in recipe["features"]]
     fixes = Fixes(f"Expected: every feature column the model was trained on "
                   f"({', '.join(names[:30])}); other columns are ignored.",
-                  "pass --delimiter {sep}", "pass --encoding {enc}", "pass --decimal ,")
+                  "pass --delimiter {sep}", "pass --encoding {enc}", "pass --decimal ,",
+                  "name it .parquet")
     options = {"format": "auto", **read_options(recipe.get("read", {})), **(read or {})}
     table = read_table(data_path, options, "--data", fixes)
     check_columns(table, names, "--data", data_path, fixes)

@@ -110,6 +110,7 @@ class Fixes(NamedTuple):
     delimiter: str  # a template: {sep} is the JSON-quoted separator
     encoding: str   # a template: {enc} is the JSON-quoted text encoding
     decimal: str = 'set "data": {"decimal": ","} in the job file'
+    parquet: str = 'name it .parquet, or set "data": {"format": "parquet"} in the job file'
 
 
 JOB_FIXES = Fixes("Fix the job's column names.", 'set "data": {{"delimiter": {sep}}} in the job file',
@@ -176,6 +177,7 @@ def read_table(path: str, options: dict, what: str, fixes: Fixes = JOB_FIXES) ->
     p, fmt = Path(path), table_format(path, options)
     encoding = options.get("encoding", "utf-8")
     if fmt == "csv":
+        check_format(path, options, what, fixes)
         check_byte_order_mark(path, encoding, what, fixes)
     try:
         if fmt == "parquet":
@@ -232,6 +234,51 @@ def check_unique(names: list[str], what: str, path: str) -> None:
 
 # A CSV is read as text in `data.encoding` (UTF-8 unless told). pyarrow reads a column whose bytes
 # are not UTF-8 as bytes rather than failing: left alone, b'caf\xe9' would become a category.
+_TO_PARQUET = 'convert it with pandas: pandas.{reader}("{path}"{extra}).to_parquet("data.parquet")'
+OTHER_FORMATS = {  # file name suffix -> (what the file is, how to turn it into one epochd reads)
+    ".xlsx": ("an Excel workbook", "read_excel", ""), ".xlsm": ("an Excel workbook", "read_excel", ""),
+    ".xls": ("an Excel workbook", "read_excel", ""), ".ods": ("an OpenDocument spreadsheet", "read_excel", ""),
+    ".json": ("JSON", "read_json", ""), ".jsonl": ("JSON lines", "read_json", ", lines=True"),
+    ".ndjson": ("JSON lines", "read_json", ", lines=True"),
+    ".feather": ("an Arrow (Feather) file", "read_feather", ""),
+    ".arrow": ("an Arrow (Feather) file", "read_feather", ""),
+    ".h5": ("HDF5", "read_hdf", ""), ".hdf5": ("HDF5", "read_hdf", ""),
+    ".pkl": ("a Python pickle", "read_pickle", ""), ".pickle": ("a Python pickle", "read_pickle", ""),
+}
+MAGIC = ((b"PAR1", "a Parquet file"), (b"PK\x03\x04", "a zip archive (as an Excel .xlsx workbook is)"),
+         (b"\xd0\xcf\x11\xe0", "an old Excel (.xls) or other Office file"), (b"\x89HDF", "HDF5"),
+         (b"ARROW1", "an Arrow (Feather) file"), (b"\x1f\x8b", "gzip-compressed"))
+
+
+def check_format(path: str, options: dict, what: str, fixes: Fixes) -> None:
+    """A file read as CSV that its name or first bytes show to be something else (a workbook,
+    JSON, Parquet under another name...) would fail with the CSV parser's puzzling words, or
+    parse as one garbled column: say what it is and how to make a CSV or Parquet of it. (With
+    `data.format` "csv" the name is not held against it; the first bytes still are.)"""
+    suffix = Path(path).suffix.lower()
+    if suffix in OTHER_FORMATS and options.get("format", "auto") == "auto":
+        kind, reader, extra = OTHER_FORMATS[suffix]
+        how = _TO_PARQUET.format(reader=reader, path=path, extra=extra)
+        if reader == "read_pickle":  # never unpickled here: loading a pickle runs its code
+            kind += ", which epochd never loads (unpickling can run any code)"
+            how = "load it where you trust it, then save it with DataFrame.to_parquet"
+        elif reader == "read_excel":
+            how = f"save the sheet as CSV, or {how}"
+        raise DataError(f'{what} "{path}" is {kind} ({suffix}), not CSV or Parquet. Expected: a CSV '
+                        f"or Parquet file; {how}.")
+    if suffix in COMPRESSED or suffix == ".zip":
+        return
+    with open(path, "rb") as f:
+        head = f.read(8)
+    for magic, kind in MAGIC:
+        if head.startswith(magic):
+            fix = (fixes.parquet if magic == b"PAR1" else
+                   'name it with .gz at the end (data.csv.gz): epochd reads gzip by its name'
+                   if magic == b"\x1f\x8b" else "save it as CSV or Parquet")
+            raise DataError(f'{what} "{path}" is {kind}, read as CSV by its name. Expected: a CSV '
+                            f"file here; {fix}.")
+
+
 def check_byte_order_mark(path: str, encoding: str, what: str, fixes: Fixes) -> None:
     """A UTF-16 file (Excel's "Unicode text") read as UTF-8 parses as one garbled column."""
     with open_bytes(path) as f:

@@ -185,6 +185,7 @@ def _columns(path: str, options: dict, what: str) -> list[str]:
     D.check_file(path, what)
     fmt, encoding = D.table_format(path, options), options.get("encoding", "utf-8")
     if fmt == "csv":
+        D.check_format(path, options, what, D.JOB_FIXES)
         D.check_byte_order_mark(path, encoding, what, D.JOB_FIXES)
     try:
         if fmt == "parquet":

@@ -289,6 +289,14 @@ def test_a_compressed_csv_streams_as_it_reads_in_memory(tmp_path, compression):
      r"""Its header holds no ',' but '\\t': set "data": {"delimiter": "\\t"} in the job file"""),
     ("t.csv", b"a,city,target\n1,Paris,x\n2,New York, NY,y\n",
      "a value holding ',' must be in double quotes"),
+    # other formats, by name or by their first bytes
+    ("t.xlsx", b"PK\x03\x04 workbook", r'is an Excel workbook \(.xlsx\), not CSV or Parquet. Expected: a '
+                                        r"CSV or Parquet file; save the sheet as CSV, or .*read_excel"),
+    ("t.jsonl", b'{"a": 1, "target": "x"}\n', r'is JSON lines .*read_json\(".*t.jsonl", lines=True\)'),
+    ("t.pkl", b"\x80\x04", "a Python pickle, which epochd never loads"),
+    ("t.csv", "parquet", r'is a Parquet file, read as CSV by its name.*"format": "parquet"'),
+    ("t.csv", "gzip", r"is gzip-compressed, read as CSV by its name.*data.csv.gz"),
+    ("t.txt", b"PK\x03\x04 workbook", "is a zip archive"),
 ])
 @pytest.mark.parametrize("streams", [False, True])
 def test_files_read_wrong_say_what_to_do(tmp_path, name, body, problem, streams):
@@ -298,6 +306,10 @@ def test_files_read_wrong_say_what_to_do(tmp_path, name, body, problem, streams)
         with zipfile.ZipFile(path, "w") as z:
             for member in ("a.csv", "b.csv"):
                 z.writestr(member, "a,target\n1,x\n2,y\n")
+    elif body == "parquet":
+        pd.DataFrame({"a": [1, 2], "target": ["x", "y"]}).to_parquet(path)
+    elif body == "gzip":
+        pd.DataFrame({"a": [1, 2], "target": ["x", "y"]}).to_csv(path, index=False, compression="gzip")
     else:
         path.write_bytes(body)
     common = {"train_data_path": str(path), "target_column": "target", "validation_split": 0.0}
