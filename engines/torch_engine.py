@@ -46,13 +46,27 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.
                "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "silu": nn.SiLU, "selu": nn.SELU}
 
 
+class BatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d that also trains on a batch of one row: torch cannot take a batch variance
+    of one row and raises, so an epoch whose rows leave one over for its last batch (33 rows at
+    batch 32) failed. Such a batch (or a DDP rank's empty share of a short last step) is
+    normalised with the running statistics, as in evaluation, and leaves them as they were; its
+    row still trains every weight. Same parameters and state-dict keys as BatchNorm1d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] <= 1:
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                            self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
 class ResidualBlock(nn.Module):
     """x + dropout(linear(act(linear(norm(x))))): the tabular ResNet block."""
 
     def __init__(self, width: int, inner: int, act: type, dropout: float, batch_norm: bool):
         super().__init__()
         self.body = nn.Sequential(
-            nn.BatchNorm1d(width) if batch_norm else nn.Identity(),
+            BatchNorm(width) if batch_norm else nn.Identity(),
             nn.Linear(width, inner), act(), nn.Dropout(dropout), nn.Linear(inner, width))
 
     def forward(self, x):
@@ -67,7 +81,7 @@ def build_model(arch: dict) -> nn.Module:
     layers: list[nn.Module] = []
     if arch["model_type"] == "mlp":
         for width in hidden:
-            layers += [nn.Linear(d_in, width)] + ([nn.BatchNorm1d(width)] if bn else [])
+            layers += [nn.Linear(d_in, width)] + ([BatchNorm(width)] if bn else [])
             layers += [act()] + ([nn.Dropout(p)] if p > 0 else [])
             d_in = width
     elif arch["model_type"] == "resnet" and hidden:

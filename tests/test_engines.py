@@ -6,6 +6,7 @@ import pickle
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -240,6 +241,25 @@ def test_model_types_learn_binary_data(tmp_path, params, framework, Engine):
                algorithm_params=params)
     engine = run(Engine(spec, prepare(spec), 1), 15, lr=0.01)
     assert engine.evaluate()["val_accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("model_type", ["mlp", "resnet"])
+def test_batch_norm_trains_when_the_rows_leave_one_over_for_the_last_batch(tmp_path, model_type,
+                                                                           framework, Engine):
+    """33 training rows at batch 32: the last batch is one row, of which torch's BatchNorm1d
+    cannot take a batch variance (it raised, failing the job). That batch is normalised with
+    the running statistics; the statistics stay finite and the model still learns."""
+    table = pd.read_csv(classification_csv(tmp_path / "all.csv", rows=300))
+    table.head(33).to_csv(tmp_path / "t.csv", index=False)
+    table.tail(100).to_csv(tmp_path / "v.csv", index=False)
+    spec = job(tmp_path, framework, train_data_path=str(tmp_path / "t.csv"), val_data_path=str(tmp_path / "v.csv"),
+               target_column="target", batch_size=32,
+               algorithm_params={"model_type": model_type, "hidden_units": [16], "batch_norm": True})
+    engine = Engine(spec, prepare(spec), 1)
+    assert engine.steps_per_epoch == 2
+    run(engine, 30, lr=0.01)
+    assert all(np.isfinite(v).all() for v in weights(engine).values())
+    assert np.isfinite(engine.train_metrics()["train_loss"]) and engine.evaluate()["val_accuracy"] > 0.7
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw", "rmsprop", {"name": "sgd", "momentum": 0.9, "nesterov": True}])
