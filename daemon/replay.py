@@ -160,8 +160,8 @@ def apply(s: JobState, r: dict) -> JobState:
             s.pending_control = None
         case "failed":
             s.status, s.last_error, s.pending_control = Status.FAILED, _payload(r), None
-        case "cancelled":
-            s.status, s.pending_control = Status.CANCELLED, None
+        case "cancelled":  # where it stopped: a running job goes on past its last progress
+            s.status, s.pending_control, s.position = Status.CANCELLED, None, (r["epoch"], r["step"])
         case "log_repaired":
             s.repairs += 1
     return s

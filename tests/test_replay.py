@@ -84,6 +84,17 @@ def test_mid_epoch_resume_keeps_the_finished_epochs_and_the_position():
     assert resume_point(None, 10) == (1, 0)
 
 
+def test_a_cancelled_or_interrupted_run_stands_where_it_stopped_not_at_its_last_progress():
+    """Progress comes about once a second; the run goes on between. `status` shows the step
+    the cancel (or the crash record) names."""
+    progress = ev("progress", epoch=2, step=3, steps_per_epoch=10, samples_per_sec=1.0, loss=0.5,
+                  eta_seconds=1.0)
+    for end in (ev("cancelled", epoch=2, step=7),
+                ev("interrupted", reason="shutdown", epoch=2, step=7)):
+        state = fold(numbered([accepted(), started(), epoch(1, 0.9), progress, end]))
+        assert state.position == (2, 7), end["type"]
+
+
 def test_crashes_count_in_a_row_and_a_finished_epoch_resets_them():
     crash = ev("interrupted", reason="worker killed by signal SIGKILL", crash=True)
     state = fold(numbered([accepted(), started(), crash, started(2), crash]))
