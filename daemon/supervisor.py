@@ -285,6 +285,10 @@ class Daemon:
                    allow_roots=[str(r) for r in settings.allow_roots])
         if not settings.allow_roots:
             log.warning("no --allow-root given: job files may read and write anywhere this user can")
+        for root in settings.allow_roots:
+            if not root.is_dir():  # a typo, or a mount not there yet: say so now, not per job
+                log.warning("--allow-root %s is not a folder: no job can read data or write "
+                            "outputs under it until it is (a typo, or a mount not there yet?)", root)
         for job_id in recover_acceptances(self.spool, settings):
             log.info("job %s: acceptance finished after a crash", job_id)
         for job_id in self.spool.job_ids():
