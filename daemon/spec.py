@@ -561,7 +561,9 @@ def parse_job_bytes(data: bytes) -> dict:
         raise BadJobFile([f"the file is not valid JSON: {e}. Expected: one JSON object; check "
                           "for a missing comma, quote or brace, or a NaN/Infinity value."]) from None
     if not isinstance(raw, dict):
-        raise BadJobFile([f"the file holds a JSON {type(raw).__name__}. Expected: a JSON object "
+        kind = {list: "list [...]", str: "string", bool: "true/false", type(None): "null",
+                int: "number", float: "number"}.get(type(raw), type(raw).__name__)
+        raise BadJobFile([f"the file holds a JSON {kind}, not an object. Expected: a JSON object "
                           "{...} with the job's settings."])
     if _depth(raw) > MAX_NESTING:
         raise BadJobFile([f"the JSON is nested more than {MAX_NESTING} levels deep. "
