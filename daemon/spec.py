@@ -445,6 +445,19 @@ def _conflicts(s: JobSpec):
                        "(validation_split 0 and no val_data_path). Expected: a validation_split "
                        'above 0, a val_data_path, or a train_ metric such as "train_loss"')
     yield from _optimizer_conflicts(s.optimizer)
+    if s.task != "auto":  # a metric the task never reports is known now, not after the data is read
+        for where, policy in (("early_stopping", s.early_stopping),
+                              ("learning_rate_scheduler", s.learning_rate_scheduler or ap.learning_rate_scheduler)):
+            monitor = getattr(policy, "monitor", None)
+            if monitor is None or "monitor" not in policy.model_fields_set:
+                continue
+            wrong = ("accuracy" in monitor if s.task == "regression"
+                     else any(m in monitor for m in ("mae", "rmse", "r2")))
+            if wrong:
+                fits = ("val_loss, val_mae, val_rmse, val_r2, train_loss, train_mae or train_rmse"
+                        if s.task == "regression" else "val_loss, val_accuracy, train_loss or train_accuracy")
+                yield (f'{where}.monitor is "{monitor}", which a {s.task} job does not report. '
+                       f"Expected: one of {fits}")
     if ap.model_type == "linear":
         ignored = {"hidden_units": bool(ap.hidden_units), "dropout_rate": ap.dropout_rate > 0,
                    "activation": "activation" in ap.model_fields_set, "batch_norm": ap.batch_norm}
