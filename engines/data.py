@@ -334,7 +334,8 @@ def check_text(df: pd.DataFrame, path: str, what: str, encoding: str, fixes: Fix
 def rows_where(col: pd.Series, mask) -> str:
     """The rows of the file where `mask` holds: "row 7" or "rows 7, 12, 30 and 4 more"."""
     hits = np.flatnonzero(np.asarray(mask))
-    labels = ", ".join(str(int(col.index[i]) + 1) for i in hits[:5])
+    rows = np.sort(col.index.to_numpy()[hits])  # in file order, whatever order the split left
+    labels = ", ".join(str(int(r) + 1) for r in rows[:5])
     more = f" and {len(hits) - 5} more" if len(hits) > 5 else ""
     return f"{'row' if len(hits) == 1 else 'rows'} {labels}{more}"
 
@@ -601,6 +602,9 @@ def _numeric(col: pd.Series, where: str = "", kind: str = FEATURE) -> np.ndarray
         elif value.strip().lower() in MISSING_MARKS:
             fix = ("it looks like a mark for a missing value: leave such cells empty, or list it in "
                    "the job's data.missing_values (epochd predict reads cells as the job did).")
+        elif kind == TARGET:
+            fix = ('fix the value; or, if the column holds class labels, set "task": '
+                   '"classification" (or "auto").')
         else:
             fix = "fix the value, or list the column in categorical_columns to one-hot encode it."
         raise DataError(f'{where}{kind} "{col.name}" is not numeric: {rows_where(col, bad)} '
@@ -657,13 +661,36 @@ def _as_text(col: pd.Series) -> pd.Series:
     return col.astype(object).where(col.notna(), MISSING).astype(str)
 
 
+def text_target(name: str, example) -> DataError:
+    return DataError(f'the target column "{name}" holds text (e.g. {example!r}), which cannot be '
+                     'regressed, and "task" is "regression". Expected: numbers; or, for class '
+                     'labels, "task": "classification" (or "auto").')
+
+
+def check_class_values(name: str, classes: list, whole: bool) -> None:
+    """Classification asked for on a column of measurements (numbers that are not whole, more of
+    them than auto would take for classes) would make each value a class of its own."""
+    if not whole and len(classes) > CLASSIFICATION_MAX_INT_CLASSES:
+        shown = ", ".join(f"{v:.6g}" for v in classes[:3])
+        raise DataError(f'the target column "{name}" holds {len(classes):,} distinct numbers that are '
+                        f'not whole ({shown}, ...), and "task" is "classification": each value would '
+                        'be a class of its own. Expected: "task": "regression" (or "auto"), or a '
+                        "column of class labels.")
+
+
 def _fit_target(y: pd.Series, task: str) -> dict:
     if task == "regression":
+        numbers = pd.to_numeric(y, errors="coerce") if _is_text(y) else None
+        if numbers is not None and numbers.notna().mean() < 0.9:  # labels; else strays, named below
+            raise text_target(str(y.name), y[numbers.isna()].iloc[0])
         values = _numeric(y, kind=TARGET)
         std = float(np.std(values))
         return {"name": str(y.name), "task": task, "mean": float(np.mean(values)),
                 "std": std if std > 0 else 1.0}
     classes = sorted(pd.unique(y).tolist(), key=lambda v: (str(type(v)), v))
+    if pd.api.types.is_float_dtype(y):
+        v = y.to_numpy(dtype=float)
+        check_class_values(str(y.name), classes, bool(np.all(v == np.round(v))))
     if len(classes) < 2:
         raise DataError(f'the target column "{y.name}" has a single class ({classes[0]!r}) in the '
                         "training rows. Expected: at least two classes for classification; check "
@@ -793,7 +820,9 @@ def encode_target(y: pd.Series, recipe: dict, which: str, where: str = "") -> np
     index = {c: i for i, c in enumerate(t["classes"])}
     codes = y.map(lambda v: index.get(_plain(v), -1)).to_numpy(dtype=np.int64)
     if (codes < 0).any():
-        unseen = sorted({str(v) for v, c in zip(y, codes) if c < 0})
+        # (a whole number streamed as a float, 40.0, is the label 40 a user wrote)
+        unseen = sorted({str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+                         for v, c in zip(y, codes) if c < 0})
         shown = f"{unseen[:5]}{' and more' if len(unseen) > 5 else ''}"
         raise DataError(f"{where}the {which} data has labels the training rows do not: {shown}, in "
                         f"{int((codes < 0).sum())} of the {len(codes)} rows checked. Expected: labels among "

@@ -376,11 +376,15 @@ class TargetStats:
         self.whole = True
         self.numbers = NumberStats()
         self.rows = 0
+        self.example = None
 
     def add(self, y: pd.Series, text: bool) -> None:
         if y.isna().any():
             raise DataError(f'the target column "{y.name}" {D.missing(y)}. Expected: a value in '
                             "every row; drop or fill those rows.")
+        if text and self.example is None:  # what a text target's error shows: a text value
+            words = y[pd.to_numeric(y, errors="coerce").isna()]
+            self.example = words.iloc[0] if len(words) else None
         self.rows += len(y)
         self.text = self.text or text
         if not text:
@@ -403,8 +407,7 @@ class TargetStats:
     def recipe(self, task: str, int_like: bool) -> dict:
         if task == "regression":
             if self.text:
-                raise DataError(f'the target column "{self.name}" holds text, which cannot be '
-                                'regressed. Expected: numbers, or "task": "classification".')
+                raise D.text_target(self.name, self.example)
             std = math.sqrt(self.numbers.m2 / max(self.numbers.count, 1))
             return {"name": self.name, "task": task, "mean": self.numbers.mean,
                     "std": std if std > 0 else 1.0}
@@ -413,6 +416,8 @@ class TargetStats:
                             'distinct values. Expected: class labels; or "task": "regression".')
         values = [int(v) if int_like and not self.text else v for v in self.values]
         classes = sorted(values, key=lambda v: (str(type(v)), v))
+        if not self.text:
+            D.check_class_values(self.name, classes, self.whole)
         if len(classes) < 2:
             raise DataError(f'the target column "{self.name}" has a single class ({classes[0]!r}) '
                             "in the training rows. Expected: at least two classes for "

@@ -1,6 +1,8 @@
 """The shared data pipeline on real files: task detection, encoding, scaling, splits, and the
 data errors that fail a job (missing file, missing column, non-numeric feature, empty data,
 a single class)."""
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -413,3 +415,42 @@ def test_a_mark_for_missing_values_among_numbers_is_named_and_data_missing_value
     (tmp_path / "train.csv").write_text("work,target\n" + "".join(
         f"{['?', 'Private', 'Self'][i % 3]},{i % 2}\n" for i in range(60)))
     assert "?" in prepare(job(tmp_path, data=data), folder).preprocess["features"][0]["categories"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_task_the_target_does_not_fit_says_which_task_does(tmp_path, streaming):
+    """"task" given by hand against the target: text labels with "regression", or measurements
+    (numbers that are not whole, one per row) with "classification", where each value would be
+    a class of its own. Each fails naming the task that fits; a stray text value in a numeric
+    regression target is named with its row, in file order."""
+    data = {"streaming": True, "chunk_rows": 16} if streaming else {}
+    folder = (tmp_path / "s") if streaming else None
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=60)
+    write(tmp_path, pd.DataFrame({"x": x, "target": np.where(x > 0, "up", "down")}))
+    with pytest.raises(DataError, match=r'the target column "target" holds text \(e.g. \'(up|down)\'\), '
+                                        r'which cannot be regressed, and "task" is "regression"\. '
+                                        r'Expected: numbers; or, for class labels, "task": '
+                                        r'"classification" \(or "auto"\)'):
+        prepare(job(tmp_path, data=data, task="regression"), folder)
+    write(tmp_path, pd.DataFrame({"x": x, "target": 3 * x + 0.5}))
+    with pytest.raises(DataError, match=r'holds \d+ distinct numbers that are not whole .*"task" is '
+                                        r'"classification": each value would be a class of its own\. '
+                                        r'Expected: "task": "regression"'):
+        prepare(job(tmp_path, data=data, task="classification"), folder)
+    # a few whole-number ratings as classes are fine, as are half-star ones
+    for target in (rng.integers(1, 6, 60), rng.integers(1, 11, 60) / 2):
+        write(tmp_path, pd.DataFrame({"x": x, "target": target}))
+        assert prepare(job(tmp_path, data=data, task="classification"), folder).task == "classification"
+    if not streaming:  # (streaming types a column by its first block: text there is a text target)
+        target = (3 * x).astype(object)
+        target[[40, 7, 55, 21]] = "oops"
+        write(tmp_path, pd.DataFrame({"x": x, "target": target}))
+        with pytest.raises(DataError, match=r'target column "target" is not numeric: rows 8, 22, 41, 56 '
+                                            r"hold text.*fix the value; or, if the column holds class "
+                                            r'labels, set "task": "classification"'):
+            prepare(job(tmp_path, task="regression", validation_split=0.0), folder)
+        with pytest.raises(DataError) as err:  # the training rows of a split, still in file order
+            prepare(job(tmp_path, task="regression", validation_split=0.5), folder)
+        rows = [int(r) for r in re.search(r"rows? ([\d, ]+) hold", str(err.value)).group(1).split(", ")]
+        assert rows == sorted(rows) and len(rows) >= 2
