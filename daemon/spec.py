@@ -714,6 +714,8 @@ def normalise(spec: JobSpec, *, job_id: str, base_dir: Path, spool_root: Path,
         opt["weight_decay"] = 0.01 if opt["name"] == "adamw" else 0.0
     if out["val_data_path"] is not None:
         out["validation_split"] = 0.0
+    if "delimiter" not in spec.data.model_fields_set and tab_separated_name(spec.train_data_path):
+        out["data"]["delimiter"] = "\t"  # a .tsv file says its delimiter in its name
     if spec.distributed is not None and spec.distributed.strategy == "mirrored":
         d = out["distributed"]  # what the worker reads: the machines and each one's replicas
         d["nnodes"] = machines(spec.distributed)
@@ -726,6 +728,14 @@ def normalise(spec: JobSpec, *, job_id: str, base_dir: Path, spool_root: Path,
     if errors:
         raise BadJobFile(errors)
     return out
+
+
+def tab_separated_name(path: str) -> bool:
+    """Whether a file name says tab-separated: .tsv or .tab, compressed or not (t.tsv.gz)."""
+    suffixes = [x.lower() for x in Path(path).suffixes]
+    if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zip"):
+        suffixes = suffixes[:-1]
+    return bool(suffixes) and suffixes[-1] in (".tsv", ".tab")
 
 
 def _resolve(key: str, value: str, base_dir: Path, spool_root: Path, roots: list[Path],

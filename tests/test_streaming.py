@@ -282,10 +282,27 @@ def test_a_compressed_csv_streams_as_it_reads_in_memory(tmp_path, compression):
     assert np.array_equal(streamed.stream.train.read(0, 300)[0][:, :1], memory.x_train[:, :1])
 
 
+@pytest.mark.parametrize("name", ["t.tsv", "t.TAB", "t.tsv.gz"])
+def test_a_file_named_tsv_is_read_with_tabs_unless_the_job_names_a_delimiter(tmp_path, name):
+    table = pd.DataFrame({"a": [1.5, 2.5, 3.5, 4.5] * 10, "city": ["New York, NY", "Paris"] * 20,
+                          "target": ["x", "y", "y", "x"] * 10})
+    table.to_csv(tmp_path / name, sep="\t", index=False)
+    common = {"train_data_path": str(tmp_path / name), "target_column": "target", "validation_split": 0.0}
+    for spec in (normalise(tmp_path, **common), streaming(tmp_path, **common)):
+        assert spec["data"]["delimiter"] == "\t"
+        data = prepare(spec, tmp_path / "s")
+        assert data.n_train == 40 and data.preprocess["read"]["delimiter"] == "\t"
+        assert sorted(data.preprocess["features"][1]["categories"]) == ["New York, NY", "Paris"]
+    told = normalise(tmp_path, **common, data={"delimiter": ","})  # the job's word wins
+    assert told["data"]["delimiter"] == ","
+    assert normalise(tmp_path, train_data_path=str(tmp_path / "t.csv"),
+                     target_column="target")["data"]["delimiter"] == ","
+
+
 @pytest.mark.parametrize("name, body, problem", [
     ("two.csv.zip", None, r"is a zip file of 2 files \(a.csv, b.csv\)\. Expected: a zip file holding one CSV"),
     ("t.csv.zst", b"(\xb5/\xfd", "compressed with zstd, which epochd does not read"),
-    ("t.tsv", b"a\tcity\ttarget\n1\tParis\tx\n2\tNew York, NY\ty\n",
+    ("t.txt", b"a\tcity\ttarget\n1\tParis\tx\n2\tNew York, NY\ty\n",  # a TSV by another name
      r"""Its header holds no ',' but '\\t': set "data": {"delimiter": "\\t"} in the job file"""),
     ("t.csv", b"a,city,target\n1,Paris,x\n2,New York, NY,y\n",
      "a value holding ',' must be in double quotes"),
