@@ -25,6 +25,8 @@ def predict_table(folder: Path, data_path: str, best: bool = False,
     from engines import load_engine
     from engines.data import (Fixes, check_columns, decode, encode, read_options, read_table,
                               prediction_notes)
+
+    from .spec import tab_separated_name
     folder = Path(folder)
     try:
         described_by = "best.json" if best and (folder / "best.json").is_file() else "model.json"
@@ -54,6 +56,8 @@ def predict_table(folder: Path, data_path: str, best: bool = False,
                   "pass --delimiter {sep}", "pass --encoding {enc}", "pass --decimal ,",
                   "name it .parquet")
     options = {"format": "auto", **read_options(recipe.get("read", {})), **(read or {})}
+    if "delimiter" not in (read or {}) and tab_separated_name(str(data_path)):
+        options["delimiter"] = "\t"  # as a job reads a .tsv file: its name says tabs
     table = read_table(data_path, options, "--data", fixes)
     check_columns(table, names, "--data", data_path, fixes)
     predictions = decode(predictor(encode(table, recipe, f'--data "{data_path}": ')), recipe)

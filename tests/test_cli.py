@@ -268,6 +268,10 @@ def test_predict_reads_other_delimiters_and_names_what_the_data_lacks(trained, t
     assert invoke("predict", "--spool", spool, "done", wide, "--encoding", "utf-16").output == want
     unknown = invoke("predict", "--spool", spool, "done", data, "--encoding", "utf-9")
     assert unknown.exit_code == 2 and "'utf-9' is not a text encoding Python knows" in unknown.output
+    tabs = tmp_path / "new.tsv"  # named so: read with tabs, as a job reads one
+    table.to_csv(tabs, sep="\t", index=False)
+    assert invoke("predict", "--spool", spool, "done", tabs).output == want
+    assert invoke("predict", "--spool", spool, "done", tabs, "--delimiter", ",").exit_code == Exit.ERROR
 
 
 def test_predict_notes_empty_numbers_and_categorical_values_the_model_was_not_trained_on(trained, tmp_path):
