@@ -232,8 +232,6 @@ def check_unique(names: list[str], what: str, path: str) -> None:
         seen.setdefault(name, i)
 
 
-# A CSV is read as text in `data.encoding` (UTF-8 unless told). pyarrow reads a column whose bytes
-# are not UTF-8 as bytes rather than failing: left alone, b'caf\xe9' would become a category.
 _TO_PARQUET = 'convert it with pandas: pandas.{reader}("{path}"{extra}).to_parquet("data.parquet")'
 OTHER_FORMATS = {  # file name suffix -> (what the file is, how to turn it into one epochd reads)
     ".xlsx": ("an Excel workbook", "read_excel", ""), ".xlsm": ("an Excel workbook", "read_excel", ""),
@@ -279,6 +277,8 @@ def check_format(path: str, options: dict, what: str, fixes: Fixes) -> None:
                             f"file here; {fix}.")
 
 
+# A CSV is read as text in `data.encoding` (UTF-8 unless told). pyarrow reads a column whose bytes
+# are not UTF-8 as bytes rather than failing: left alone, b'caf\xe9' would become a category.
 def check_byte_order_mark(path: str, encoding: str, what: str, fixes: Fixes) -> None:
     """A UTF-16 file (Excel's "Unicode text") read as UTF-8 parses as one garbled column."""
     with open_bytes(path) as f:
