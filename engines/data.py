@@ -187,11 +187,12 @@ def read_table(path: str, options: dict, what: str, fixes: Fixes = JOB_FIXES) ->
                              encoding=encoding, decimal=options.get("decimal", "."),
                              na_values=list(options.get("missing_values") or ()) or None)
     except Exception as e:  # pyarrow and pandas raise many types for unreadable files
-        expected = (encoding_hint(path, encoding, fixes) if fmt == "csv" and not_text(e) else
-                    f"Expected: a well-formed {fmt.upper()} file with a header row."
-                    + (parse_hint(path, options, fixes, e) if fmt == "csv" else ""))
+        expected = (parquet_hint(path, options) if fmt == "parquet" else
+                    encoding_hint(path, encoding, fixes) if not_text(e) else
+                    "Expected: a well-formed CSV file with a header row."
+                    + parse_hint(path, options, fixes, e))
         raise DataError(f'could not read {what} "{path}" as {fmt.upper()}: '
-                        f"{type(e).__name__}: {e}. {expected}") from None
+                        f"{type(e).__name__}: {str(e).rstrip('.')}. {expected}") from None
     if fmt == "csv" and any(re.fullmatch(r".+\.\d+", str(c)) for c in df.columns):
         check_unique(csv_header(path, options), what, path)  # pandas renamed a repeat "a" "a.1"
     if fmt == "csv":
@@ -199,6 +200,23 @@ def read_table(path: str, options: dict, what: str, fixes: Fixes = JOB_FIXES) ->
     # the index is the row's place in the file (0-based), which splitting keeps: what error
     # messages name (a Parquet file written from pandas may bring an index of its own)
     return df.reset_index(drop=True)
+
+
+def parquet_hint(path: str, options: dict) -> str:
+    """How an error about a file read as Parquet ends: a CSV taken for one (by `data.format` or
+    by its name) is said to be text."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PAR1"):
+        return "Expected: a complete Parquet file; this one may be cut short or damaged."
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "Expected: a Parquet file (it begins with PAR1); this one does not."
+    fix = ('set "data": {"format": "auto"} (or "csv")' if options.get("format") == "parquet"
+           else "name it .csv")
+    return (f"Expected: a Parquet file (it begins with PAR1); this one begins with text "
+            f"({text.splitlines()[0][:40] if text else ''!r}), as a CSV does: if it is one, {fix}.")
 
 
 def unnamed(names: list[str]) -> list[str]:

@@ -192,11 +192,12 @@ def _columns(path: str, options: dict, what: str) -> list[str]:
             return list(pq.ParquetFile(path).schema_arrow.names)
         names = D.unnamed(D.csv_header(path, options))  # as read_table names them
     except Exception as e:
-        expected = (D.encoding_hint(path, encoding, D.JOB_FIXES) if fmt == "csv" and D.not_text(e)
-                    else "Expected: a well-formed file with a header row."
-                    + (D.parse_hint(path, options, D.JOB_FIXES, e) if fmt == "csv" else ""))
+        expected = (D.parquet_hint(path, options) if fmt == "parquet" else
+                    D.encoding_hint(path, encoding, D.JOB_FIXES) if D.not_text(e) else
+                    "Expected: a well-formed CSV file with a header row."
+                    + D.parse_hint(path, options, D.JOB_FIXES, e))
         raise DataError(f'could not read {what} "{path}" as {fmt.upper()}: '
-                        f"{type(e).__name__}: {e}. {expected}") from None
+                        f"{type(e).__name__}: {str(e).rstrip('.')}. {expected}") from None
     D.check_unique(names, what, path)
     return names
 

@@ -314,6 +314,9 @@ def test_a_file_named_tsv_is_read_with_tabs_unless_the_job_names_a_delimiter(tmp
     ("t.csv", "parquet", r'is a Parquet file, read as CSV by its name.*"format": "parquet"'),
     ("t.csv", "gzip", r"is gzip-compressed, read as CSV by its name.*data.csv.gz"),
     ("t.txt", b"PK\x03\x04 workbook", "is a zip archive"),
+    ("t.parquet", b"a,target\n1,x\n2,y\n", r"Expected: a Parquet file \(it begins with PAR1\); this one "
+                                          r"begins with text \('a,target'\), as a CSV does: if it is one, "
+                                          r"name it \.csv"),
 ])
 @pytest.mark.parametrize("streams", [False, True])
 def test_files_read_wrong_say_what_to_do(tmp_path, name, body, problem, streams):
