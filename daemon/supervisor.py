@@ -731,7 +731,7 @@ class Daemon:
                 log.info("job %s: its log reads clean again (%s); back in service", job_id, state.status)
 
     def forget_removed(self) -> None:
-        """Jobs whose folder (or log) was removed or moved away are no longer the daemon's:
+        """Jobs whose folder was removed or moved away are no longer the daemon's:
         that is how a user clears out finished jobs, or drops a queued one. Their entries go, so
         that they are never started or waited for. A running job's worker is killed (its log
         went with the folder: nothing it does from there on can be seen or resumed), and the job
@@ -741,10 +741,13 @@ class Daemon:
                 log.warning("job %s: its folder was removed while it ran; killing its worker", job_id)
                 child.killed_for = "its folder was removed"
                 child.kill()
+        try:  # one listing, not a stat per job: a spool may hold thousands of finished ones
+            present = set(os.listdir(self.spool.jobs))
+        except FileNotFoundError:
+            present = set()
         busy = self.children.keys() | self.orphans.keys() | self.unsettled.keys()
-        for job_id in [j for j in self.entries if j not in busy]:
-            if not self.spool.events_path(job_id).exists():
-                self.forget(job_id)
+        for job_id in [j for j in self.entries if j not in busy and j not in present]:
+            self.forget(job_id)
 
     def forget(self, job_id: str) -> None:
         self.entries.pop(job_id, None)
