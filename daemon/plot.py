@@ -4,11 +4,21 @@ from pathlib import Path
 
 def plot_history(history: dict[str, list], path: Path, title: str, best: dict | None = None) -> Path:
     """Write a PNG of a `training_history` dict, with a dashed line at the best epoch
-    (`best`: a `best_model_saved` payload) if given. matplotlib is imported here only, and
-    drawn with the Agg backend: a service has no screen."""
+    (`best`: a `best_model_saved` payload) if given."""
+    import matplotlib.pyplot as plt
+    fig = figure(history, title, best)
+    fig.savefig(path, dpi=100, format="png")  # the temp name has no .png
+    plt.close(fig)
+    return path
+
+
+def figure(history: dict[str, list], title: str, best: dict | None = None):
+    """The picture's matplotlib figure. matplotlib is imported here only, and drawn with the Agg
+    backend: a service has no screen."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = history.get("epoch", [])
     quality = "accuracy" if any(v is not None for v in history.get("train_accuracy", [])) else "mae"
@@ -25,12 +35,11 @@ def plot_history(history: dict[str, list], path: Path, title: str, best: dict | 
             ax.axvline(best["epoch"], color="grey", linestyle="--", linewidth=1,
                        label=f"best {best['monitor']} (epoch {best['epoch']})")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no "1.2"
         ax.set_title(label)
         ax.grid(alpha=0.3)
         if ax.lines and label != "learning rate":
             ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")  # the temp name has no .png
-    plt.close(fig)
-    return path
+    return fig

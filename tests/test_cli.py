@@ -359,6 +359,20 @@ def test_the_plot_marks_the_best_epoch(trained, tmp_path):
     assert state.best_saved and marked.read_bytes() != plain
 
 
+def test_the_plot_counts_epochs_in_whole_numbers():
+    import matplotlib.pyplot as plt
+
+    from daemon.plot import figure
+    history = {"epoch": [1, 2], "train_loss": [0.9, 0.8], "val_loss": [1.0, 0.9],
+               "train_accuracy": [0.5, 0.6], "val_accuracy": [0.4, 0.5], "learning_rate": [1e-3, 1e-3]}
+    fig = figure(history, "two epochs")
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        shown = [t for t in ax.get_xticks() if low <= t <= high]
+        assert shown and all(float(t).is_integer() for t in shown), shown
+    plt.close(fig)
+
+
 def test_predict_uses_the_best_model_so_far_while_a_job_runs_and_after_it_is_cancelled(
         tmp_path, spool, daemon_factory):
     """best.json (model and preprocessing) is written with the first best weights: `predict
