@@ -201,6 +201,8 @@ def submit(spool, job_file, name, follow, no_path_check):
     earlier = error_reports(root)  # a rejection of this drop will be a report not among these
     job_id = drop_job(root, data, name or job_file.stem)
     click.echo(f"submitted {job_file} as incoming/{job_id}.json; job id {job_id} (once accepted)")
+    for note in spec.ignored_settings(job):
+        click.echo(f"note: {note}", err=True)
     note_shared_output(root, job)
     warn_if_unserved(root)
     if follow:

@@ -444,7 +444,11 @@ def _conflicts(s: JobSpec):
                 yield (f'{where}.monitor is "{policy.monitor}", but the job has no validation data '
                        "(validation_split 0 and no val_data_path). Expected: a validation_split "
                        'above 0, a val_data_path, or a train_ metric such as "train_loss"')
-    yield from _optimizer_conflicts(s.optimizer)
+    o = s.optimizer
+    if o.nesterov and o.momentum == 0 and o.name == "sgd":
+        yield ("optimizer.nesterov is true but optimizer.momentum is 0: Nesterov's method is a "
+               'kind of momentum. Expected: a momentum above 0, e.g. "momentum": 0.9, or '
+               '"nesterov": false')
     if s.task != "auto":  # a metric the task never reports is known now, not after the data is read
         for where, policy in (("early_stopping", s.early_stopping),
                               ("learning_rate_scheduler", s.learning_rate_scheduler or ap.learning_rate_scheduler)):
@@ -458,24 +462,10 @@ def _conflicts(s: JobSpec):
                         if s.task == "regression" else "val_loss, val_accuracy, train_loss or train_accuracy")
                 yield (f'{where}.monitor is "{monitor}", which a {s.task} job does not report. '
                        f"Expected: one of {fits}")
-    if ap.model_type == "linear":
-        ignored = {"hidden_units": bool(ap.hidden_units), "dropout_rate": ap.dropout_rate > 0,
-                   "activation": "activation" in ap.model_fields_set, "batch_norm": ap.batch_norm}
-        for key, given in ignored.items():
-            if given and key in ap.model_fields_set:
-                yield (f'algorithm_params.{key} is given, but model_type "linear" has no hidden '
-                       f'layers, so it would be ignored. Expected: {key} with "mlp" or "resnet"; '
-                       'remove it, or set model_type "mlp"')
     if ap.model_type == "resnet" and not ap.hidden_units:
         yield ('algorithm_params.hidden_units is [], but model_type "resnet" is built of residual '
                "blocks of those widths. Expected: at least one width, e.g. [128, 128], or "
                'model_type "linear"')
-    if not s.data.streaming:
-        for key in ("chunk_rows", "shuffle_chunks"):
-            if key in s.data.model_fields_set:
-                yield (f"data.{key} sets the order and memory of streaming, but the job reads its "
-                       f'data into memory, where it has no effect. Expected: "streaming": true with '
-                       "it, or remove it")
     features = s.feature_columns or []
     if len(set(features)) != len(features):
         dupes = sorted({c for c in features if features.count(c) > 1})
@@ -503,19 +493,30 @@ def _either(words: tuple[str, ...]) -> str:
     return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
-def _optimizer_conflicts(o: Optimizer):
-    """A parameter the chosen optimiser does not read would be ignored without a word: refused."""
+def ignored_settings(s: JobSpec) -> list[str]:
+    """Settings the job file gives that this job does not use: not errors (switching
+    model_type, optimizer.name or data.streaming while leaving the rest as it was is a natural
+    edit), but worth a word. They go into run_started's notes, and `epochd submit` prints them."""
+    notes, ap, o = [], s.algorithm_params, s.optimizer
     for key, users in OPTIMIZER_PARAMS.items():
         if key in o.model_fields_set and o.name not in users:
-            instead = (' (Adam\'s momentum is its first beta, "betas": [0.9, 0.999])'
-                       if key == "momentum" else "")
-            yield (f'optimizer.{key} is given, but "{o.name}" does not use it{instead}. Expected: '
-                   f"{key} only with {_either(users)}; remove it, or "
-                   "change optimizer.name")
-    if o.nesterov and o.momentum == 0 and o.name == "sgd":
-        yield ("optimizer.nesterov is true but optimizer.momentum is 0: Nesterov's method is a "
-               'kind of momentum. Expected: a momentum above 0, e.g. "momentum": 0.9, or '
-               '"nesterov": false')
+            notes.append(f"optimizer.{key} {json.dumps(getattr(o, key))} is ignored: "
+                         f'"{o.name}" does not use it (only {_either(users)} do'
+                         + (', and Adam\'s momentum is its first beta, "betas"' if key == "momentum"
+                            else "") + ")")
+    if ap.model_type == "linear":
+        used = {"hidden_units": bool(ap.hidden_units), "dropout_rate": ap.dropout_rate > 0,
+                "activation": True, "batch_norm": ap.batch_norm}
+        for key, matters in used.items():
+            if matters and key in ap.model_fields_set:
+                notes.append(f"algorithm_params.{key} {json.dumps(getattr(ap, key))} is ignored: "
+                             'model_type "linear" has no hidden layers')
+    if not s.data.streaming:
+        for key in ("chunk_rows", "shuffle_chunks"):
+            if key in s.data.model_fields_set:
+                notes.append(f"data.{key} {getattr(s.data, key)} is ignored: it sets streaming's "
+                             "order and memory, and this job reads its data into memory")
+    return notes
 
 
 # ------------------------------------------------------------------ parsing and error messages

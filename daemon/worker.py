@@ -29,8 +29,8 @@ from pathlib import Path
 import orjson
 
 from . import control, datafiles, faults, foldcache, policies
-from .errors import (CheckpointInvalid, DataChanged, DataError, DeviceUnavailable, Diverged, EngineUnavailable,
-                     MachinesDisagree, PathNotAllowed, PortInUse, memory_limit_message)
+from .errors import (BadJobFile, CheckpointInvalid, DataChanged, DataError, DeviceUnavailable, Diverged,
+                     EngineUnavailable, MachinesDisagree, PathNotAllowed, PortInUse, memory_limit_message)
 from .eventlog import EventLog, read_foldable, utc_now
 from .events import (BestModelSaved, Cancelled, CheckpointRejected, CheckpointRemoved,
                      CheckpointSaved, Completed, EarlyStopped, EpochCompleted, Event, Failed,
@@ -38,7 +38,7 @@ from .events import (BestModelSaved, Cancelled, CheckpointRejected, CheckpointRe
 from .fsutil import (atomic_write_bytes, atomic_write_with, relative_to_or_absolute,
                      remove_stale_temps, sha256_file)
 from .replay import RUNNABLE, Status, apply, fold, resume_point
-from .spec import gpu_count_asked, path_allowed
+from .spec import gpu_count_asked, ignored_settings, parse_job_bytes, path_allowed, validate
 from .spool import Spool, job_lock
 from .sysinfo import GpuMonitor, assigned_gpus, peak_rss_mb, rss_mb
 
@@ -176,7 +176,7 @@ class Worker:
                 "checkpoint": checkpoint["path"], "epochs_done": self.epoch - 1},
             steps_per_epoch=self.engine.steps_per_epoch, task=self.data.task,
             train_samples=self.data.n_train, val_samples=self.data.n_val, gpus=assigned_gpus(),
-            data=self.data_files, notes=tuple(self.data.notes)))
+            data=self.data_files, notes=tuple(self.setting_notes() + self.data.notes)))
         self.run_started_at, self.prior_seconds = time.monotonic(), self.state.running_seconds
         log.info("job %s: %s run %d on %s from epoch %d step %d (%d threads)", self.job_id,
                  spec["framework"], self.state.attempts, self.engine.devices, self.epoch,
@@ -596,6 +596,14 @@ class Worker:
             if value and roots and not path_allowed(Path(value), roots):
                 raise PathNotAllowed(f'"{key}" {value} now resolves outside the allowed roots '
                                      f"({', '.join(map(str, roots))}). Expected: a path under them.")
+
+    def setting_notes(self) -> list[str]:
+        """What the job file sets that this job does not use (`spec.ignored_settings`), from
+        job.json as dropped: the normalised spec no longer tells a given value from a default."""
+        try:
+            return ignored_settings(validate(parse_job_bytes((self.job_dir / "job.json").read_bytes())))
+        except (OSError, BadJobFile):  # accepted under other rules, or gone: nothing to add
+            return []
 
     def output_dir(self) -> Path:
         folder = Path(self.spec["output_path"] or self.job_dir / "model")

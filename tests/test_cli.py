@@ -583,6 +583,28 @@ def test_submit_follow_through_a_real_daemon(tmp_path, spool, daemon_factory):
     assert failed.exit_code == Exit.JOB_FAILED and "does not exist" in failed.output
 
 
+def test_settings_a_job_does_not_use_are_noted_by_submit_and_in_its_run(tmp_path, spool, daemon_factory):
+    """The seed's body switched to model_type "linear", its hidden_units and dropout_rate left
+    as they were: a valid job, which trains a linear model; submit and run_started say what
+    it set in vain."""
+    data = classification_csv(tmp_path / "train.csv")
+    body = seed_job(data, epochs=1)
+    body["algorithm_params"]["model_type"] = "linear"
+    job = tmp_path / "lin.json"
+    job.write_text(json.dumps(body))
+    daemon_factory(spool)
+    submitted = invoke("submit", "--spool", spool, job)
+    notes = ['algorithm_params.hidden_units [128, 64, 32] is ignored: model_type "linear" has no hidden layers',
+             'algorithm_params.dropout_rate 0.2 is ignored: model_type "linear" has no hidden layers']
+    assert submitted.exit_code == Exit.OK
+    assert [line for line in submitted.stderr.splitlines() if "is ignored" in line] == [f"note: {n}" for n in notes]
+    wait_for_status(spool, "lin", "completed")
+    started = next(r for r in events_of(spool, "lin") if r["type"] == "run_started")
+    assert started["notes"] == notes
+    weights = json.loads((spool / "jobs" / "lin" / "model" / "model.json").read_text())
+    assert weights["model_type"] == "linear"
+
+
 def test_submit_follow_says_once_that_it_still_waits_when_no_daemon_serves(tmp_path, spool, daemon_factory):
     """epochd submit JOB --follow with no daemon: the note at submit, then after a few seconds
     one line that it still waits and why; a daemon started then takes the job and the command
