@@ -75,13 +75,19 @@ def test_history_json_is_the_seeds_training_history(trained):
     assert "EPOCH" in invoke("history", "--spool", spool, "done").output
 
 
+def accepted_job(spool: Spool, job_id: str) -> EventLog:
+    """A job folder in `spool` whose log holds its acceptance; the log is open for more."""
+    spool.ensure()
+    spool.job_dir(job_id).mkdir()
+    log = EventLog(spool.events_path(job_id))
+    log.append(JobAccepted(job_id=job_id, source_file=f"{job_id}.json", spec={"epochs": 3},
+                           spec_sha256="a", file_sha256="b"))
+    return log
+
+
 def test_history_names_its_columns_for_the_task_and_says_when_there_is_none(tmp_path):
     spool = Spool(tmp_path / "spool")
-    spool.ensure()
-    spool.job_dir("reg").mkdir()
-    with EventLog(spool.events_path("reg")) as log:
-        log.append(JobAccepted(job_id="reg", source_file="reg.json", spec={"epochs": 3},
-                               spec_sha256="a", file_sha256="b"))
+    with accepted_job(spool, "reg") as log:
         assert "no epoch has finished yet" in invoke("history", "--spool", spool.root, "reg").output
         log.append(EpochCompleted(
             epoch=1, train_loss=0.25, train_accuracy=None, val_loss=0.5, val_accuracy=None,
@@ -95,11 +101,7 @@ def test_history_names_its_columns_for_the_task_and_says_when_there_is_none(tmp_
 
 def test_history_and_plot_of_a_job_that_failed_before_an_epoch_say_it_will_not_get_one(tmp_path):
     spool = Spool(tmp_path / "spool")
-    spool.ensure()
-    spool.job_dir("bad").mkdir()
-    with EventLog(spool.events_path("bad")) as log:
-        log.append(JobAccepted(job_id="bad", source_file="bad.json", spec={"epochs": 3},
-                               spec_sha256="a", file_sha256="b"))
+    with accepted_job(spool, "bad") as log:
         log.append(Failed(error="DataError", message="no rows", traceback=None, retryable=False))
     said = invoke("history", "--spool", spool.root, "bad").output
     assert 'job bad failed before an epoch finished: "epochd status bad" says why' in said
@@ -111,12 +113,8 @@ def test_history_and_plot_of_a_job_that_failed_before_an_epoch_say_it_will_not_g
 
 def test_the_status_table_keeps_its_columns_with_long_job_ids(tmp_path):
     spool = Spool(tmp_path / "spool")
-    spool.ensure()
     for job_id in ("a", "b" * 40):
-        spool.job_dir(job_id).mkdir()
-        with EventLog(spool.events_path(job_id)) as log:
-            log.append(JobAccepted(job_id=job_id, source_file=f"{job_id}.json", spec={"epochs": 3},
-                                   spec_sha256="a", file_sha256="b"))
+        accepted_job(spool, job_id).close()
     lines = invoke("status", "--spool", spool.root).output.splitlines()[:3]
     assert len({line.index(word) for line, word in zip(lines, ("STATUS", "pending", "pending"))}) == 1
 
