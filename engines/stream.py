@@ -592,7 +592,8 @@ def _build_cache(spec: dict, features: list[str], folder: Path, fingerprint: dic
         else len(recipe["target"]["classes"])
     manifest = {"fingerprint": fingerprint, "task": task, "n_outputs": n_outputs,
                 "input_dim": recipe["input_dim"], "y_dtype": y_dtype, "rows": counts,
-                "recipe": recipe, "notes": D.data_notes(recipe, counts["train"], counts["val"], val_empty, unseen)}
+                "recipe": recipe,
+                "notes": D.data_notes(recipe, counts["train"], counts["val"], val_empty, unseen)}
     atomic_write_bytes(folder / "manifest.json", json.dumps(manifest).encode())
     return manifest
 
