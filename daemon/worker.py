@@ -92,7 +92,10 @@ class Worker:
         self.comm = comm if comm is not None or world == 1 else TorchCollectives()
         self.leader = events is not None  # writes this machine's log and files
         self.job_dir = spool.job_dir(job_id)
-        self.state = fold(events.records if events is not None else records)
+        records = events.records if events is not None else records
+        self.state = fold(records)
+        # job.json's sha256 at acceptance: what the file must still hold to be read again
+        self.accepted_sha256 = records[0].get("file_sha256") if records else None
         self.cached_at = events.offset if events is not None else 0  # log bytes the fold cache covers
         self.spec = self.state.spec
         self.engine = None
@@ -601,7 +604,10 @@ class Worker:
         """What the job file sets that this job does not use (`spec.ignored_settings`), from
         job.json as dropped: the normalised spec no longer tells a given value from a default."""
         try:
-            return ignored_settings(validate(parse_job_bytes((self.job_dir / "job.json").read_bytes())))
+            data = (self.job_dir / "job.json").read_bytes()
+            if hashlib.sha256(data).hexdigest() != self.accepted_sha256:
+                return []  # edited since: not the file the job was accepted from
+            return ignored_settings(validate(parse_job_bytes(data)))
         except (OSError, BadJobFile):  # accepted under other rules, or gone: nothing to add
             return []
 
