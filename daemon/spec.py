@@ -734,6 +734,7 @@ def normalise(spec: JobSpec, *, job_id: str, base_dir: Path, spool_root: Path,
 def tab_separated_name(path: str) -> bool:
     """Whether a file name says tab-separated: .tsv or .tab, compressed or not (t.tsv.gz)."""
     suffixes = [x.lower() for x in Path(path).suffixes]
+    # engines.data.COMPRESSED and .zip: named here, since the daemon never imports pandas
     if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zip"):
         suffixes = suffixes[:-1]
     return bool(suffixes) and suffixes[-1] in (".tsv", ".tab")
