@@ -619,7 +619,13 @@ class Worker:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            raise PathNotAllowed(f'cannot write to output_path "{folder}": {e.strerror}. Expected: a '
+            what = e.strerror
+            for above in (folder, *folder.parents):
+                if above.exists() or above.is_symlink():
+                    if not above.is_dir():
+                        what = f"{above} is a file, not a folder"
+                    break
+            raise PathNotAllowed(f'cannot write to output_path "{folder}": {what}. Expected: a '
                                  "folder the epochd service user can create and write; change "
                                  "output_path or the folder's permissions.") from None
         return folder

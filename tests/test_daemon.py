@@ -138,13 +138,16 @@ def test_data_errors_fail_the_job_at_once_without_retry(tmp_path, spool, daemon_
     first = daemon_factory(spool)
     drop_job(spool, "nofile.json", seed_job(tmp_path / "missing.csv"))
     drop_job(spool, "nocol.json", seed_job(data, feature_columns=["feature1", "feature9"]))
-    for job_id, needle in (("nofile", "does not exist"), ("nocol", 'no column "feature9"')):
+    drop_job(spool, "outfile.json", seed_job(data, output_path=str(data / "model")))  # a file in the way
+    for job_id, error, needle in (("nofile", "DataError", "does not exist"),
+                                  ("nocol", "DataError", 'no column "feature9"'),
+                                  ("outfile", "PathNotAllowed", f"{data} is a file, not a folder")):
         state = wait_for_status(spool, job_id, "failed")
-        assert state.last_error["error"] == "DataError" and needle in state.last_error["message"]
+        assert state.last_error["error"] == error and needle in state.last_error["message"]
         assert state.last_error["retryable"] is False and state.last_error["traceback"] is None
     drop_job(spool, "after.json", seed_job(data, epochs=1))  # a retry would come before this ends
     wait_for_status(spool, "after", "completed")
-    for job_id in ("nofile", "nocol"):
+    for job_id in ("nofile", "nocol", "outfile"):
         assert [r["type"] for r in events_of(spool, job_id)] == ["job_accepted", "failed"]
     # the daemon's own log (the journal, under systemd) says how each job ended
     wait_until(lambda: "job after: completed after 1 epochs (max_epochs); best val_loss" in first.log(),
@@ -154,7 +157,7 @@ def test_data_errors_fail_the_job_at_once_without_retry(tmp_path, spool, daemon_
     assert "WARNING epochd.daemon: job nofile: failed: DataError: train_data_path" in told
     first.stop()
     again = daemon_factory(spool)  # finished jobs are known, not runnable
-    wait_until(lambda: "3 jobs known, 0 runnable" in again.log(), 30, what="the startup line")
+    wait_until(lambda: "4 jobs known, 0 runnable" in again.log(), 30, what="the startup line")
 
 
 def test_a_framework_that_is_not_installed_fails_the_job_with_the_install_command(tmp_path, spool, daemon_factory):
