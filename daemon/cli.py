@@ -552,7 +552,8 @@ def history(spool, job_id, as_json):
 def tail(spool, job_id, follow, raw, verbose, last):
     """Print a job's events; with -f, follow them with a live progress line.
 
-    With --follow it exits 0 when the job completes, 4 when it fails or is cancelled.
+    With --follow it exits 0 when the job completes, 4 when it fails or is cancelled, 3 when
+    its folder is removed.
 
     \b
     Examples:
@@ -606,6 +607,10 @@ def follow_job(spool: Spool, job_id: str, follow: bool = True, raw: bool = False
             return Exit.OK if state.status == Status.COMPLETED else Exit.JOB_FAILED
         if not follow:
             return Exit.OK
+        if not records and state.status is not None and not path.exists():
+            click.echo(("\n" if live else "") + f"job {job_id}: its log was removed (with its folder, "
+                       f"{spool.job_dir(job_id)}); nothing more to follow.", err=True)
+            return Exit.NOT_FOUND
         time.sleep(POLL_SECONDS)  # polling a file: the CLI has no socket to the daemon
 
 

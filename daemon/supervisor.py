@@ -581,7 +581,7 @@ class Daemon:
                     log.error("job %s: cannot record the end of its worker: %s; retrying every tick",
                               job_id, e)
                 continue
-            del self.unsettled[job_id]
+            self.unsettled.pop(job_id, None)  # gone already when settling forgot the job
             self.unwritable.discard(job_id)
             freed = True
         return freed
@@ -621,6 +621,9 @@ class Daemon:
     def settle(self, job_id: str, code: int | None, killed_for: str | None = None) -> None:
         """A worker is gone. If it left no final word, say on its behalf what happened."""
         daemon_log(self.spool, "worker_exited", job_id=job_id, code=code)
+        if not self.spool.events_path(job_id).exists():  # removed (the folder, or what was left)
+            self.forget(job_id)
+            return
         if code == EXIT_LOCKED:  # another worker holds the job: watch that one instead
             self.orphans[job_id] = None
             return

@@ -381,10 +381,20 @@ def test_removing_a_jobs_folder_forgets_the_job_and_never_stalls_the_queue(tmp_p
     wait_for_event(spool, "queued", "job_accepted")
     drop_job(spool, "after.json", seed_job(data, epochs=1))
     wait_for_event(spool, "after", "job_accepted")
+    follower = subprocess.Popen([sys.executable, "-m", "daemon.cli", "tail", "-f", "--spool", str(spool), "busy"],
+                                stdout=(tmp_path / "tail.out").open("w"), stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: "accepted busy.json as busy" in (tmp_path / "tail.out").read_text(), timeout=30,
+               what="tail -f to follow the log")
     shutil.rmtree(spool / "jobs" / "queued")
     shutil.rmtree(spool / "jobs" / "busy")
     wait_for_status(spool, "after", "completed", timeout=60)
     wait_until(lambda: not alive(pid), timeout=10, what="the removed job's worker to end")
+    # `tail -f` of a removed job ends, saying so, instead of following nothing for ever
+    try:
+        assert follower.wait(timeout=30) == 3
+    finally:
+        follower.kill()
+    assert "job busy: its log was removed" in follower.stderr.read()
 
     def forgotten():
         entries = map(json.loads, (spool / "daemon.jsonl").read_text().splitlines())
@@ -392,6 +402,17 @@ def test_removing_a_jobs_folder_forgets_the_job_and_never_stalls_the_queue(tmp_p
     assert wait_until(lambda: forgotten() == {"busy", "queued"}, timeout=10, what="both forgotten")
     assert not (spool / "jobs" / "busy").exists() and not (spool / "jobs" / "queued").exists()
     assert "job busy: its folder was removed while it ran; killing its worker" in daemon.log()
+    # a removal that left part of the folder behind (rm raced a checkpoint being written): the
+    # job is forgotten as well, and the daemon never writes into what is left
+    drop_job(spool, "partly.json", seed_job(data, tmp_path / "out2", epochs=100_000))
+    pid = last(wait_for_event(spool, "partly", "run_started"), "run_started")["pid"]
+    for name in ("events.jsonl", "job.json", "worker.log"):
+        (spool / "jobs" / "partly" / name).unlink()
+    os.kill(pid, signal.SIGKILL)  # as when the worker then fails on its vanished log
+    assert wait_until(lambda: "partly" in forgotten(), timeout=20, what="the partly removed job forgotten")
+    assert sorted(p.name for p in (spool / "jobs" / "partly").iterdir()) == ["checkpoints", "lock"]
+    assert not (spool / "jobs" / "partly" / "events.jsonl").exists()
+    assert "None" not in daemon.log() and "partly: interrupted" not in daemon.log()
     assert daemon.proc.poll() is None and "cannot write" not in daemon.log()
 
 
