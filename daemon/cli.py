@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from enum import IntEnum
 from pathlib import Path
 
@@ -755,8 +756,8 @@ def plot(spool, job_id, output):
 @cli.command()
 @spool_option
 @click.argument("model")
-@click.argument("data", required=False, type=click.Path(exists=True, dir_okay=False))
-@click.option("--data", "data_option", type=click.Path(exists=True, dir_okay=False),
+@click.argument("data", required=False, type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.option("--data", "data_option", type=click.Path(exists=True, dir_okay=False, allow_dash=True),
               help="CSV or Parquet file with the feature columns (or give it after MODEL).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="CSV to write. Default: standard output.")
@@ -771,13 +772,14 @@ def plot(spool, job_id, output):
 @click.option("--decimal", type=click.Choice([".", ","]), help="The numbers' decimal mark.")
 def predict(spool, model, data, data_option, output, best, delimiter, encoding, decimal):
     """Apply a trained model to a table. MODEL is a job id or a folder with model.json; DATA
-    a CSV or Parquet file with the feature columns.
+    a CSV or Parquet file with the feature columns, or "-" for standard input (a pipe works too).
 
     The model is rebuilt from model.json, preprocess.json and the weights file alone.
 
     \b
-    Example:
+    Examples:
       epochd predict wine examples/data/wine.csv -o predictions.csv
+      epochd predict wine - < new.csv > predictions.csv
     """
     from .predict import predict_table
     if data and data_option:
@@ -787,12 +789,14 @@ def predict(spool, model, data, data_option, output, best, delimiter, encoding, 
         raise click.UsageError("no data to predict on. Expected: a CSV or Parquet file with the "
                                f"feature columns, e.g. epochd predict {model} new.csv")
     folder = Path(model) if Path(model).is_dir() else model_folder(Spool(spool), model, best)
-    try:
-        given = {"delimiter": delimiter, "encoding": encoding, "decimal": decimal}
-        table, notes = predict_table(folder, data_path, best=best,
-                                     read={k: v for k, v in given.items() if v is not None})
-    except EpochdError as e:
-        raise CliError(str(e)) from None
+    given = {"delimiter": delimiter, "encoding": encoding, "decimal": decimal}
+    with streamed_to_file(data_path) as (path, shown):
+        try:
+            table, notes = predict_table(folder, path, best=best,
+                                         read={k: v for k, v in given.items() if v is not None})
+        except EpochdError as e:
+            raise CliError(str(e).replace(path, shown)) from None
+        notes = [note.replace(path, shown) for note in notes]
     for note in notes:  # on stderr, so that the predictions on stdout stay a clean CSV
         click.echo(f"note: {note}", err=True)
     if output is None:
@@ -800,6 +804,35 @@ def predict(spool, model, data, data_option, output, best, delimiter, encoding, 
     else:
         table.to_csv(output, index=False)
         click.echo(f"wrote {len(table)} predictions to {output}")
+
+
+@contextmanager
+def streamed_to_file(data_path: str):
+    """(a file to read, the name to show for it): standard input ("-") or a pipe, as from
+    `<(zcat new.csv.gz)`, is copied into a temporary file first, since the table is read more
+    than once (its first bytes, to tell its format, then the whole). The copy keeps the name's
+    suffix, which says how it is read (.parquet, .tsv, .gz)."""
+    if data_path != "-" and Path(data_path).is_file():
+        yield data_path, data_path
+        return
+    import shutil
+    import tempfile
+    suffixes = "" if data_path == "-" else "".join(Path(data_path).suffixes)
+    with tempfile.TemporaryDirectory(prefix="epochd-predict-") as tmp:
+        copy = Path(tmp) / "data"
+        with click.open_file(data_path, "rb") as source, open(copy, "wb") as sink:
+            shutil.copyfileobj(source, sink, 1 << 20)
+        if not suffixes:  # nothing names the format: its first bytes do
+            with open(copy, "rb") as f:
+                head = f.read(6)
+            suffixes = next((s for magic, s in STREAM_MAGIC if head.startswith(magic)), ".csv")
+        yield str(copy.rename(copy.with_name(f"data{suffixes}"))), \
+            "standard input" if data_path == "-" else data_path
+
+
+# a piped table with no name to tell its format: the bytes it begins with say
+STREAM_MAGIC = ((b"PAR1", ".parquet"), (b"\x1f\x8b", ".csv.gz"), (b"BZh", ".csv.bz2"),
+                (b"\xfd7zXZ", ".csv.xz"), (b"PK\x03\x04", ".zip"))
 
 
 def one_char(value: str | None) -> str | None:

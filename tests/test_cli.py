@@ -235,6 +235,35 @@ def test_plot_and_predict(trained, tmp_path):
     assert none.exit_code == 2 and "no data to predict on" in none.output
 
 
+def test_predict_reads_standard_input_and_pipes_telling_the_format_by_the_first_bytes(trained, tmp_path):
+    """`zcat new.csv.gz | epochd predict JOB -` and `epochd predict JOB <(...)`: the table has no
+    file name, so its first bytes say whether it is CSV, gzip or Parquet."""
+    import gzip
+    import threading
+
+    import pandas as pd
+    spool, data = trained
+    want = invoke("predict", "--spool", spool, "done", data).output
+    with open(data, "rb") as f:
+        raw = f.read()
+    pq = tmp_path / "new.parquet"
+    pd.read_csv(data).to_parquet(pq)
+    for given in (raw, gzip.compress(raw), pq.read_bytes()):
+        piped = CliRunner().invoke(cli, ["predict", "--spool", str(spool), "done", "-"], input=given)
+        assert piped.exit_code == 0 and piped.output == want
+    fifo = tmp_path / "pipe"  # what a shell's <(zcat new.csv.gz) hands over
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(gzip.compress(raw)))
+    writer.start()
+    assert invoke("predict", "--spool", spool, "done", fifo).output == want
+    writer.join(timeout=10)
+    lacking = CliRunner().invoke(cli, ["predict", "--spool", str(spool), "done", "-"],
+                                 input=b"feature1,feature2\n1,2\n")
+    assert lacking.exit_code == Exit.ERROR
+    assert 'Error: --data "standard input" has no column "feature3"' in lacking.output
+    assert "epochd-predict-" not in lacking.output  # the copy it read is not the user's concern
+
+
 def test_predict_reads_other_delimiters_and_names_what_the_data_lacks(trained, tmp_path):
     """epochd predict JOB new.csv where new.csv lacks a column, or is a semicolon/tab file:
     the error names the model's columns, or the --delimiter to pass; with it, the
