@@ -163,8 +163,9 @@ def serve(spool, max_jobs, gpus, allow_roots, base_dir, max_retries, stop_timeou
 
 @cli.command()
 @spool_option
-@click.argument("job_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--name", help="Job id to ask for. Default: the file's name without .json.")
+@click.argument("job_file", type=click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=Path))
+@click.option("--name", help="Job id to ask for. Default: the file's name without .json (for "
+                             "standard input or a pipe, the job's name).")
 @click.option("--follow", "-f", is_flag=True, help="Then follow the job, as `epochd tail -f`.")
 @click.option("--no-path-check", is_flag=True,
               help="Submit even if a data file is not where the daemon will look for it now, "
@@ -180,11 +181,18 @@ def submit(spool, job_file, name, follow, no_path_check):
     daemon would reject, whose data files are not there, or whose headers show that the job
     would fail on them (a missing column, the wrong delimiter or encoding).
 
+    JOB_FILE "-" reads the job from standard input; its id then comes from its "name".
+
     \b
-    Example:
+    Examples:
       epochd submit examples/wine.json --follow
+      epochd submit - < job.json
     """
-    data = job_file.read_bytes()
+    piped = str(job_file) == "-" or not job_file.is_file()
+    with click.open_file(str(job_file), "rb") as f:
+        data = f.read()
+    if str(job_file) == "-":
+        job_file = "standard input"
     from . import spec
     try:
         job = spec.validate(spec.parse_job_bytes(data))
@@ -200,7 +208,7 @@ def submit(spool, job_file, name, follow, no_path_check):
         raise CliError(f"{job_file} would not run on this spool; nothing was submitted:\n  - "
                        + "\n  - ".join(problems), Exit.USAGE)
     earlier = error_reports(root)  # a rejection of this drop will be a report not among these
-    job_id = drop_job(root, data, name or job_file.stem)
+    job_id = drop_job(root, data, name or (sanitise(job.name or "job") if piped else job_file.stem))
     click.echo(f"submitted {job_file} as incoming/{job_id}.json; job id {job_id} (once accepted)")
     for note in spec.ignored_settings(job):
         click.echo(f"note: {note}", err=True)

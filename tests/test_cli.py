@@ -596,6 +596,23 @@ def test_submit_never_overwrites_a_drop_or_reuses_a_job_id(tmp_path, spool):
     assert sorted(p.name for p in (spool / "incoming").iterdir()) == ["exp-2.json", "exp-3.json"]
 
 
+def test_submit_reads_a_job_from_standard_input_naming_it_after_the_job(tmp_path, spool):
+    """`jq ... | epochd submit -`: no file name to take the id from, so the job's name gives it."""
+    data = classification_csv(tmp_path / "x.csv")
+    body = json.dumps(seed_job(data, name="wine sweep #3")).encode()
+    piped = CliRunner().invoke(cli, ["submit", "--spool", str(spool), "-"], input=body)
+    assert piped.exit_code == 0 and "submitted standard input as incoming/wine-sweep-3.json" in piped.output
+    assert (spool / "incoming" / "wine-sweep-3.json").read_bytes() == body  # byte for byte
+    nameless = json.dumps({k: v for k, v in seed_job(data).items() if k != "name"}).encode()
+    assert "job id job " in CliRunner().invoke(cli, ["submit", "--spool", str(spool), "-"], input=nameless).output
+    named = CliRunner().invoke(cli, ["submit", "--spool", str(spool), "-", "--name", "mine"], input=body)
+    assert "job id mine " in named.output
+    bad = CliRunner().invoke(cli, ["submit", "--spool", str(spool), "-"], input=b'{"epoch": 3}')
+    assert bad.exit_code == Exit.USAGE
+    assert "standard input is not a valid job file; nothing was submitted" in bad.output
+    assert sorted(p.name for p in (spool / "incoming").iterdir()) == ["job.json", "mine.json", "wine-sweep-3.json"]
+
+
 def test_submit_follow_through_a_real_daemon(tmp_path, spool, daemon_factory):
     data = classification_csv(tmp_path / "train.csv")
     job = tmp_path / "follow.json"
