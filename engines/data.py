@@ -613,7 +613,9 @@ def _numeric(col: pd.Series, where: str = "", kind: str = FEATURE) -> np.ndarray
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         value = str(col.iloc[first])
-        if re.fullmatch(COMMA_NUMBER, value):
+        if value.strip() == str(col.name).strip():
+            fix = REPEATED_HEADER
+        elif re.fullmatch(COMMA_NUMBER, value):
             fix = ('it looks like a number with a decimal comma: read the file with the decimal mark '
                    '"," ("data": {"decimal": ","} in a job file, --decimal , for epochd predict), or '
                    "fix the value.")
@@ -629,6 +631,11 @@ def _numeric(col: pd.Series, where: str = "", kind: str = FEATURE) -> np.ndarray
                         f"{'holds' if bad.sum() == 1 else 'hold text, the first'} "
                         f"{col.iloc[first]!r} ({ROWS_NOTE}). Expected: numbers; {fix}")
     return converted.to_numpy(dtype=float, na_value=np.nan)
+
+
+REPEATED_HEADER = ("it is the column's own name: the header line comes again there, as when "
+                   "CSV files are joined with their headers (cat a.csv b.csv); remove the repeated "
+                   "header lines.")
 
 
 def _finite(col: pd.Series, values: np.ndarray, where: str = "", kind: str = FEATURE) -> np.ndarray:

@@ -354,9 +354,10 @@ class TextStats:
             return
         if self.rows and self.numeric / self.rows >= 0.9 and self.first_text is not None:
             row, value = self.first_text  # mostly numbers: stray text is a data error
+            fix = (D.REPEATED_HEADER if str(value).strip() == self.name.strip() else
+                   "fix the value, or list the column in categorical_columns to one-hot encode it.")
             raise DataError(f'feature column "{self.name}" is not numeric: row {row} holds '
-                            f"{value!r} ({D.ROWS_NOTE}). Expected: numbers; fix the value, or "
-                            "list the column in categorical_columns to one-hot encode it.")
+                            f"{value!r} ({D.ROWS_NOTE}). Expected: numbers; {fix}")
         if len(self.counts) > self.max_categories:
             examples = ", ".join(repr(v) for v, _ in self.counts.most_common(3))
             raise DataError(D.too_many_values(self.name, self.holds or "text",

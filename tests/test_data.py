@@ -390,6 +390,22 @@ def test_a_file_without_a_header_row_is_named_as_such(tmp_path, streaming):
 
 
 @pytest.mark.parametrize("streaming", [False, True])
+def test_a_header_repeated_inside_the_file_is_named_as_such(tmp_path, streaming):
+    """`cat part1.csv part2.csv > train.csv` repeats the header line mid-file: the error says
+    that the text it found is the column's own name, not only that the column is not numeric."""
+    data = {"streaming": True, "chunk_rows": 16} if streaming else {}
+    folder = (tmp_path / "s") if streaming else None
+    part = "x,y,target\n" + "".join(f"{i * 0.5},{i % 7},{i % 2}\n" for i in range(30))
+    (tmp_path / "train.csv").write_text(part + part)
+    with pytest.raises(DataError) as err:
+        prepare(job(tmp_path, data=data), folder)
+    assert ('feature column "x" is not numeric: row 31 holds \'x\' (rows count from 1 below the header). '
+            "Expected: numbers; it is the column's own name: the header line comes again there, as "
+            "when CSV files are joined with their headers (cat a.csv b.csv); remove the repeated "
+            "header lines.") in str(err.value)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
 def test_a_mark_for_missing_values_among_numbers_is_named_and_data_missing_values_reads_it(tmp_path, streaming):
     """UCI's adult data writes "?" for a missing value: a column of numbers and "?" would be
     text, one-hot encoded. The job fails naming the rows and data.missing_values; with it,
