@@ -141,7 +141,7 @@ class AlgorithmParams(Strict):
     model_type: Literal["mlp", "linear", "resnet"] = Field(
         "mlp", description='"mlp", "linear" (no hidden layers) or "resnet" (mlp with skips)')
     hidden_units: list[Annotated[int, Field(ge=1, le=1 << 16)]] = Field(
-        [128, 64, 32], max_length=64, description="a list of layer widths, e.g. [128, 64, 32]")
+        [128, 64, 32], max_length=64, description="a list of up to 64 layer widths, each in [1, 65536], e.g. [128, 64, 32]")
     dropout_rate: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False,
                                 description="a fraction in [0, 1), e.g. 0.2")
     activation: Literal["relu", "gelu", "tanh", "sigmoid", "leaky_relu", "elu", "silu", "selu"] = Field(
@@ -182,7 +182,7 @@ class CheckpointPolicy(Strict):
     every_epochs: int = Field(1, ge=0, description="a whole number >= 0 (0: only on pause and shutdown)")
     every_seconds: float | None = Field(None, gt=0, allow_inf_nan=False,
                                         description="seconds > 0, or null")
-    keep_last: int = Field(3, ge=1, le=10_000, description="a whole number >= 1")
+    keep_last: int = Field(3, ge=1, le=10_000, description="a whole number in [1, 10000]")
     keep_best: bool = Field(True, description="true or false")
 
 
@@ -193,7 +193,7 @@ class Distributed(Strict):
     processes: int = Field(2, ge=1, le=64, description="a whole number in [1, 64] of ranks on this machine")
     replicas: int = Field(2, ge=1, le=64,
                           description="a whole number in [1, 64] of MirroredStrategy replicas (devices)")
-    nnodes: int = Field(1, ge=1, le=1024, description="a whole number >= 1 of machines")
+    nnodes: int = Field(1, ge=1, le=1024, description="a whole number in [1, 1024] of machines")
     node_rank: int = Field(0, ge=0, le=1023, description="this machine's place, 0 .. nnodes-1")
     rdzv_endpoint: str | None = Field(
         None, min_length=3, max_length=300, pattern=r"^[^\s:]+:[0-9]{1,5}$",
@@ -212,7 +212,7 @@ class Distributed(Strict):
 
 class Limits(Strict):
     memory_mb: int | None = Field(None, ge=64, le=16 * 1024 * 1024,
-                                  description="megabytes >= 64 of worker memory (RSS), or null")
+                                  description="megabytes in [64, 16777216] of worker memory (RSS), or null")
     wall_seconds: float | None = Field(None, ge=1, allow_inf_nan=False,
                                        description="seconds >= 1 of training, all runs together, or null")
 
@@ -242,11 +242,11 @@ class DataOptions(Strict):
     streaming: bool = Field(False, description="true or false: train from disk in chunks, for "
                                               "data larger than memory")
     chunk_rows: int = Field(65_536, ge=1, le=1 << 24,
-                            description="a whole number >= 1: streaming rows per chunk")
+                            description="a whole number in [1, 16777216]: streaming rows per chunk")
     shuffle_chunks: int = Field(4, ge=1, le=4096,
-                                description="a whole number >= 1: streaming chunks shuffled together")
+                                description="a whole number in [1, 4096]: streaming chunks shuffled together")
     max_categories: int = Field(50, ge=2, le=10_000,
-                                description="a whole number >= 2: distinct values a text column may have")
+                                description="a whole number in [2, 10000]: distinct values a text column may have")
 
     _check_encoding = field_validator("encoding")(lambda v: text_encoding(v))
 
@@ -258,8 +258,8 @@ class JobSpec(Strict):
         "pytorch", description='"pytorch" (alias "torch") or "tensorflow" (alias "tf")')
     task: Literal["auto", "classification", "regression"] = Field(
         "auto", description='"auto", "classification" or "regression"')
-    epochs: int = Field(10, ge=1, le=1_000_000, description="a whole number >= 1, e.g. 10")
-    batch_size: int = Field(32, ge=1, le=1 << 24, description="a whole number >= 1, e.g. 32")
+    epochs: int = Field(10, ge=1, le=1_000_000, description="a whole number in [1, 1000000], e.g. 10")
+    batch_size: int = Field(32, ge=1, le=1 << 24, description="a whole number in [1, 16777216], e.g. 32")
     learning_rate: float = Field(1e-3, gt=0, le=10, allow_inf_nan=False,
                                  description="a number in (0, 10], e.g. 0.001")
     train_data_path: str = Field(min_length=1, max_length=4096,
@@ -300,7 +300,7 @@ class JobSpec(Strict):
     limits: Limits = Field(Limits(), description='an object: {"memory_mb": ..., "wall_seconds": ...}')
     priority: int = Field(0, ge=-1000, le=1000, description="a whole number in [-1000, 1000]; higher runs first")
     threads: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = Field(
-        "auto", description='"auto" or a whole number >= 1 of CPU threads')
+        "auto", description='"auto" or a whole number in [1, 1024] of CPU threads')
 
     _check_schedule = field_validator("learning_rate_scheduler", mode="before")(_schedule)
 
