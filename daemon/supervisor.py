@@ -177,6 +177,7 @@ class Daemon:
         self.arrived: set[str] = set()              # names inotify saw renamed in or closed
         self.nudged = False                         # inotify saw something: scan now
         self.signals = 0
+        self.stop_signal: str | None = None  # the first that came
         self.waker = Waker()
         self.stopping_since: float | None = None
         self.child_signalled = False  # SIGCHLD since the last reap of adopted orphans
@@ -247,12 +248,17 @@ class Daemon:
 
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self.waker.w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP too: `epochd serve` in a terminal that closes (an ssh session that drops) would
+        # otherwise die at once, unrecorded, its workers left running unsupervised. It stops as
+        # on SIGTERM, its jobs checkpointed and continued on the next start. There is nothing
+        # to reload: all settings are serve's options, and the spool is rescanned every tick.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.on_stop_signal)
         signal.signal(signal.SIGCHLD, self.on_child_signal)  # wakes the loop too
 
     def on_stop_signal(self, signum, frame) -> None:
         self.signals += 1
+        self.stop_signal = self.stop_signal or signal.Signals(signum).name
 
     def on_child_signal(self, signum, frame) -> None:
         self.child_signalled = True
@@ -331,7 +337,9 @@ class Daemon:
         if self.stopping_since is None:
             self.stopping_since = now
             self.notifier.stopping(f"stopping: checkpointing {len(self.children)} jobs")
-            daemon_log(self.spool, "stopping", running=sorted(self.children))
+            daemon_log(self.spool, "stopping", running=sorted(self.children), signal=self.stop_signal)
+            log.info("%s: stopping; checkpointing %d running jobs (a second signal kills them at once)",
+                     self.stop_signal or "asked to stop", len(self.children))
         for child in self.children.values():
             if not child.term_sent:
                 child.popen.send_signal(signal.SIGTERM)

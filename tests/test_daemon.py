@@ -9,6 +9,8 @@ import sys
 import time
 from datetime import datetime
 
+import pytest
+
 from daemon.replay import fold
 from daemon.spool import Spool
 from tests.conftest import (REPO, alive, classification_csv, drop_job, events_of, last, regression_csv,
@@ -217,12 +219,18 @@ def test_a_worker_that_keeps_dying_ends_failed_after_the_retry_limit(tmp_path, s
     assert state.last_error["error"] == "WorkerCrashed" and "worker.log" in state.last_error["message"]
 
 
-def test_shutdown_interrupts_running_jobs_and_the_next_start_continues_them(tmp_path, spool, daemon_factory):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_shutdown_interrupts_running_jobs_and_the_next_start_continues_them(tmp_path, spool, daemon_factory, sig):
+    """SIGTERM is systemd's stop; SIGHUP comes when the terminal that runs `epochd serve` closes,
+    and used to kill the daemon at once, unrecorded, its workers left unsupervised."""
     data = classification_csv(tmp_path / "train.csv", rows=12000)  # epochs of 4,800 steps, seconds
     d = daemon_factory(spool)
     drop_job(spool, "s.json", seed_job(data, epochs=4, batch_size=2, algorithm_params={"hidden_units": [16]}))
     wait_for_event(spool, "s", "progress")
-    assert d.stop() == 0
+    assert d.stop(sig=sig) == 0
+    entries = [json.loads(line) for line in (spool / "daemon.jsonl").read_text().splitlines()]
+    assert [e["signal"] for e in entries if e["event"] == "stopping"] == [signal.Signals(sig).name]
+    assert f"{signal.Signals(sig).name}: stopping; checkpointing 1 running jobs" in d.log()
     state = fold(events_of(spool, "s"))
     assert state.status == "interrupted"
     last = events_of(spool, "s")[-1]
