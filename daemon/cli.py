@@ -743,21 +743,35 @@ control_command("cancel", "Cancel a running, queued or paused job.\n\n\b\nExampl
 @spool_option
 @click.argument("job_id")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="PNG to write. Default: ./<job-id>-learning-curves.png")
+              help="Picture to write: PNG, or SVG or PDF when its name ends so. "
+                   "Default: ./<job-id>-learning-curves.png")
 def plot(spool, job_id, output):
-    """Draw a job's learning curves (loss, accuracy or mae, learning rate) to a PNG.
+    """Draw a job's learning curves (loss, accuracy or mae, learning rate) to a PNG (or SVG, PDF).
 
     \b
-    Example:
+    Examples:
       epochd plot wine -o wine.png
+      epochd plot wine -o wine.svg
     """
-    from .plot import plot_history
+    from .plot import FORMATS, plot_history
+    output = output or Path(f"{job_id}-learning-curves.png")
+    fmt = FORMATS.get(output.suffix.lower(), "png" if not output.suffix else None)
+    if fmt is None:
+        raise CliError(f'cannot draw "{output}": its name ends {output.suffix}. Expected: a name '
+                       f"ending {', '.join(FORMATS)} (the picture's format follows it).", Exit.USAGE)
+    if not output.absolute().parent.is_dir():
+        raise CliError(f'cannot write "{output}": the folder {output.absolute().parent} does not '
+                       "exist. Expected: a file in an existing folder; create the folder first.",
+                       Exit.USAGE)
     state = load_state(Spool(spool), job_id)
     if not state.history:
         raise CliError(f"{no_epoch(state, job_id)}; nothing to plot.", Exit.REFUSED)
-    output = output or Path(f"{job_id}-learning-curves.png")
-    plot_history(state.training_history(), output, (state.spec or {}).get("name", job_id),
-                 state.best_saved)
+    try:
+        plot_history(state.training_history(), output, (state.spec or {}).get("name", job_id),
+                     state.best_saved, fmt)
+    except OSError as e:
+        raise CliError(f'cannot write "{output}": {e.strerror}. Expected: a file this user may '
+                       "write; choose another with -o.") from None
     click.echo(f"wrote {output}")
 
 

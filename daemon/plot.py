@@ -2,12 +2,16 @@
 from pathlib import Path
 
 
-def plot_history(history: dict[str, list], path: Path, title: str, best: dict | None = None) -> Path:
-    """Write a PNG of a `training_history` dict, with a dashed line at the best epoch
-    (`best`: a `best_model_saved` payload) if given."""
+FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}  # a file name's ending -> what is drawn
+
+
+def plot_history(history: dict[str, list], path: Path, title: str, best: dict | None = None,
+                 fmt: str = "png") -> Path:
+    """Write a picture (`fmt`: one of FORMATS' values) of a `training_history` dict, with a dashed
+    line at the best epoch (`best`: a `best_model_saved` payload) if given."""
     import matplotlib.pyplot as plt
     fig = figure(history, title, best)
-    fig.savefig(path, dpi=100, format="png")  # the temp name has no .png
+    fig.savefig(path, dpi=100, format=fmt)  # by `fmt`, not by the name: a temp name has no suffix
     plt.close(fig)
     return path
 

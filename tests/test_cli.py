@@ -235,6 +235,20 @@ def test_plot_and_predict(trained, tmp_path):
     assert none.exit_code == 2 and "no data to predict on" in none.output
 
 
+def test_plot_draws_the_format_its_name_asks_for_and_refuses_what_it_cannot_write(trained, tmp_path):
+    """`-o curves.svg` used to hold PNG bytes, and a missing folder ended in a traceback."""
+    spool, _ = trained
+    for name, magic in (("c.svg", b"<?xml"), ("c.PDF", b"%PDF-"), ("c.png", b"\x89PNG"), ("curves", b"\x89PNG")):
+        assert invoke("plot", "--spool", spool, "done", "-o", tmp_path / name).exit_code == 0
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+    odd = invoke("plot", "--spool", spool, "done", "-o", tmp_path / "c.txt")
+    assert odd.exit_code == Exit.USAGE and "its name ends .txt. Expected: a name ending .png, .svg, .pdf" in odd.output
+    nowhere = invoke("plot", "--spool", spool, "done", "-o", tmp_path / "no" / "c.png")
+    assert nowhere.exit_code == Exit.USAGE
+    assert f"the folder {tmp_path / 'no'} does not exist. Expected: a file in an existing folder" in nowhere.output
+    assert not (tmp_path / "c.txt").exists() and not (tmp_path / "no").exists()
+
+
 def test_predict_reads_standard_input_and_pipes_telling_the_format_by_the_first_bytes(trained, tmp_path):
     """`zcat new.csv.gz | epochd predict JOB -` and `epochd predict JOB <(...)`: the table has no
     file name, so its first bytes say whether it is CSV, gzip or Parquet."""
