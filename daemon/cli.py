@@ -759,10 +759,7 @@ def plot(spool, job_id, output):
     if fmt is None:
         raise CliError(f'cannot draw "{output}": its name ends {output.suffix}. Expected: a name '
                        f"ending {', '.join(FORMATS)} (the picture's format follows it).", Exit.USAGE)
-    if not output.absolute().parent.is_dir():
-        raise CliError(f'cannot write "{output}": the folder {output.absolute().parent} does not '
-                       "exist. Expected: a file in an existing folder; create the folder first.",
-                       Exit.USAGE)
+    writable_place(output)
     state = load_state(Spool(spool), job_id)
     if not state.history:
         raise CliError(f"{no_epoch(state, job_id)}; nothing to plot.", Exit.REFUSED)
@@ -810,6 +807,8 @@ def predict(spool, model, data, data_option, output, best, delimiter, encoding, 
     if data_path is None:
         raise click.UsageError("no data to predict on. Expected: a CSV or Parquet file with the "
                                f"feature columns, e.g. epochd predict {model} new.csv")
+    if output is not None:
+        writable_place(output)
     folder = Path(model) if Path(model).is_dir() else model_folder(Spool(spool), model, best)
     given = {"delimiter": delimiter, "encoding": encoding, "decimal": decimal}
     with streamed_to_file(data_path) as (path, shown):
@@ -824,8 +823,20 @@ def predict(spool, model, data, data_option, output, best, delimiter, encoding, 
     if output is None:
         click.echo(table.to_csv(index=False), nl=False)
     else:
-        table.to_csv(output, index=False)
+        try:
+            table.to_csv(output, index=False)
+        except OSError as e:
+            raise CliError(f'cannot write "{output}": {e.strerror or e}. Expected: a file this user '
+                           "may write; choose another with -o.") from None
         click.echo(f"wrote {len(table)} predictions to {output}")
+
+
+def writable_place(output: Path) -> None:
+    """Refuse at once a file to write (-o) in a folder that does not exist: before the work."""
+    if not output.absolute().parent.is_dir():
+        raise CliError(f'cannot write "{output}": the folder {output.absolute().parent} does not '
+                       "exist. Expected: a file in an existing folder; create the folder first.",
+                       Exit.USAGE)
 
 
 @contextmanager

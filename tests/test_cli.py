@@ -235,9 +235,9 @@ def test_plot_and_predict(trained, tmp_path):
     assert none.exit_code == 2 and "no data to predict on" in none.output
 
 
-def test_plot_draws_the_format_its_name_asks_for_and_refuses_what_it_cannot_write(trained, tmp_path):
-    """`-o curves.svg` used to hold PNG bytes, and a missing folder ended in a traceback."""
-    spool, _ = trained
+def test_plot_and_predict_write_what_o_asks_for_and_refuse_what_they_cannot_write(trained, tmp_path):
+    """plot's `-o curves.svg` used to hold PNG bytes, and a missing folder ended in a traceback."""
+    spool, data = trained
     for name, magic in (("c.svg", b"<?xml"), ("c.PDF", b"%PDF-"), ("c.png", b"\x89PNG"), ("curves", b"\x89PNG")):
         assert invoke("plot", "--spool", spool, "done", "-o", tmp_path / name).exit_code == 0
         assert (tmp_path / name).read_bytes().startswith(magic), name
@@ -247,6 +247,13 @@ def test_plot_draws_the_format_its_name_asks_for_and_refuses_what_it_cannot_writ
     assert nowhere.exit_code == Exit.USAGE
     assert f"the folder {tmp_path / 'no'} does not exist. Expected: a file in an existing folder" in nowhere.output
     assert not (tmp_path / "c.txt").exists() and not (tmp_path / "no").exists()
+    # predict's -o likewise: refused before any work, not a pandas traceback after it
+    nowhere = invoke("predict", "--spool", spool, "done", data, "-o", tmp_path / "no" / "p.csv")
+    assert nowhere.exit_code == Exit.USAGE and f"the folder {tmp_path / 'no'} does not exist" in nowhere.output
+    (tmp_path / "ro").mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere
+        denied = invoke("predict", "--spool", spool, "done", data, "-o", tmp_path / "ro" / "p.csv")
+        assert denied.exit_code == Exit.ERROR and "Permission denied. Expected: a file this user may write" in denied.output
 
 
 def test_predict_reads_standard_input_and_pipes_telling_the_format_by_the_first_bytes(trained, tmp_path):
