@@ -150,6 +150,7 @@ def serve(spool, max_jobs, gpus, allow_roots, base_dir, max_retries, stop_timeou
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = Spool(spool)
+    usable_spool(root)
     settings = serve_settings(root, base_dir, allow_roots)
     options = Options(max_jobs=max_jobs, gpus=parse_gpus(gpus), max_retries=max_retries,
                       stop_timeout=stop_timeout, rescan_seconds=rescan_seconds, settings=settings)
@@ -216,6 +217,22 @@ def submit(spool, job_file, name, follow, no_path_check):
     warn_if_unserved(root)
     if follow:
         sys.exit(follow_job(root, job_id, earlier_reports=earlier))
+
+
+def usable_spool(spool: Spool) -> None:
+    """Create the spool's folders, or say plainly why they cannot be: a --spool under a folder
+    that does not exist, or that the service's user may not write (its first start under a new
+    user or path), used to end in a traceback."""
+    import getpass
+    try:
+        spool.ensure()
+        for folder in (spool.root, spool.incoming, spool.control, spool.jobs, spool.rejected):
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied", str(folder))
+    except OSError as e:
+        raise CliError(f"cannot serve {spool.root}: {e.filename or spool.root}: {e.strerror or e}. "
+                       f"Expected: a spool folder the user {getpass.getuser()} can create and write; "
+                       "create it (mkdir -p, then chown to that user), or pass another --spool.") from None
 
 
 def daemon_settings(spool: Spool) -> Settings:

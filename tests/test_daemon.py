@@ -198,6 +198,21 @@ def test_a_second_daemon_on_the_same_spool_exits_with_a_clear_message(spool, dae
     assert "already served by epochd pid" in second.stderr and "another --spool" in second.stderr
 
 
+def test_a_spool_that_cannot_be_created_or_written_is_a_clear_error_at_start(tmp_path):
+    (tmp_path / "file").write_text("")
+    unwritable = tmp_path / "ro"
+    unwritable.mkdir(mode=0o555)
+    cases = [(tmp_path / "file" / "spool", "Not a directory")]
+    if os.geteuid() != 0:  # root may write anywhere
+        cases.append((unwritable / "spool", "Permission denied"))
+    for where, why in cases:
+        serve = subprocess.run([sys.executable, "-m", "daemon.cli", "serve", "--spool", str(where)],
+                               capture_output=True, text=True, timeout=30, cwd=REPO)
+        assert serve.returncode == 1 and "Traceback" not in serve.stderr, serve.stderr
+        assert f"Error: cannot serve {where}: " in serve.stderr and why in serve.stderr
+        assert "Expected: a spool folder the user " in serve.stderr and "or pass another --spool" in serve.stderr
+
+
 def test_the_daemon_process_never_loads_torch(tmp_path, spool, daemon_factory):
     data = classification_csv(tmp_path / "train.csv")
     d = daemon_factory(spool)
