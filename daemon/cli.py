@@ -926,7 +926,38 @@ def model_folder(spool: Spool, job_id: str, best: bool = False) -> Path:
 
 
 def main() -> None:
-    cli(prog_name="epochd")
+    try:
+        cli(prog_name="epochd")
+    except PermissionError as e:  # a user outside the spool's group, or not logged in again since
+        click.echo(f"Error: {permission_hint(e)}", err=True)
+        sys.exit(Exit.ERROR)
+
+
+def permission_hint(e: PermissionError) -> str:
+    """What a refused read or write means for a spool shared through its group (README: "Running
+    as a service"), and what to do: join the group, or run as the service's user."""
+    import getpass
+    import grp
+    import pwd
+    path = Path(e.filename or ".")
+    user = getpass.getuser()
+    text = f"permission denied: {path}. Expected: access to it for the user {user}"
+    group = owner = place = None
+    for place in (path, *path.parents):  # the deepest this user may look at
+        try:
+            info = os.stat(place)
+        except OSError:
+            continue
+        try:
+            group, owner = grp.getgrgid(info.st_gid).gr_name, pwd.getpwuid(info.st_uid).pw_name
+        except KeyError:  # ids with no name here (a volume from another machine)
+            pass
+        break
+    if group is None:
+        return text + "."
+    return (f"{text}; {place} belongs to the group {group}: join it (sudo usermod -aG {group} "
+            f"{user}, then log in again; `id` lists your groups), or run the command as {owner} "
+            f"(sudo -u {owner} epochd ...).")
 
 
 if __name__ == "__main__":

@@ -617,6 +617,35 @@ def test_submit_never_overwrites_a_drop_or_reuses_a_job_id(tmp_path, spool):
     assert sorted(p.name for p in (spool / "incoming").iterdir()) == ["exp-2.json", "exp-3.json"]
 
 
+def test_a_user_the_spool_refuses_is_told_which_group_to_join_not_shown_a_traceback(tmp_path, spool):
+    """alice was added to the epochd group but has not logged in again: status, tail and
+    submit used to end in a PermissionError traceback."""
+    import shutil
+    import subprocess
+    import sys
+    as_other = []
+    if os.geteuid() == 0:  # root reads anything: ask as nobody
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: no user to be refused")
+        as_other = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        if subprocess.run([*as_other, sys.executable, "-c", "import daemon.cli"], cwd=REPO,
+                          capture_output=True).returncode != 0:
+            pytest.skip("nobody cannot read this checkout")
+    (spool / "jobs").chmod(0o700)
+    (spool / "incoming").chmod(0o700)
+    job = json.dumps(seed_job(classification_csv(tmp_path / "x.csv")))  # on stdin: tmp_path may be closed to them
+    try:
+        for args in (["status"], ["tail", "wine"], ["submit", "-", "--no-path-check"]):
+            run = subprocess.run([*as_other, sys.executable, "-m", "daemon.cli", args[0], "--spool", str(spool),
+                                  *args[1:]], cwd=REPO, capture_output=True, text=True, timeout=60, input=job)
+            assert run.returncode == Exit.ERROR and "Traceback" not in run.stderr, run.stderr
+            assert "Error: permission denied: " in run.stderr and "belongs to the group " in run.stderr
+            assert "then log in again; `id` lists your groups), or run the command as " in run.stderr
+    finally:
+        (spool / "jobs").chmod(0o2750)
+        (spool / "incoming").chmod(0o2770)
+
+
 def test_submit_reads_a_job_from_standard_input_naming_it_after_the_job(tmp_path, spool):
     """`jq ... | epochd submit -`: no file name to take the id from, so the job's name gives it."""
     data = classification_csv(tmp_path / "x.csv")
