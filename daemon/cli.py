@@ -166,7 +166,7 @@ def serve(spool, max_jobs, gpus, allow_roots, base_dir, max_retries, stop_timeou
 @spool_option
 @click.argument("job_file", type=click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=Path))
 @click.option("--name", help="Job id to ask for. Default: the file's name without .json (for "
-                             "standard input or a pipe, the job's name).")
+                             "job.json, its folder's name; for standard input or a pipe, the job's name).")
 @click.option("--follow", "-f", is_flag=True, help="Then follow the job, as `epochd tail -f`.")
 @click.option("--no-path-check", is_flag=True,
               help="Submit even if a data file is not where the daemon will look for it now, "
@@ -209,7 +209,7 @@ def submit(spool, job_file, name, follow, no_path_check):
         raise CliError(f"{job_file} would not run on this spool; nothing was submitted:\n  - "
                        + "\n  - ".join(problems), Exit.USAGE)
     earlier = error_reports(root)  # a rejection of this drop will be a report not among these
-    job_id = drop_job(root, data, name or (sanitise(job.name or "job") if piped else job_file.stem))
+    job_id = drop_job(root, data, name or (sanitise(job.name or "job") if piped else default_stem(job_file)))
     click.echo(f"submitted {job_file} as incoming/{job_id}.json; job id {job_id} (once accepted)")
     for note in spec.ignored_settings(job):
         click.echo(f"note: {note}", err=True)
@@ -217,6 +217,15 @@ def submit(spool, job_file, name, follow, no_path_check):
     warn_if_unserved(root)
     if follow:
         sys.exit(follow_job(root, job_id, earlier_reports=earlier))
+
+
+def default_stem(job_file: Path) -> str:
+    """The id to ask for: the file's name without .json; for a file named job.json, its folder's
+    name, as in experiments/lr-sweep/job.json, or a spool's jobs/<id>/job.json submitted again."""
+    if job_file.name == "job.json":
+        folder = job_file.absolute().parent.name
+        return folder or "job"
+    return job_file.stem
 
 
 def usable_spool(spool: Spool) -> None:
@@ -709,7 +718,7 @@ def request(spool: Path, job_id: str, action: str, reason: str | None) -> None:
     state = load_state(root, job_id)
     decision = control.decide(state.status, action, control.retryable_failure(state))
     if decision.kind == "reject":
-        raise CliError(f"job {job_id} is {state.status}; nothing to {action}.", Exit.REFUSED)
+        raise CliError(refusal(root, job_id, state, action), Exit.REFUSED)
     if action == "resume" and state.status in (Status.PAUSED, Status.FAILED):
         from .datafiles import check
         problem = check(state)  # what its worker would fail on, said before it is queued
@@ -883,6 +892,23 @@ def streamed_to_file(data_path: str):
 # a piped table with no name to tell its format: the bytes it begins with say
 STREAM_MAGIC = ((b"PAR1", ".parquet"), (b"\x1f\x8b", ".csv.gz"), (b"BZh", ".csv.bz2"),
                 (b"\xfd7zXZ", ".csv.xz"), (b"PK\x03\x04", ".zip"))
+
+
+def refusal(spool: Spool, job_id: str, state: JobState, action: str) -> str:
+    """Why a request makes no sense in the job's state, and, for a job that has ended, how to
+    train it again: its file, kept byte for byte, submitted anew (under a new id)."""
+    text = f"job {job_id} is {state.status}; nothing to {action}."
+    if action != "resume" or state.status not in TERMINAL:
+        return text
+    if state.status == Status.FAILED:
+        error = state.last_error or {}
+        text = (f"job {job_id} failed ({error.get('error')}; \"epochd status {job_id}\" says why), "
+                "for a cause that resuming cannot change; nothing to resume.")
+        again = "Once the cause is fixed, train it again"
+    else:
+        again = "To train it again"
+    return (f"{text} {again} from the start: epochd submit {spool.job_dir(job_id) / 'job.json'} "
+            f"(its file as accepted; it gets a new id).")
 
 
 def one_char(value: str | None) -> str | None:

@@ -560,8 +560,21 @@ def test_unknown_jobs_and_nonsense_requests_are_refused(trained):
     missing = invoke("status", "--spool", spool, "nope")
     assert missing.exit_code == Exit.NOT_FOUND and 'no job "nope"' in missing.output
     refused = invoke("resume", "--spool", spool, "done")
-    assert refused.exit_code == Exit.REFUSED and "completed" in refused.output
+    job_file = Spool(spool).job_dir("done") / "job.json"
+    assert refused.exit_code == Exit.REFUSED
+    assert (f"job done is completed; nothing to resume. To train it again from the start: epochd submit "
+            f"{job_file} (its file as accepted; it gets a new id).") in refused.output
     assert list((spool / "control").iterdir()) == []  # nothing was dropped
+    assert "job id done-2 " in invoke("submit", "--spool", spool, job_file).output  # as it says
+    Spool(spool).job_dir("bad").mkdir()
+    with EventLog(Spool(spool).events_path("bad")) as log:
+        log.append(JobAccepted(job_id="bad", source_file="bad.json", spec={"epochs": 2},
+                               spec_sha256="a", file_sha256="b"))
+        log.append(Failed(error="DataError", message="no column x", traceback=None, retryable=False))
+    failed = invoke("resume", "--spool", spool, "bad")
+    assert failed.exit_code == Exit.REFUSED
+    assert ('job bad failed (DataError; "epochd status bad" says why), for a cause that resuming cannot '
+            "change; nothing to resume. Once the cause is fixed, train it again from the start") in failed.output
 
 
 def test_a_spool_that_does_not_exist_is_named_as_such_not_as_empty(tmp_path):
@@ -865,7 +878,6 @@ def test_rename_noreplace_moves_or_refuses_and_never_overwrites(tmp_path):
 def test_a_job_that_failed_for_an_outside_cause_can_be_resumed_from_the_cli(tmp_path, spool):
     """`failed` with retryable (a full disk): `epochd resume` drops the request and status says
     so; a job's own failure (bad data) stays refused."""
-    from daemon.events import Failed
     for job_id, retryable in (("disk", True), ("data", False)):
         Spool(spool).job_dir(job_id).mkdir()
         with EventLog(Spool(spool).events_path(job_id)) as log:
