@@ -245,9 +245,35 @@ def live_worker(spool: Spool, job_id: str, block: int = 1 << 20) -> dict | None:
 
 # ------------------------------------------------------------------ the daemon's own log
 
+def shown_name(name: str) -> str:
+    """A file name as JSON and people can have it. A name that is not UTF-8 (a Latin-1 name from
+    a Windows share) comes from os.listdir with its odd bytes as lone surrogates, which no UTF-8
+    text may hold: they are shown escaped, "caf\\xe9.json"."""
+    try:
+        name.encode()
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _printable(value):
+    """`value` with every text fit for UTF-8 (lone surrogates escaped), for daemon_log's fallback."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode()
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_printable(v) for v in value]
+    return value
+
+
 def daemon_log(spool: Spool, event: str, **fields) -> None:
     """One JSON line in daemon.jsonl: started, stopped, accepted, rejected, ..."""
-    line = orjson.dumps({"ts": utc_now(), "event": event, **fields}, default=str) + b"\n"
+    entry = {"ts": utc_now(), "event": event, **fields}
+    try:
+        line = orjson.dumps(entry, default=str) + b"\n"
+    except TypeError:  # text no UTF-8 may hold, from a name or an error: escaped, never a crash
+        line = orjson.dumps(_printable(entry), default=str) + b"\n"
     fd = os.open(spool.daemon_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     try:
         os.write(fd, line)
@@ -333,7 +359,7 @@ def accept(spool: Spool, name: str, settings: Settings) -> str:
                                  spool_root=spool.root, allow_roots=list(settings.allow_roots))
     job_dir = spool.job_dir(job_id)
     job_dir.mkdir()
-    atomic_write_bytes(job_dir / ACCEPTING_MARKER, name.encode())
+    atomic_write_bytes(job_dir / ACCEPTING_MARKER, os.fsencode(name))  # the name's bytes, as they are
     os.rename(path, job_dir / "job.json")
     fsync_dir(spool.incoming)
     fsync_dir(job_dir)
@@ -360,12 +386,12 @@ def record_acceptance(spool: Spool, job_id: str, source: str | None, data: bytes
     if not lock.acquire():
         raise RuntimeError(f"job {job_id} is locked during its own acceptance")
     with lock, EventLog(job_dir / "events.jsonl") as log:
-        log.append(JobAccepted(job_id=job_id, source_file=source, spec=normalised,
+        log.append(JobAccepted(job_id=job_id, source_file=source and shown_name(source), spec=normalised,
                                spec_sha256=specs.spec_sha256(normalised),
                                file_sha256=hashlib.sha256(data).hexdigest(), recovered=recovered))
         faults.point("accept.recorded")
     (job_dir / ACCEPTING_MARKER).unlink(missing_ok=True)
-    daemon_log(spool, "accepted", job_id=job_id, source_file=source, recovered=recovered)
+    daemon_log(spool, "accepted", job_id=job_id, source_file=source and shown_name(source), recovered=recovered)
 
 
 def reject(spool: Spool, folder: Path, name: str, errors: list[str], kind: str = "job file",
@@ -373,16 +399,16 @@ def reject(spool: Spool, folder: Path, name: str, errors: list[str], kind: str =
     """Move folder/<name> into rejected/ (never following it) beside <stem>.error.json."""
     dest = _free_name(spool.rejected, as_name or name, kind == "job file")
     stem = dest.stem if kind == "job file" else dest.name
-    report = {"file": name, "kind": kind, "rejected_at": utc_now(), "errors": errors,
+    report = {"file": shown_name(name), "kind": kind, "rejected_at": utc_now(), "errors": errors,
               "what_next": what_next or "fix the file and drop it into incoming/ again "
                                         "(epochd submit FILE does it safely)."}
-    atomic_write_bytes(spool.rejected / f"{stem}.error.json",
-                       orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    atomic_write_bytes(spool.rejected / f"{stem}.error.json",  # _printable: never a crash on odd text
+                       orjson.dumps(_printable(report), option=orjson.OPT_INDENT_2) + b"\n")
     os.rename(folder / name, dest)
     fsync_dir(folder)
     fsync_dir(spool.rejected)
-    daemon_log(spool, "rejected", file=name, kind=kind, moved_to=f"rejected/{dest.name}",
-               errors=errors)
+    daemon_log(spool, "rejected", file=shown_name(name), kind=kind,
+               moved_to=f"rejected/{shown_name(dest.name)}", errors=errors)
     return dest
 
 
@@ -422,7 +448,7 @@ def recover_acceptances(spool: Spool, settings: Settings) -> list[str]:
             daemon_log(spool, "acceptance_log_reset", job_id=job_id, torn_bytes=contents.torn_bytes,
                        preview=repr(contents.torn_preview))
             os.truncate(events, 0)
-        source = marker.read_text() if marker.exists() else None
+        source = os.fsdecode(marker.read_bytes()) if marker.exists() else None
         if not (job_dir / "job.json").exists():
             marker.unlink(missing_ok=True)  # crashed before the rename: the file is still in incoming/
             _remove_if_empty(job_dir)

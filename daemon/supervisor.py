@@ -36,7 +36,7 @@ from .fsutil import adopted_zombies, session_processes
 from .notify import Notifier
 from .replay import RUNNABLE, TERMINAL, JobState, Status, fold
 from .spool import (QUIET_SECONDS, Settings, Spool, accept, daemon_log, is_candidate, job_lock,
-                    lock_spool, recover_acceptances, reject)
+                    lock_spool, recover_acceptances, reject, shown_name)
 from .sysinfo import gpu_count
 
 log = logging.getLogger("epochd.daemon")
@@ -393,17 +393,17 @@ class Daemon:
             job_id = accept(self.spool, name, self.options.settings)
         except BadJobFile as e:
             reject(self.spool, self.spool.incoming, name, e.errors)
-            log.info("rejected %s: %s", name, "; ".join(e.errors))
+            log.info("rejected %s: %s", shown_name(name), "; ".join(e.errors))
             return
         except FileNotFoundError:
             return  # taken away again before we got to it
         except Exception as e:  # the tick boundary: an internal error must not eat the file
-            daemon_log(self.spool, "error", file=name, error=repr(e), traceback=traceback.format_exc())
+            daemon_log(self.spool, "error", file=shown_name(name), error=repr(e), traceback=traceback.format_exc())
             reject(self.spool, self.spool.incoming, name,
                    [f"epochd could not process this file: {type(e).__name__}: {e}"],
                    what_next="this is an epochd bug; report it with daemon.jsonl, then drop the file again")
             return
-        log.info("accepted %s as job %s", name, job_id)
+        log.info("accepted %s as job %s", shown_name(name), job_id)
         self.refresh(job_id)
 
     # ---------------------------------------------------------------- control requests
@@ -431,7 +431,7 @@ class Daemon:
         except FileNotFoundError:
             return
         reject(self.spool, self.spool.control, name,
-               [f'"{name}" is not a control request. Expected: <job-id>.pause, <job-id>.resume '
+               [f'"{shown_name(name)}" is not a control request. Expected: <job-id>.pause, <job-id>.resume '
                 "or <job-id>.cancel."], kind="control file",
                what_next='use "epochd pause|resume|cancel JOB", which names the file right')
 

@@ -77,6 +77,40 @@ def test_links_fifos_and_folders_never_block_and_are_never_followed(tmp_path, sp
     assert json.loads(secret.read_text())["epochs"] == 3
 
 
+def test_file_names_that_are_not_utf8_are_taken_and_shown_escaped(tmp_path, spool, daemon_factory):
+    """A Latin-1 name ("caf\\xe9.json", from a Windows share) comes from os.listdir with a lone
+    surrogate, which JSON cannot hold: writing it to daemon.jsonl used to kill the daemon, which
+    then died again on each restart. Now the job is taken (its id sanitised), a bad one rejected,
+    and the names show their odd bytes escaped."""
+    data = classification_csv(tmp_path / "train.csv")
+    incoming, control = os.fsencode(spool / "incoming"), os.fsencode(spool / "control")
+    with open(incoming + b"/caf\xe9.json", "wb") as f:
+        f.write(json.dumps(seed_job(data, epochs=1)).encode())
+    with open(incoming + b"/bad\xff.json", "wb") as f:
+        f.write(b'{"epoch": 3}')
+    with open(control + b"/w\xe9.pause", "wb"):
+        pass
+    # a claim a crash interrupted, its marker holding such a name's bytes
+    (spool / "jobs" / "half").mkdir()
+    (spool / "jobs" / "half" / ".accepting").write_bytes(b"half\xe9.json")
+    (spool / "jobs" / "half" / "job.json").write_text(json.dumps(seed_job(data, epochs=1)))
+    daemon = daemon_factory(spool)
+    assert wait_for_status(spool, "caf", "completed").job_id == "caf"
+    assert events_of(spool, "caf")[0]["source_file"] == "caf\\xe9.json"
+    assert events_of(spool, "half")[0]["source_file"] == "half\\xe9.json"
+    wait_for_status(spool, "half", "completed")
+    rejected = os.fsencode(spool / "rejected")
+    wait_until(lambda: os.path.exists(rejected + b"/bad\xff.error.json"), 30, what="the bad file rejected")
+    with open(rejected + b"/bad\xff.error.json", "rb") as f:
+        report = json.loads(f.read())
+    assert report["file"] == "bad\\xff.json" and 'Did you mean "epochs"?' in report["errors"][-1]
+    assert os.path.exists(rejected + b"/bad\xff.json")  # the bytes as dropped, under their own name
+    wait_until(lambda: any(b"w\xe9.pause" in n for n in os.listdir(rejected)), 30, what="the stray request rejected")
+    entries = [json.loads(line) for line in (spool / "daemon.jsonl").read_text().splitlines()]
+    assert {"caf\\xe9.json", "bad\\xff.json"} <= {e.get("source_file") or e.get("file") for e in entries}
+    assert daemon.proc.poll() is None and "Traceback" not in daemon.log()
+
+
 def test_a_file_written_in_place_is_not_read_half_written(tmp_path, spool, daemon_factory):
     """Written in place (not renamed in) and still being written: taken only once complete."""
     data = classification_csv(tmp_path / "train.csv")
