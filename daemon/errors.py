@@ -71,6 +71,10 @@ class Diverged(EpochdError):
     """Training produced a non-finite loss: more epochs cannot fix it."""
 
 
+class ModelTooLarge(EpochdError):
+    """The network the job describes cannot fit in the memory it may use. Retrying cannot fix it."""
+
+
 class EngineUnavailable(EpochdError):
     """The job's framework is not installed where the worker runs. Retrying cannot fix it."""
 

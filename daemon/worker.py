@@ -30,7 +30,8 @@ import orjson
 
 from . import control, datafiles, faults, foldcache, policies
 from .errors import (BadJobFile, CheckpointInvalid, DataChanged, DataError, DeviceUnavailable, Diverged,
-                     EngineUnavailable, MachinesDisagree, PathNotAllowed, PortInUse, memory_limit_message)
+                     EngineUnavailable, MachinesDisagree, ModelTooLarge, PathNotAllowed, PortInUse,
+                     memory_limit_message)
 from .eventlog import EventLog, read_foldable, utc_now
 from .events import (BestModelSaved, Cancelled, CheckpointRejected, CheckpointRemoved,
                      CheckpointSaved, Completed, EarlyStopped, EpochCompleted, Event, Failed,
@@ -49,7 +50,7 @@ CHUNK_SECONDS = 0.2        # engine call length: bounds pause latency and progre
 PROGRESS_SECONDS = 1.0     # at most one progress event a second
 CACHE_EVERY_BYTES = 4 << 20  # refresh the fold cache every 4 MiB of log: a replay folds the rest
 EXPECTED_ERRORS = (DataError, PathNotAllowed, DeviceUnavailable, Diverged, EngineUnavailable, PortInUse,
-                   MachinesDisagree, DataChanged, CheckpointInvalid)
+                   MachinesDisagree, DataChanged, CheckpointInvalid, ModelTooLarge)
 
 
 class StopRun(Exception):
@@ -160,6 +161,7 @@ class Worker:
             self.check_machines_agree()
         self.monitor, self.mode = self.choose_monitor()
         self.out_dir = self.output_dir()
+        self.check_model_fits()
         self.engine_cls = load_engine(spec["framework"])
         self.engine = self.engine_cls(spec, self.data, self.cpu_share)
         self.gpu = GpuMonitor(self.engine.gpu_index)
@@ -610,6 +612,33 @@ class Worker:
             return ignored_settings(validate(parse_job_bytes(data)))
         except (OSError, BadJobFile):  # accepted under other rules, or gone: nothing to add
             return []
+
+    def check_model_fits(self) -> None:
+        """A network whose parameters alone outgrow the memory the job may use is refused before
+        it is built: building it would take the machine's memory (and the other jobs' with it)
+        until the kernel killed the worker, and the daemon retried it. On a GPU the training
+        state lives there; the host still holds the weights as they are built and saved."""
+        import psutil
+
+        from engines import architecture, parameter_count, training_bytes
+        arch = architecture(self.spec, self.data)
+        on_gpu = bool(assigned_gpus())
+        need = parameter_count(arch) * 4 * 2 if on_gpu else training_bytes(self.spec, arch)
+        limit_mb = (self.spec.get("limits") or {}).get("memory_mb")
+        room, where = psutil.virtual_memory().total, "this machine's memory"
+        if limit_mb and limit_mb * 2**20 < room:
+            room, where = limit_mb * 2**20, "the job's limits.memory_mb"
+        if need <= room:
+            return
+        ap = self.spec["algorithm_params"]
+        what = ("its weights as they are built and saved" if on_gpu else
+                f"its weights, gradients, {self.spec['optimizer']['name']}'s state and a copy")
+        raise ModelTooLarge(
+            f"the model is too large: {parameter_count(arch):,} parameters ({ap['model_type']}, "
+            f"hidden_units {ap['hidden_units']}, {arch['input_dim']} inputs) need about "
+            f"{need / 2**30:.1f} GiB for {what}, more than {where} ({room / 2**30:.1f} GiB). "
+            "Expected: a model that fits; use fewer or narrower hidden layers"
+            + (", or raise limits.memory_mb." if where != "this machine's memory" else "."))
 
     def output_dir(self) -> Path:
         folder = Path(self.spec["output_path"] or self.job_dir / "model")

@@ -135,6 +135,33 @@ def architecture(spec: dict, data: Prepared) -> dict:
             "batch_norm": ap["batch_norm"]}
 
 
+def parameter_count(arch: dict) -> int:
+    """How many numbers the network of `arch` (model.json) holds, as both engines build it."""
+    d_in, d_out, hidden, bn = arch["input_dim"], arch["output_dim"], arch["hidden_units"], arch["batch_norm"]
+    count = 0
+    if arch["model_type"] == "mlp":
+        for width in hidden:
+            count += d_in * width + width + (2 * width if bn else 0)
+            d_in = width
+    elif arch["model_type"] == "resnet" and hidden:
+        width = hidden[0]
+        count += d_in * width + width
+        for inner in hidden:  # norm, linear(width, inner), linear(inner, width)
+            count += (2 * width if bn else 0) + width * inner + inner + inner * width + width
+        d_in = width
+    return count + d_in * d_out + d_out
+
+
+def training_bytes(spec: dict, arch: dict) -> int:
+    """Memory the parameters take while training, float32: the weights, their gradients, the
+    optimizer's state (Adam keeps two numbers a weight, RMSprop one, momentum one more) and one
+    copy (the best weights, or a checkpoint being written). Activations come on top."""
+    opt = spec["optimizer"]
+    states = {"adam": 2, "adamw": 2, "rmsprop": 1, "sgd": 0}[opt["name"]]
+    states += 1 if opt["name"] in ("sgd", "rmsprop") and opt.get("momentum") else 0
+    return parameter_count(arch) * 4 * (3 + states)
+
+
 def job_threads(spec: dict, input_dim: int, cpu_share: int) -> int:
     """The job's `threads`; for "auto", one thread while steps are small (a second never helped
     up to batch 1024 with the seed's MLP), up to 8 of the job's cores once a step's arithmetic

@@ -208,6 +208,18 @@ def test_a_foreign_or_truncated_checkpoint_is_invalid(tmp_path, framework, Engin
     assert same(before, weights(engine))
 
 
+@pytest.mark.parametrize("model_type", ["mlp", "resnet", "linear"])
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_the_parameter_count_the_worker_checks_memory_with_is_what_each_engine_builds(model_type, batch_norm):
+    from engines import parameter_count, tf_engine, torch_engine
+    arch = {"input_dim": 7, "output_dim": 3, "hidden_units": [16, 8], "batch_norm": batch_norm,
+            "model_type": model_type, "activation": "relu", "dropout_rate": 0.1}
+    built = torch_engine.build_model(arch)
+    assert parameter_count(arch) == sum(p.numel() for p in built.parameters())  # the trained ones
+    keras_model = tf_engine.build_model(arch)
+    assert parameter_count(arch) == sum(int(np.prod(w.shape)) for w in keras_model.trainable_weights)
+
+
 def test_the_exported_model_predicts_what_the_engine_computes(tmp_path, framework, Engine):
     spec = job(tmp_path, framework)
     data = prepare(spec)

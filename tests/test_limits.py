@@ -67,3 +67,23 @@ def test_the_memory_backstop_measures_every_process_of_a_worker_one_by_one(tmp_p
         daemon.waker.close()
     finally:
         leader.kill()
+
+
+def test_a_model_too_large_for_its_memory_is_refused_before_it_is_built(tmp_path, spool, daemon_factory):
+    """hidden_units [65536, 65536, 65536] (a typo away from [64, 64, 64]) is 8.6e9 weights, 160 GiB
+    to train with Adam: building it took the machine's memory until the kernel killed the worker,
+    and the daemon retried it. The worker now adds up the parameters first. Here the bound is the
+    job's limits.memory_mb: 8192-wide layers need 1.3 GiB."""
+    data = classification_csv(tmp_path / "train.csv")
+    daemon_factory(spool)
+    drop_job(spool, "big.json", seed_job(data, tmp_path / "big", algorithm_params={"hidden_units": [8192, 8192]},
+                                         limits={"memory_mb": 512}))
+    drop_job(spool, "ok.json", seed_job(data, tmp_path / "ok", epochs=1, limits={"memory_mb": 4096}))
+    state = wait_for_status(spool, "big", "failed")
+    assert state.last_error["error"] == "ModelTooLarge" and not state.last_error["retryable"]
+    assert ("the model is too large: 67,158,017 parameters (mlp, hidden_units [8192, 8192], 3 inputs) need "
+            "about 1.3 GiB for its weights, gradients, adam's state and a copy, more than the job's "
+            "limits.memory_mb (0.5 GiB). Expected: a model that fits; use fewer or narrower hidden "
+            "layers, or raise limits.memory_mb.") == state.last_error["message"]
+    assert [e["type"] for e in events_of(spool, "big")] == ["job_accepted", "failed"]  # as a data error
+    wait_for_status(spool, "ok", "completed")
