@@ -500,6 +500,41 @@ def looks_like_data(names) -> bool:
     return len(numbers) * 2 > len(names)
 
 
+def table_bytes(path: str) -> int | None:
+    """What a table takes once read, at least: a CSV's size (its numbers take about as much
+    as float64 as they do as text, often more), a Parquet file's uncompressed size from its
+    footer. None for a compressed CSV or what cannot be told."""
+    try:
+        if Path(path).suffix.lower() in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+            meta = pq.ParquetFile(path).metadata
+            return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        if Path(path).suffix.lower() in (*COMPRESSED, ".zip", ".zst"):
+            return None
+        return Path(path).stat().st_size
+    except Exception:  # unreadable here: read_table says why, in its own words
+        return None
+
+
+def check_fits_in_memory(spec: dict) -> None:
+    """Data read whole that is larger than the memory the job may use can only end with the
+    kernel killing the worker (and the daemon retrying it): said at once, with the setting made
+    for such data."""
+    import psutil
+    sizes = {key: table_bytes(spec[key]) for key in ("train_data_path", "val_data_path") if spec[key]}
+    need = sum(size for size in sizes.values() if size)
+    limit_mb = (spec.get("limits") or {}).get("memory_mb")
+    room, where = psutil.virtual_memory().total, "this machine's memory"
+    if limit_mb and limit_mb * 2**20 < room:
+        room, where = limit_mb * 2**20, "the job's limits.memory_mb"
+    if need > room:
+        files = ", ".join(f'{key} "{spec[key]}" ({size / 2**30:.1f} GiB)'
+                          for key, size in sizes.items() if size)
+        raise DataError(f"the data is larger than {where} ({room / 2**30:.1f} GiB): {files}, read "
+                        'whole. Expected: data that fits, or "data": {"streaming": true}, which '
+                        "trains from disk in chunks with bounded memory.")
+
+
 def prepare(spec: dict, stream_folder: Path | None = None) -> Prepared:
     """Read, check, split, fit the preprocessing on the training rows, and encode both splits.
     Streaming jobs (`data.streaming`) keep their encoded rows on disk, in `stream_folder`."""
@@ -509,6 +544,7 @@ def prepare(spec: dict, stream_folder: Path | None = None) -> Prepared:
             raise ValueError("a streaming job needs a folder for its encoded rows")
         return prepare_streaming(spec, stream_folder)
     opts = spec["data"]
+    check_fits_in_memory(spec)
     train = read_table(spec["train_data_path"], opts, "train_data_path")
     target = spec["target_column"]
     # without feature_columns the features are the other columns: only the target can be missing

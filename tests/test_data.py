@@ -470,3 +470,22 @@ def test_a_task_the_target_does_not_fit_says_which_task_does(tmp_path, streaming
             prepare(job(tmp_path, task="regression", validation_split=0.5), folder)
         rows = [int(r) for r in re.search(r"rows? ([\d, ]+) hold", str(err.value)).group(1).split(", ")]
         assert rows == sorted(rows) and len(rows) >= 2
+
+
+def test_data_larger_than_the_memory_it_may_use_is_refused_before_it_is_read(tmp_path):
+    """Read whole, such a file could only end with the kernel killing the worker; the error names
+    streaming. The file is sparse: the check is made on its size, before a byte of it is read."""
+    path = tmp_path / "train.csv"
+    with open(path, "wb") as f:
+        f.write(b"x,target\n")
+        f.truncate(100 * 2**20)
+    with pytest.raises(DataError) as err:
+        prepare(job(tmp_path, limits={"memory_mb": 64}))
+    assert (f"the data is larger than the job's limits.memory_mb (0.1 GiB): train_data_path \"{path}\" "
+            '(0.1 GiB), read whole. Expected: data that fits, or "data": {"streaming": true}') in str(err.value)
+    small = classification_csv(tmp_path / "small.csv")
+    assert prepare(job(tmp_path, train_data_path=str(small), limits={"memory_mb": 64})).n_train > 0
+    from engines.data import table_bytes
+    pd.read_csv(small).to_parquet(tmp_path / "small.parquet")  # its footer's uncompressed size
+    assert table_bytes(str(tmp_path / "small.parquet")) >= 8 * 3 * len(pd.read_csv(small))
+    assert table_bytes(str(tmp_path / "train.csv.gz")) is None  # compressed: cannot be told
