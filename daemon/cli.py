@@ -190,6 +190,7 @@ def submit(spool, job_file, name, follow, no_path_check):
       epochd submit - < job.json
     """
     piped = str(job_file) == "-" or not job_file.is_file()
+    no_tty_stdin(str(job_file), "a job file")
     with click.open_file(str(job_file), "rb") as f:
         data = f.read()
     if str(job_file) == "-":
@@ -874,6 +875,7 @@ def streamed_to_file(data_path: str):
     if data_path != "-" and Path(data_path).is_file():
         yield data_path, data_path
         return
+    no_tty_stdin(data_path, "a table")
     import shutil
     import tempfile
     suffixes = "" if data_path == "-" else "".join(Path(data_path).suffixes)
@@ -887,6 +889,14 @@ def streamed_to_file(data_path: str):
             suffixes = next((s for magic, s in STREAM_MAGIC if head.startswith(magic)), ".csv")
         yield str(copy.rename(copy.with_name(f"data{suffixes}"))), \
             "standard input" if data_path == "-" else data_path
+
+
+def no_tty_stdin(given: str, what: str) -> None:
+    """"-" with nothing piped in would wait for typing, silently: said instead."""
+    if given == "-" and sys.stdin.isatty():
+        raise CliError(f'"-" reads {what} from standard input, but it is a terminal. Expected: '
+                       f"{what} piped or redirected in (... | epochd ... -, or < FILE), or a file name.",
+                       Exit.USAGE)
 
 
 # a piped table with no name to tell its format: the bytes it begins with say

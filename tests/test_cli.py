@@ -283,6 +283,19 @@ def test_predict_reads_standard_input_and_pipes_telling_the_format_by_the_first_
     assert lacking.exit_code == Exit.ERROR
     assert 'Error: --data "standard input" has no column "feature3"' in lacking.output
     assert "epochd-predict-" not in lacking.output  # the copy it read is not the user's concern
+    # "-" with nothing piped in (standard input a terminal) would wait for typing: it says so
+    import subprocess
+    import sys
+    primary, secondary = os.openpty()
+    try:
+        for args in (["predict", "done", "-"], ["submit", "-"]):
+            run = subprocess.run([sys.executable, "-m", "daemon.cli", args[0], "--spool", str(spool), *args[1:]],
+                                 stdin=secondary, capture_output=True, text=True, timeout=60, cwd=REPO)
+            assert run.returncode == Exit.USAGE
+            assert 'from standard input, but it is a terminal. Expected: ' in run.stderr
+    finally:
+        os.close(primary)
+        os.close(secondary)
 
 
 def test_predict_reads_other_delimiters_and_names_what_the_data_lacks(trained, tmp_path):
