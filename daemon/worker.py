@@ -707,9 +707,11 @@ class Worker:
         log.info("job %s: completed after %d epochs", self.job_id, self.state.epochs_done)
 
     def fail(self, e: Exception) -> None:
-        expected = isinstance(e, EXPECTED_ERRORS)
+        oom = device_out_of_memory(e)
+        expected = isinstance(e, EXPECTED_ERRORS) or oom is not None
         retryable = isinstance(e, (MemoryError, PortInUse, DataChanged, CheckpointInvalid)) or (
-            isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EIO, errno.EROFS, errno.ENOMEM))
+            isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EIO, errno.EROFS, errno.ENOMEM)) or (
+            oom is not None)
         if self.world > 1 and not (expected or retryable):
             # in a DDP rank an unexpected error is most often a peer's death seen through the
             # transport ("connection reset"): not this job's fault. Dying without a final word
@@ -719,7 +721,7 @@ class Worker:
             raise e
         log.error("job %s: failed: %s: %s", self.job_id, type(e).__name__, e,
                   exc_info=not expected)
-        message = str(e) or repr(e)
+        message = oom or str(e) or repr(e)
         if isinstance(e, PortInUse):
             message += f' Then "epochd resume {self.job_id}" runs it again.'
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EIO, errno.EROFS):
@@ -735,6 +737,23 @@ class Worker:
 
 
 MACHINE_OWN = ("name", "output_path", "train_data_path", "val_data_path", "priority", "threads", "limits")
+
+
+def device_out_of_memory(e: BaseException) -> str | None:
+    """The failure message for a GPU that ran out of memory (torch's OutOfMemoryError,
+    TensorFlow's ResourceExhaustedError), or None for any other error. Retryable, since the memory
+    may have been another program's; batch_size and the model are fixed once a job is accepted,
+    so the message names them as what a new submission can change."""
+    kind = type(e).__name__
+    if kind not in ("OutOfMemoryError", "ResourceExhaustedError") and "out of memory" not in str(e).lower():
+        return None
+    if isinstance(e, (MemoryError, OSError)):  # the host's memory: not this
+        return None
+    first = (str(e).strip().splitlines() or [kind])[0][:300]
+    return (f"the GPU ran out of memory ({kind}: {first}). Expected: a job that fits the GPU's "
+            "memory: if another program held it, free it and resume the job; otherwise submit it "
+            'again with a smaller batch_size (gradient_accumulation_steps keeps the update the '
+            'same), "mixed_precision": "bf16" or "fp16", or fewer or narrower hidden layers.')
 
 
 def machine_fingerprint(spec: dict, data) -> dict:

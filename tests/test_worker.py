@@ -191,3 +191,19 @@ def test_data_files_are_read_again_only_when_their_size_or_time_moved(tmp_path):
     assert change.startswith(f'train_data_path "{f.resolve()}" is not the file the run began with: then 8 bytes')
     f.unlink()  # a missing file is the data reader's to report
     assert datafiles.identify(spec, first) == {} and datafiles.changes(first, {}) == []
+
+
+def test_a_gpu_out_of_memory_fails_the_job_retryable_with_what_to_change():
+    """No GPU in the tests: the error torch raises is built by hand; what the worker makes of it
+    is the same function the GPU check's run goes through."""
+    import torch
+
+    from daemon.worker import device_out_of_memory
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)\nmore")
+    message = device_out_of_memory(oom)
+    assert message.startswith("the GPU ran out of memory (OutOfMemoryError: CUDA out of memory. Tried to "
+                              "allocate 2.00 GiB (GPU 0; 79.1 GiB total)). Expected: a job that fits")
+    assert "smaller batch_size (gradient_accumulation_steps keeps the update the same)" in message
+    assert device_out_of_memory(RuntimeError("CUDA error: out of memory")) is not None
+    for other in (MemoryError(), RuntimeError("shape mismatch"), OSError(12, "Cannot allocate memory")):
+        assert device_out_of_memory(other) is None
