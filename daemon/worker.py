@@ -617,26 +617,35 @@ class Worker:
         """A network whose parameters alone outgrow the memory the job may use is refused before
         it is built: building it would take the machine's memory (and the other jobs' with it)
         until the kernel killed the worker, and the daemon retried it. On a GPU the training
-        state lives there; the host still holds the weights as they are built and saved."""
+        state lives there; the host still holds the weights as they are built and saved. Each
+        mirrored replica holds a copy in the one process; each DDP rank is a process of its own
+        (limits.memory_mb bounds each process, the machine all of them)."""
         import psutil
 
         from engines import architecture, parameter_count, training_bytes
         arch = architecture(self.spec, self.data)
         on_gpu = bool(assigned_gpus())
-        need = parameter_count(arch) * 4 * 2 if on_gpu else training_bytes(self.spec, arch)
+        one = parameter_count(arch) * 4 * 2 if on_gpu else training_bytes(self.spec, arch)
+        dist = self.spec.get("distributed") or {}
+        replicas = dist.get("replicas", 1) if dist.get("strategy") == "mirrored" else 1
+        ranks = dist.get("processes", 1) if dist.get("strategy") == "ddp" else 1
         limit_mb = (self.spec.get("limits") or {}).get("memory_mb")
-        room, where = psutil.virtual_memory().total, "this machine's memory"
-        if limit_mb and limit_mb * 2**20 < room:
-            room, where = limit_mb * 2**20, "the job's limits.memory_mb"
-        if need <= room:
+        machine = psutil.virtual_memory().total
+        if limit_mb and one * replicas > limit_mb * 2**20:
+            need, room, where = one * replicas, limit_mb * 2**20, "the job's limits.memory_mb"
+        elif one * replicas * ranks > machine:
+            need, room, where = one * replicas * ranks, machine, "this machine's memory"
+        else:
             return
+        copies = replicas * (ranks if where == "this machine's memory" else 1)
         ap = self.spec["algorithm_params"]
         what = ("its weights as they are built and saved" if on_gpu else
                 f"its weights, gradients, {self.spec['optimizer']['name']}'s state and a copy")
         raise ModelTooLarge(
             f"the model is too large: {parameter_count(arch):,} parameters ({ap['model_type']}, "
             f"hidden_units {ap['hidden_units']}, {arch['input_dim']} inputs) need about "
-            f"{need / 2**30:.1f} GiB for {what}, more than {where} ({room / 2**30:.1f} GiB). "
+            f"{need / 2**30:.1f} GiB for {what}{f', in {copies} copies' if copies > 1 else ''}, "
+            f"more than {where} ({room / 2**30:.1f} GiB). "
             "Expected: a model that fits; use fewer or narrower hidden layers"
             + (", or raise limits.memory_mb." if where != "this machine's memory" else "."))
 
