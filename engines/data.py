@@ -523,16 +523,20 @@ def check_fits_in_memory(spec: dict) -> None:
     import psutil
     sizes = {key: table_bytes(spec[key]) for key in ("train_data_path", "val_data_path") if spec[key]}
     need = sum(size for size in sizes.values() if size)
+    dist = spec.get("distributed") or {}
+    ranks = dist.get("processes", 1) if dist.get("strategy") == "ddp" else 1  # each reads it all
     limit_mb = (spec.get("limits") or {}).get("memory_mb")
-    room, where = psutil.virtual_memory().total, "this machine's memory"
-    if limit_mb and limit_mb * 2**20 < room:
-        room, where = limit_mb * 2**20, "the job's limits.memory_mb"
-    if need > room:
-        files = ", ".join(f'{key} "{spec[key]}" ({size / 2**30:.1f} GiB)'
-                          for key, size in sizes.items() if size)
-        raise DataError(f"the data is larger than {where} ({room / 2**30:.1f} GiB): {files}, read "
-                        'whole. Expected: data that fits, or "data": {"streaming": true}, which '
-                        "trains from disk in chunks with bounded memory.")
+    if limit_mb and need > limit_mb * 2**20:  # a limit bounds each process
+        room, where, each = limit_mb * 2**20, "the job's limits.memory_mb", ""
+    elif need * ranks > psutil.virtual_memory().total:
+        room, where = psutil.virtual_memory().total, "this machine's memory"
+        each = f", once in each of its {ranks} DDP ranks" if ranks > 1 else ""
+    else:
+        return
+    files = ", ".join(f'{key} "{spec[key]}" ({size / 2**30:.1f} GiB)' for key, size in sizes.items() if size)
+    raise DataError(f"the data is larger than {where} ({room / 2**30:.1f} GiB): {files}, read "
+                    f'whole{each}. Expected: data that fits, or "data": {{"streaming": true}}, which '
+                    "trains from disk in chunks with bounded memory.")
 
 
 def prepare(spec: dict, stream_folder: Path | None = None) -> Prepared:
