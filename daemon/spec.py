@@ -548,6 +548,32 @@ def _depth(value: Any, depth: int = 0) -> int:
     return depth
 
 
+def json_error(text: str, e: json.JSONDecodeError) -> str:
+    """The syntax error, the line it is on with a caret under the place, and the likely cause
+    among what hand-written JSON gets wrong: a comma before a closing brace, a comment, single
+    quotes."""
+    before, after = text[:e.pos].rstrip(), text[e.pos:].lstrip()
+    pos = e.pos
+    if before.endswith(",") and after[:1] in ("}", "]"):
+        pos = len(before) - 1  # the comma is the mistake, not the brace after it
+        cause = "a comma before a closing brace or bracket: JSON allows none; remove that comma"
+    elif after.startswith(("//", "/*", "#")):
+        cause = "a comment: JSON has none; remove it (a \"name\" or another key can hold a note)"
+    elif after.startswith("'"):
+        cause = "single quotes: JSON's keys and strings take double quotes"
+    else:
+        cause = "check for a missing comma, quote or brace"
+    line_no = text.count("\n", 0, pos) + 1
+    start = text.rfind("\n", 0, pos) + 1
+    line = text[start:].split("\n", 1)[0].replace("\t", " ")  # one column each, as the caret counts
+    column = pos - start
+    if len(line) > 100:  # a long (minified) line: the part around the place
+        cut = max(0, column - 50)
+        line, column = line[cut:cut + 100], column - cut
+    return (f"the file is not valid JSON: {e.msg} (line {line_no}, column {pos - start + 1}):\n"
+            f"        {line}\n        {' ' * column}^\n    Expected: one JSON object; {cause}.")
+
+
 def parse_job_bytes(data: bytes) -> dict:
     """The JSON object a job file holds. Raises BadJobFile saying what is wrong with the bytes."""
     if len(data) > MAX_JOB_FILE_BYTES:
@@ -571,7 +597,9 @@ def parse_job_bytes(data: bytes) -> dict:
                           "remove one of them."]) from None
     except RecursionError:
         raise BadJobFile(["the JSON is nested too deeply. Expected: a flat job object."]) from None
-    except ValueError as e:  # JSONDecodeError, NaN/Infinity, integers past Python's digit limit
+    except json.JSONDecodeError as e:
+        raise BadJobFile([json_error(text, e)]) from None
+    except ValueError as e:  # NaN/Infinity, integers past Python's digit limit
         raise BadJobFile([f"the file is not valid JSON: {e}. Expected: one JSON object; check "
                           "for a missing comma, quote or brace, or a NaN/Infinity value."]) from None
     if not isinstance(raw, dict):

@@ -215,8 +215,11 @@ def test_every_problem_in_a_file_is_listed_at_once():
     (b"   \n", "the file is empty"),
     (b"\xef\xbb\xbf{}", "byte-order mark"),
     (b'{"a": "\xff"}', "not UTF-8"),
-    (b"{'epochs': 3}", "not valid JSON"),
-    (b'{"epochs": 3,}', "not valid JSON"),
+    (b"{'epochs': 3}", "single quotes: JSON's keys and strings take double quotes"),
+    (b'{"epochs": 3,}', "a comma before a closing brace or bracket: JSON allows none"),
+    (b'{"epochs": 3, // three\n "seed": 1}', "a comment: JSON has none"),
+    (b'{"epochs": 3 "seed": 1}', "(line 1, column 14):\n        {\"epochs\": 3 \"seed\": 1}\n"
+                                  "                     ^\n    Expected: one JSON object; check for a missing comma"),
     (b'{"epochs": 3} trailing', "not valid JSON"),
     (b'{"learning_rate": NaN}', "NaN"),
     (b'{"learning_rate": Infinity}', "not valid JSON"),
@@ -232,6 +235,16 @@ def test_every_problem_in_a_file_is_listed_at_once():
 ])
 def test_malformed_bytes_are_rejected_with_a_reason(data, needle):
     assert needle in "\n".join(errors_of(data))
+
+
+def test_a_trailing_comma_is_shown_on_its_own_line_with_a_caret_under_it():
+    text = '{\n  "epochs": 3,\n\t"seed": 1,\n}\n'
+    assert errors_of(text.encode()) == [
+        "the file is not valid JSON: Expecting property name enclosed in double quotes (line 3, column 11):\n"
+        '         "seed": 1,\n'
+        "                  ^\n"
+        "    Expected: one JSON object; a comma before a closing brace or bracket: JSON allows none; remove "
+        "that comma."]
 
 
 def test_huge_numbers_are_rejected_by_the_schema():
