@@ -291,6 +291,10 @@ class Daemon:
                    allow_roots=[str(r) for r in settings.allow_roots])
         if not settings.allow_roots:
             log.warning("no --allow-root given: job files may read and write anywhere this user can")
+        if not settings.base_dir.is_dir():
+            log.warning("the base folder %s (--base-dir, else the spool's parent) is not a folder: "
+                        "relative paths in job files resolve under it, so no such job finds its data "
+                        "(a typo, or a mount not there yet?)", settings.base_dir)
         for root in settings.allow_roots:
             if not root.is_dir():  # a typo, or a mount not there yet: say so now, not per job
                 log.warning("--allow-root %s is not a folder: no job can read data or write "

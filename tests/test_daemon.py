@@ -216,12 +216,18 @@ def test_a_framework_that_is_not_installed_fails_the_job_with_the_install_comman
     wait_for_status(spool, "pt", "completed")
 
 
-def test_an_allow_root_that_is_not_a_folder_is_said_at_start(tmp_path, spool, daemon_factory):
-    daemon = daemon_factory(spool, "--allow-root", str(tmp_path / "dta"), "--allow-root", str(tmp_path))
+def test_an_allow_root_or_base_dir_that_is_not_a_folder_is_said_at_start(tmp_path, spool, daemon_factory):
+    daemon = daemon_factory(spool, "--allow-root", str(tmp_path / "dta"), "--allow-root", str(tmp_path),
+                            "--base-dir", str(tmp_path / "srv"))
     wait_until(lambda: "serving" in daemon.log(), timeout=30, what="the daemon to serve")
     said = daemon.log()
     assert f"--allow-root {tmp_path / 'dta'} is not a folder: no job can read data" in said
     assert f"--allow-root {tmp_path} is" not in said
+    assert f"the base folder {tmp_path / 'srv'} (--base-dir, else the spool's parent) is not a folder" in said
+    daemon.stop()
+    again = daemon_factory(spool)
+    wait_until(lambda: "serving" in again.log(), timeout=30, what="the daemon to serve")
+    assert "the base folder" not in again.log()  # the spool's parent is one
 
 
 def test_a_second_daemon_on_the_same_spool_exits_with_a_clear_message(spool, daemon_factory):
