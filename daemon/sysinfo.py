@@ -14,6 +14,38 @@ log = logging.getLogger(__name__)
 _process = psutil.Process()  # cached: memory_info() is ~20 us on a cached Process
 
 
+def memory_bound(cgroups: str | None = None, root: str = "/sys/fs/cgroup") -> tuple[int, str]:
+    """(bytes, where) this process may use at most: the machine's memory, or less where its
+    cgroup says so (systemd's MemoryMax=, a container's --memory), which psutil does not see.
+    `cgroups`: /proc/self/cgroup's text (read here when None); `root`: where cgroupfs is."""
+    bound, where = psutil.virtual_memory().total, "this machine's memory"
+    if cgroups is None:
+        try:
+            with open("/proc/self/cgroup") as f:
+                cgroups = f.read()
+        except OSError:
+            return bound, where
+    for line in cgroups.splitlines():
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # cgroup v2: the least memory.max of the group and those above it
+            bases, name = [f"{root}{path}".rstrip("/")], "memory.max"
+        elif "memory" in controllers.split(","):  # v1; in a container its own group is the mount
+            bases, name = [f"{root}/memory{path}".rstrip("/"), f"{root}/memory"], "memory.limit_in_bytes"
+        else:
+            continue
+        for base in bases:
+            while base.startswith(root) and len(base) >= len(root):
+                try:
+                    with open(f"{base}/{name}") as f:
+                        value = f.read().strip()
+                except OSError:
+                    value = ""
+                if value.isdigit() and int(value) < min(bound, 1 << 60):
+                    bound, where = int(value), f"the memory its cgroup allows ({base}/{name})"
+                base = base.rsplit("/", 1)[0]
+    return bound, where
+
+
 def rss_mb() -> float:
     return _process.memory_info().rss / 2**20
 

@@ -41,7 +41,7 @@ from .fsutil import (atomic_write_bytes, atomic_write_with, relative_to_or_absol
 from .replay import RUNNABLE, Status, apply, fold, resume_point
 from .spec import gpu_count_asked, ignored_settings, parse_job_bytes, path_allowed, validate
 from .spool import Spool, job_lock
-from .sysinfo import GpuMonitor, assigned_gpus, peak_rss_mb, rss_mb
+from .sysinfo import GpuMonitor, assigned_gpus, memory_bound, peak_rss_mb, rss_mb
 
 log = logging.getLogger("epochd.worker")
 
@@ -620,8 +620,6 @@ class Worker:
         state lives there; the host still holds the weights as they are built and saved. Each
         mirrored replica holds a copy in the one process; each DDP rank is a process of its own
         (limits.memory_mb bounds each process, the machine all of them)."""
-        import psutil
-
         from engines import architecture, parameter_count, training_bytes
         arch = architecture(self.spec, self.data)
         on_gpu = bool(assigned_gpus())
@@ -630,14 +628,14 @@ class Worker:
         replicas = dist.get("replicas", 1) if dist.get("strategy") == "mirrored" else 1
         ranks = dist.get("processes", 1) if dist.get("strategy") == "ddp" else 1
         limit_mb = (self.spec.get("limits") or {}).get("memory_mb")
-        machine = psutil.virtual_memory().total
+        machine, bound = memory_bound()
         if limit_mb and one * replicas > limit_mb * 2**20:
             need, room, where = one * replicas, limit_mb * 2**20, "the job's limits.memory_mb"
         elif one * replicas * ranks > machine:
-            need, room, where = one * replicas * ranks, machine, "this machine's memory"
+            need, room, where = one * replicas * ranks, machine, bound
         else:
             return
-        copies = replicas * (ranks if where == "this machine's memory" else 1)
+        copies = replicas * (ranks if where == bound else 1)
         ap = self.spec["algorithm_params"]
         what = ("its weights as they are built and saved" if on_gpu else
                 f"its weights, gradients, {self.spec['optimizer']['name']}'s state and a copy")
@@ -647,7 +645,7 @@ class Worker:
             f"{need / 2**30:.1f} GiB for {what}{f', in {copies} copies' if copies > 1 else ''}, "
             f"more than {where} ({room / 2**30:.1f} GiB). "
             "Expected: a model that fits; use fewer or narrower hidden layers"
-            + (", or raise limits.memory_mb." if where != "this machine's memory" else "."))
+            + (", or raise limits.memory_mb." if where == "the job's limits.memory_mb" else "."))
 
     def output_dir(self) -> Path:
         folder = Path(self.spec["output_path"] or self.job_dir / "model")

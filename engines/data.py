@@ -520,7 +520,7 @@ def check_fits_in_memory(spec: dict) -> None:
     """Data read whole that is larger than the memory the job may use can only end with the
     kernel killing the worker (and the daemon retrying it): said at once, with the setting made
     for such data."""
-    import psutil
+    from daemon.sysinfo import memory_bound
     sizes = {key: table_bytes(spec[key]) for key in ("train_data_path", "val_data_path") if spec[key]}
     need = sum(size for size in sizes.values() if size)
     dist = spec.get("distributed") or {}
@@ -528,8 +528,8 @@ def check_fits_in_memory(spec: dict) -> None:
     limit_mb = (spec.get("limits") or {}).get("memory_mb")
     if limit_mb and need > limit_mb * 2**20:  # a limit bounds each process
         room, where, each = limit_mb * 2**20, "the job's limits.memory_mb", ""
-    elif need * ranks > psutil.virtual_memory().total:
-        room, where = psutil.virtual_memory().total, "this machine's memory"
+    elif need * ranks > memory_bound()[0]:
+        room, where = memory_bound()
         each = f", once in each of its {ranks} DDP ranks" if ranks > 1 else ""
     else:
         return

@@ -87,3 +87,27 @@ def test_a_model_too_large_for_its_memory_is_refused_before_it_is_built(tmp_path
             "layers, or raise limits.memory_mb.") == state.last_error["message"]
     assert [e["type"] for e in events_of(spool, "big")] == ["job_accepted", "failed"]  # as a data error
     wait_for_status(spool, "ok", "completed")
+
+
+def test_the_memory_a_job_may_use_is_its_cgroups_where_that_is_less_than_the_machine(tmp_path):
+    """systemd's MemoryMax= and a container's --memory bound a worker below what psutil reports;
+    the model- and data-size checks use the least. Fake cgroup trees, v2 and v1."""
+    import psutil
+
+    from daemon.sysinfo import memory_bound
+    machine = psutil.virtual_memory().total
+    v2 = tmp_path / "v2"
+    (v2 / "system.slice" / "epochd.service").mkdir(parents=True)
+    (v2 / "system.slice" / "memory.max").write_text("max\n")
+    (v2 / "system.slice" / "epochd.service" / "memory.max").write_text(f"{8 * 2**30}\n")
+    assert memory_bound("0::/system.slice/epochd.service\n", str(v2)) == (
+        8 * 2**30, f"the memory its cgroup allows ({v2}/system.slice/epochd.service/memory.max)")
+    (v2 / "system.slice" / "memory.max").write_text(f"{4 * 2**30}\n")  # a parent's bound counts
+    assert memory_bound("0::/system.slice/epochd.service\n", str(v2))[0] == 4 * 2**30
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)  # in a container: its own group is the mount itself
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{2 * 2**30}\n")
+    assert memory_bound("4:memory:/docker/abc\n1:cpu:/\n", str(v1))[0] == 2 * 2**30
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # no limit
+    assert memory_bound("4:memory:/docker/abc\n", str(v1)) == (machine, "this machine's memory")
+    assert memory_bound("", str(tmp_path / "none")) == (machine, "this machine's memory")
