@@ -816,7 +816,10 @@ def plot(spool, job_id, output):
 @click.option("--encoding", callback=lambda _c, _p, v: text_encoding(v),
               help='The CSV\'s text encoding, e.g. "cp1252" (Excel on Windows) or "latin-1".')
 @click.option("--decimal", type=click.Choice([".", ","]), help="The numbers' decimal mark.")
-def predict(spool, model, data, data_option, output, best, delimiter, encoding, decimal):
+@click.option("--keep", "-k", multiple=True, metavar="COLUMN",
+              help="Copy this column of DATA into the output, before the predictions (an id to "
+                   "join them on); repeatable.")
+def predict(spool, model, data, data_option, output, best, delimiter, encoding, decimal, keep):
     """Apply a trained model to a table. MODEL is a job id or a folder with model.json; DATA
     a CSV or Parquet file with the feature columns, or "-" for standard input (a pipe works too).
 
@@ -826,6 +829,7 @@ def predict(spool, model, data, data_option, output, best, delimiter, encoding, 
     Examples:
       epochd predict wine examples/data/wine.csv -o predictions.csv
       epochd predict wine - < new.csv > predictions.csv
+      epochd predict wine new.csv --keep id -o predictions.csv
     """
     from .predict import predict_table
     if data and data_option:
@@ -840,7 +844,7 @@ def predict(spool, model, data, data_option, output, best, delimiter, encoding, 
     given = {"delimiter": delimiter, "encoding": encoding, "decimal": decimal}
     with streamed_to_file(data_path) as (path, shown):
         try:
-            table, notes = predict_table(folder, path, best=best,
+            table, notes = predict_table(folder, path, best=best, keep=keep,
                                          read={k: v for k, v in given.items() if v is not None})
         except EpochdError as e:
             raise CliError(str(e).replace(path, shown)) from None

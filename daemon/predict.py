@@ -18,10 +18,11 @@ from .errors import DataError
 
 
 def predict_table(folder: Path, data_path: str, best: bool = False,
-                  read: dict | None = None) -> tuple[pd.DataFrame, list[str]]:
+                  read: dict | None = None, keep: tuple[str, ...] = ()) -> tuple[pd.DataFrame, list[str]]:
     """The predictions for the table at `data_path`, and notes on what in it the model was not
     trained on (empty numbers, categorical values it has no category for). `read`: how to read a CSV
-    (delimiter, encoding, decimal); what it leaves out is read as the job read its own data."""
+    (delimiter, encoding, decimal); what it leaves out is read as the job read its own data.
+    `keep`: columns of the table to put before the predictions (an id to join them on)."""
     from engines import load_engine
     from engines.data import (Fixes, check_columns, decode, encode, read_options, read_table,
                               prediction_notes)
@@ -60,7 +61,14 @@ def predict_table(folder: Path, data_path: str, best: bool = False,
         options["delimiter"] = "\t"  # as a job reads a .tsv file: its name says tabs
     table = read_table(data_path, options, "--data", fixes)
     check_columns(table, names, "--data", data_path, fixes)
+    if keep:
+        check_columns(table, list(keep), "--data", data_path, Fixes(
+            "Expected: the columns --keep names, as the table's header spells them.", *fixes[1:]))
     predictions = decode(predictor(encode(table, recipe, f'--data "{data_path}": ')), recipe)
+    if keep:
+        clash = [c for c in keep if c in predictions.columns]
+        kept = table[list(keep)].rename(columns={c: f"input_{c}" for c in clash}).reset_index(drop=True)
+        predictions = pd.concat([kept, predictions.reset_index(drop=True)], axis=1)
     return predictions, prediction_notes(table, recipe)
 
 

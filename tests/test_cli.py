@@ -256,6 +256,30 @@ def test_plot_and_predict_write_what_o_asks_for_and_refuse_what_they_cannot_writ
         assert denied.exit_code == Exit.ERROR and "Permission denied. Expected: a file this user may write" in denied.output
 
 
+def test_predict_keeps_the_input_columns_asked_for_before_the_predictions(trained, tmp_path):
+    """--keep id: predictions come in row order, and an id to join them on saves a paste."""
+    import io
+
+    import pandas as pd
+    spool, data = trained
+    table = pd.read_csv(data)
+    table.insert(0, "id", [f"r{i}" for i in range(len(table))])
+    table["prediction"] = "mine"  # the input's own column of that name is kept apart
+    with_id = tmp_path / "with_id.csv"
+    table.to_csv(with_id, index=False)
+    plain = pd.read_csv(io.StringIO(invoke("predict", "--spool", spool, "done", with_id).output))
+    kept = invoke("predict", "--spool", spool, "done", with_id, "--keep", "id", "-k", "prediction")
+    assert kept.exit_code == 0
+    out = pd.read_csv(io.StringIO(kept.output))
+    assert list(out.columns) == ["id", "input_prediction", *plain.columns]
+    assert list(out["id"]) == list(table["id"]) and set(out["input_prediction"]) == {"mine"}
+    pd.testing.assert_frame_equal(out[plain.columns], plain)
+    missing = invoke("predict", "--spool", spool, "done", with_id, "--keep", "ID")
+    assert missing.exit_code == Exit.ERROR
+    assert 'has no column "ID". Columns found: id, ' in missing.output
+    assert "Expected: the columns --keep names, as the table's header spells them." in missing.output
+
+
 def test_predict_reads_standard_input_and_pipes_telling_the_format_by_the_first_bytes(trained, tmp_path):
     """`zcat new.csv.gz | epochd predict JOB -` and `epochd predict JOB <(...)`: the table has no
     file name, so its first bytes say whether it is CSV, gzip or Parquet."""
