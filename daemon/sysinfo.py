@@ -46,6 +46,19 @@ def memory_bound(cgroups: str | None = None, root: str = "/sys/fs/cgroup") -> tu
     return bound, where
 
 
+LIMIT = "the job's limits.memory_mb"
+
+
+def memory_excess(per_process: int, processes: int, limit_mb: int | None) -> tuple[int, int, str] | None:
+    """(need, room, where) when `processes` processes needing `per_process` bytes each outgrow
+    limits.memory_mb (which bounds each process) or `memory_bound` (which bounds them all);
+    None when they fit."""
+    if limit_mb and per_process > limit_mb * 2**20:
+        return per_process, limit_mb * 2**20, LIMIT
+    bound, where = memory_bound()
+    return (per_process * processes, bound, where) if per_process * processes > bound else None
+
+
 def rss_mb() -> float:
     return _process.memory_info().rss / 2**20
 

@@ -41,7 +41,8 @@ from .fsutil import (atomic_write_bytes, atomic_write_with, relative_to_or_absol
 from .replay import RUNNABLE, Status, apply, fold, resume_point
 from .spec import gpu_count_asked, ignored_settings, parse_job_bytes, path_allowed, validate
 from .spool import Spool, job_lock
-from .sysinfo import GpuMonitor, assigned_gpus, memory_bound, peak_rss_mb, rss_mb
+from .sysinfo import LIMIT as MEMORY_LIMIT
+from .sysinfo import GpuMonitor, assigned_gpus, memory_excess, peak_rss_mb, rss_mb
 
 log = logging.getLogger("epochd.worker")
 
@@ -627,15 +628,11 @@ class Worker:
         dist = self.spec.get("distributed") or {}
         replicas = dist.get("replicas", 1) if dist.get("strategy") == "mirrored" else 1
         ranks = dist.get("processes", 1) if dist.get("strategy") == "ddp" else 1
-        limit_mb = (self.spec.get("limits") or {}).get("memory_mb")
-        machine, bound = memory_bound()
-        if limit_mb and one * replicas > limit_mb * 2**20:
-            need, room, where = one * replicas, limit_mb * 2**20, "the job's limits.memory_mb"
-        elif one * replicas * ranks > machine:
-            need, room, where = one * replicas * ranks, machine, bound
-        else:
+        excess = memory_excess(one * replicas, ranks, (self.spec.get("limits") or {}).get("memory_mb"))
+        if excess is None:
             return
-        copies = replicas * (ranks if where == bound else 1)
+        need, room, where = excess
+        copies = replicas * (1 if where == MEMORY_LIMIT else ranks)
         ap = self.spec["algorithm_params"]
         what = ("its weights as they are built and saved" if on_gpu else
                 f"its weights, gradients, {self.spec['optimizer']['name']}'s state and a copy")
@@ -645,7 +642,7 @@ class Worker:
             f"{need / 2**30:.1f} GiB for {what}{f', in {copies} copies' if copies > 1 else ''}, "
             f"more than {where} ({room / 2**30:.1f} GiB). "
             "Expected: a model that fits; use fewer or narrower hidden layers"
-            + (", or raise limits.memory_mb." if where == "the job's limits.memory_mb" else "."))
+            + (", or raise limits.memory_mb." if where == MEMORY_LIMIT else "."))
 
     def output_dir(self) -> Path:
         folder = Path(self.spec["output_path"] or self.job_dir / "model")

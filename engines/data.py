@@ -520,19 +520,16 @@ def check_fits_in_memory(spec: dict) -> None:
     """Data read whole that is larger than the memory the job may use can only end with the
     kernel killing the worker (and the daemon retrying it): said at once, with the setting made
     for such data."""
-    from daemon.sysinfo import memory_bound
+    from daemon.sysinfo import LIMIT, memory_excess
     sizes = {key: table_bytes(spec[key]) for key in ("train_data_path", "val_data_path") if spec[key]}
-    need = sum(size for size in sizes.values() if size)
     dist = spec.get("distributed") or {}
     ranks = dist.get("processes", 1) if dist.get("strategy") == "ddp" else 1  # each reads it all
-    limit_mb = (spec.get("limits") or {}).get("memory_mb")
-    if limit_mb and need > limit_mb * 2**20:  # a limit bounds each process
-        room, where, each = limit_mb * 2**20, "the job's limits.memory_mb", ""
-    elif need * ranks > memory_bound()[0]:
-        room, where = memory_bound()
-        each = f", once in each of its {ranks} DDP ranks" if ranks > 1 else ""
-    else:
+    excess = memory_excess(sum(size for size in sizes.values() if size), ranks,
+                           (spec.get("limits") or {}).get("memory_mb"))
+    if excess is None:
         return
+    _, room, where = excess
+    each = f", once in each of its {ranks} DDP ranks" if ranks > 1 and where != LIMIT else ""
     files = ", ".join(f'{key} "{spec[key]}" ({size / 2**30:.1f} GiB)' for key, size in sizes.items() if size)
     raise DataError(f"the data is larger than {where} ({room / 2**30:.1f} GiB): {files}, read "
                     f'whole{each}. Expected: data that fits, or "data": {{"streaming": true}}, which '
