@@ -790,12 +790,9 @@ def plot(spool, job_id, output):
     state = load_state(Spool(spool), job_id)
     if not state.history:
         raise CliError(f"{no_epoch(state, job_id)}; nothing to plot.", Exit.REFUSED)
-    try:
+    with written(output):
         plot_history(state.training_history(), output, (state.spec or {}).get("name", job_id),
                      state.best_saved, fmt)
-    except OSError as e:
-        raise CliError(f'cannot write "{output}": {e.strerror}. Expected: a file this user may '
-                       "write; choose another with -o.") from None
     click.echo(f"wrote {output}")
 
 
@@ -854,12 +851,19 @@ def predict(spool, model, data, data_option, output, best, delimiter, encoding, 
     if output is None:
         click.echo(table.to_csv(index=False), nl=False)
     else:
-        try:
+        with written(output):
             table.to_csv(output, index=False)
-        except OSError as e:
-            raise CliError(f'cannot write "{output}": {e.strerror or e}. Expected: a file this user '
-                           "may write; choose another with -o.") from None
         click.echo(f"wrote {len(table)} predictions to {output}")
+
+
+@contextmanager
+def written(output: Path):
+    """The block writes `output` (-o): an OSError from it is the user's to fix, said as such."""
+    try:
+        yield
+    except OSError as e:
+        raise CliError(f'cannot write "{output}": {e.strerror or e}. Expected: a file this user '
+                       "may write; choose another with -o.") from None
 
 
 def writable_place(output: Path) -> None:
